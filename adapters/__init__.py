@@ -1,0 +1,1 @@
+"""Built-in VLM adapters for vugen (installed as `vugen_adapters`)."""

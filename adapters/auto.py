@@ -1,0 +1,422 @@
+"""`AutoAdapter`: any `AutoModelForImageTextToText` checkpoint, wrapped by introspection.
+
+It loads the checkpoint's own image processor (so normalisation and the pixel layout a family expects, flat
+patches or 5-D tiles, come from the checkpoint), calls `get_image_features`, and turns whatever comes back
+(a `[B, N, D]` tensor, one `[N_i, D]` tensor per image, or all images packed into one sequence) into raster
+`[B, N, D]` tokens. Family adapters subclass it and override only the hooks introspection gets wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedModel,
+)
+
+from vugen_adapters.base import DType, FeatureSource, VLMAdapter, positions_from_mask
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+# Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
+_PROCESSOR_OVERRIDES = {
+    "do_resize": False,
+    "do_rescale": False,
+    "do_center_crop": False,
+    "do_image_splitting": False,
+    "do_pan_and_scan": False,
+    "crop_to_patches": False,
+}
+
+
+class RemoteCodeRefused(ValueError):
+    """A checkpoint needs code from its repository while `trust_remote_code` is off."""
+
+
+def _remote_code_message(pretrained: str) -> str:
+    return (
+        f"{pretrained!r} ships its own modelling code (config.json has 'auto_map'), and vugen does not run "
+        "code from a checkpoint unless asked. To opt in, set `trust_remote_code: true` on the adapter "
+        "(--model.adapter.init_args.trust_remote_code true) and pin `revision` to a commit you have read, "
+        "so the code cannot change under you."
+    )
+
+
+def check_pretrained_source(pretrained: str, trust_remote_code: bool) -> None:
+    """Fail early, naming the path, when a local folder holds no VLM or needs remote code."""
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        if pretrained.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"adapter `pretrained`: no such folder {pretrained!r}")
+        return  # a hub id: transformers resolves it
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"adapter `pretrained`: {pretrained!r} holds no VLM: config.json is missing "
+            "(expected a folder written by `save_pretrained`, with config.json, the weights and the processor)"
+        )
+    config = json.loads(config_file.read_text())
+    if "auto_map" in config and not trust_remote_code:
+        raise RemoteCodeRefused(_remote_code_message(pretrained))
+
+
+class AutoAdapter(VLMAdapter):
+    """Wrap any Hugging Face image-text-to-text VLM by introspection.
+
+    Args:
+        pretrained: Hub id or local folder of the VLM checkpoint (weights, config, image processor,
+            tokenizer).
+        revision: Hub revision (branch, tag or commit) to load; pin a commit for reproducible runs.
+        dtype: Weight dtype of the frozen VLM. Use `bfloat16` on GPUs; `float32` on CPU.
+        trust_remote_code: Allow code shipped inside the checkpoint to run. Off by default.
+        feature_source: `vision` (default): the vision-encoder tokens that the VLM's projector reads
+            (for LLaVA-style models the `vision_feature_layer` hidden state). `projector`: the tokens
+            after the projector / merger, in the language model's width.
+        image_size: Side in pixels that images are resized to before encoding. None: the checkpoint's
+            native size for fixed-size encoders, or the input's own size for dynamic-resolution ones.
+        attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...).
+        use_chat_template: Wrap prompts in the tokenizer's chat template (as a user turn, with the
+            generation prompt) when it has one.
+        max_prompt_tokens: Prompts longer than this many tokens are truncated.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None = None,
+        dtype: DType = "float32",
+        trust_remote_code: bool = False,
+        feature_source: FeatureSource = "vision",
+        image_size: int | None = None,
+        attn_implementation: str | None = None,
+        use_chat_template: bool = True,
+        max_prompt_tokens: int = 256,
+    ) -> None:
+        super().__init__()
+        if feature_source not in ("vision", "projector"):
+            raise ValueError(f"feature_source must be 'vision' or 'projector', got {feature_source!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.pretrained, self.revision = str(pretrained), revision
+        self.feature_source, self.image_size = feature_source, image_size
+        self.use_chat_template, self.max_prompt_tokens = use_chat_template, max_prompt_tokens
+        self._load_settings = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        self.vlm = self._load_model(attn_implementation)
+        self.image_processor, self.tokenizer = self._load_processors()
+        self._freeze()
+
+    # ------------------------------------------------------------------ loading
+    def _hub_kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision, "trust_remote_code": self._load_settings["trust_remote_code"]}
+
+    def _load_model(self, attn_implementation: str | None) -> PreTrainedModel:
+        check_pretrained_source(self.pretrained, self._load_settings["trust_remote_code"])
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        try:
+            return AutoModelForImageTextToText.from_pretrained(
+                self.pretrained, dtype=_DTYPES[self._load_settings["dtype"]], **self._hub_kwargs(), **extra
+            )
+        except ValueError as error:
+            if "trust_remote_code" in str(error):
+                raise RemoteCodeRefused(_remote_code_message(self.pretrained)) from error
+            raise ValueError(
+                f"adapter `pretrained`: {self.pretrained!r} is not an image-text-to-text VLM that "
+                f"transformers knows ({str(error).splitlines()[0]}). Write a family adapter for it "
+                "(see examples/custom_adapter)."
+            ) from error
+        except OSError as error:
+            raise OSError(f"adapter `pretrained`: could not load a VLM from {self.pretrained!r}: {error}") from error
+
+    def _load_processors(self) -> tuple[Any, Any]:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+            tokenizer = AutoTokenizer.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"adapter `pretrained`: {self.pretrained!r} has weights but no usable image processor or "
+                f"tokenizer (save the processor next to the model): {error}"
+            ) from error
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return image_processor, tokenizer
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write weights, config, image processor and tokenizer to `directory`."""
+        self.vlm.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def describe(self) -> dict[str, Any]:
+        """What a bundle records to rebuild this adapter."""
+        return super().describe() | {
+            "revision": self.revision,
+            "feature_source": self.feature_source,
+            "image_size": self.image_size,
+            "model_type": self.vlm.config.model_type,
+        }
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def vision_config(self) -> Any:
+        """The checkpoint's vision sub-config."""
+        return self.vlm.config.vision_config
+
+    @property
+    def vit_patch_size(self) -> int:
+        """Pixels per vision-encoder patch along one side."""
+        patch = self.vision_config.patch_size
+        return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """The fixed input size of the encoder, or None for dynamic-resolution encoders."""
+        if self.image_size is not None:
+            return (self.image_size, self.image_size)
+        processor = self.image_processor
+        crop = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop:
+            return (crop["height"], crop["width"])
+        size = getattr(processor, "size", None) or {}
+        if "height" in size and "width" in size:
+            return (size["height"], size["width"])
+        if set(size) == {"shortest_edge"}:
+            return (size["shortest_edge"], size["shortest_edge"])
+        return None
+
+    @property
+    def size_multiple(self) -> int:
+        """Dynamic-resolution inputs must be a multiple of this many pixels per side."""
+        return self.vit_patch_size * getattr(self.vision_config, "spatial_merge_size", 1)
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size images of `height` x `width` are resized to before encoding."""
+        if self.native_size is not None:
+            return self.native_size
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"images of {height}x{width} px: {type(self).__name__} encodes dynamic resolutions whose "
+                f"sides are multiples of {multiple} px; resize the data or set `image_size`"
+            )
+        return (height, width)
+
+    @cached_property
+    def _probe(self) -> tuple[int, int]:
+        """(D, stride) measured by encoding one blank image: exact for any family, paid once."""
+        side = self.native_size or (4 * self.size_multiple, 4 * self.size_multiple)
+        features = self.encode_images(torch.zeros(1, 3, *side, device=self.device))
+        rows = math.isqrt(features.shape[1] * side[0] // side[1])
+        return features.shape[-1], side[0] // rows
+
+    @property
+    def feature_dim(self) -> int:
+        """D, channels per feature token."""
+        return self._probe[0]
+
+    @property
+    def patch_stride(self) -> int:
+        """Pixels of the encoder's input per feature token along one side."""
+        return self._probe[1]
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of feature tokens for images of `height` x `width`."""
+        size, stride = self.input_size(height, width), self.patch_stride
+        return (size[0] // stride, size[1] // stride)
+
+    # ------------------------------------------------------------------ vision
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """`[B, 3, H, W]` in `[0, 1]` -> frozen `[B, N, D]` feature tokens in raster order."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"encode_images expects float images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        size = self.input_size(*images.shape[-2:])
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        inputs = self.pixel_inputs(images)
+        output = self.image_features(inputs)
+        return self.select_features(output, inputs, batch=images.shape[0])
+
+    def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """The model's pixel inputs, built by the checkpoint's own image processor."""
+        overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(self.image_processor, k)}
+        batch = self.image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
+        return {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else None)
+            for k, v in batch.items()
+            if isinstance(v, Tensor)
+        }
+
+    def image_features(self, inputs: dict[str, Tensor]) -> Any:
+        """Call the VLM's `get_image_features` with the inputs its signature accepts."""
+        accepted = inspect.signature(self.vlm.model.get_image_features).parameters
+        return self.vlm.model.get_image_features(**{k: v for k, v in inputs.items() if k in accepted})
+
+    def select_features(self, output: Any, inputs: dict[str, Tensor], batch: int) -> Tensor:
+        """Pick the configured feature source out of `output` and return raster `[B, N, D]`."""
+        if self.feature_source == "projector":
+            features, merge = output.pooler_output, 1
+        else:
+            features, merge = self.vision_tokens(output), self.packed_merge_size(inputs)
+        features = _as_batch(features, batch)
+        rows, cols = self.patch_grid(inputs)
+        if merge > 1:  # packed encoders emit merge x merge blocks one after another
+            features = _blocks_to_raster(features, rows, cols, merge)
+        return _fit_grid(features, rows, cols, type(self).__name__)
+
+    def vision_tokens(self, output: Any) -> Tensor | list[Tensor]:
+        """Encoder tokens the projector reads: the `vision_feature_layer` hidden state when configured."""
+        layer = getattr(self.vlm.config, "vision_feature_layer", None)
+        hidden_states = getattr(output, "hidden_states", None)
+        if layer is None or hidden_states is None:
+            return output.last_hidden_state
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        tokens = [hidden_states[i] for i in layers]
+        if getattr(self.vlm.config, "vision_feature_select_strategy", "full") == "default":
+            tokens = [t[:, 1:] for t in tokens]  # the projector drops CLS: so do we
+        return torch.cat(tokens, dim=-1)
+
+    def packed_merge_size(self, inputs: dict[str, Tensor]) -> int:
+        """Merge-block size of packed encoders (grid given as `image_grid_thw`), else 1."""
+        if "image_grid_thw" not in inputs:
+            return 1
+        return int(getattr(self.vision_config, "spatial_merge_size", 1))
+
+    def patch_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
+        """Rows and columns of encoder patches for this batch (before any merging or pooling)."""
+        if "image_grid_thw" in inputs:
+            grid = inputs["image_grid_thw"]
+            if not (grid == grid[0]).all() or int(grid[0, 0]) != 1:
+                raise ValueError(f"expected one still image per sample on one grid, got image_grid_thw={grid}")
+            return int(grid[0, 1]), int(grid[0, 2])
+        height, width = inputs["pixel_values"].shape[-2:]
+        return height // self.vit_patch_size, width // self.vit_patch_size
+
+    # ------------------------------------------------------------------ language
+    @property
+    def hidden_size(self) -> int:
+        """Width of the language model."""
+        return self.vlm.config.get_text_config().hidden_size
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (no LM head, no vision tower)."""
+        return self.vlm.get_decoder()
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """Names of every linear layer inside the language model (peft's `all-linear`, LM only)."""
+        names = {n.rsplit(".", 1)[-1] for n, m in self.language_model.named_modules() if isinstance(m, nn.Linear)}
+        return sorted(names)
+
+    @property
+    def block_classes(self) -> set[type[nn.Module]]:
+        """The checkpoint's `_no_split_modules` classes, without PreTrainedModel wrappers."""
+        names = set(getattr(self.vlm, "_no_split_modules", None) or [])
+        return {type(m) for m in self.vlm.modules() if type(m).__name__ in names and not isinstance(m, PreTrainedModel)}
+
+    def chat_messages(self, prompt: str) -> list[dict[str, Any]]:
+        """The conversation a prompt becomes before the chat template is applied."""
+        return [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+
+    def tokenize(self, prompts: list[str]) -> BatchEncoding:
+        """Chat-templated, left-padded prompts as tensors on the adapter's device."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("tokenize expects a non-empty list of prompt strings")
+        templated = self.use_chat_template and self.tokenizer.chat_template is not None
+        texts = (
+            [
+                self.tokenizer.apply_chat_template(self.chat_messages(p), add_generation_prompt=True, tokenize=False)
+                for p in prompts
+            ]
+            if templated
+            else list(prompts)
+        )
+        encoding = self.tokenizer(
+            texts,
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=not templated,
+            return_tensors="pt",
+        )
+        return BatchEncoding({"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}).to(
+            self.device
+        )
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """Token ids -> input embeddings of the language model."""
+        return self.vlm.get_input_embeddings()(input_ids)
+
+    def run_language_model(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Run the decoder stack on embeddings; returns (last hidden states, cache)."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        output = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+            return_dict=True,
+        )
+        return output.last_hidden_state, output.past_key_values
+
+
+def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
+    """Per-image lists, packed sequences and batched tensors -> `[B, N, D]`."""
+    if isinstance(features, (list, tuple)):
+        features = torch.stack(list(features))
+    if features.ndim == 2:  # every image's tokens packed into one sequence
+        features = features.reshape(batch, -1, features.shape[-1])
+    if features.ndim != 3 or features.shape[0] != batch:
+        raise ValueError(f"cannot read {batch} images' features from a tensor of shape {tuple(features.shape)}")
+    return features
+
+
+def _blocks_to_raster(features: Tensor, rows: int, cols: int, merge: int) -> Tensor:
+    batch, _, dim = features.shape
+    blocks = features.reshape(batch, rows // merge, cols // merge, merge, merge, dim)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, dim)
+
+
+def _fit_grid(features: Tensor, rows: int, cols: int, who: str) -> Tensor:
+    """Match N tokens to the patch grid: drop a leading CLS token, or find the pooling factor."""
+    tokens = features.shape[1]
+    if tokens == rows * cols + 1:
+        return features[:, 1:]
+    factor = math.isqrt(rows * cols // tokens) if tokens else 0
+    if factor and rows % factor == 0 and cols % factor == 0 and tokens * factor**2 == rows * cols:
+        return features
+    raise ValueError(
+        f"{who}: {tokens} feature tokens do not fit a {rows}x{cols} patch grid; override "
+        "`select_features` (or `patch_grid`) in a family adapter to say how this VLM lays out its tokens"
+    )
+
+
+def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:
+    """Normalise `[0, 1]` images with the checkpoint's mean and std, on the images' device.
+
+    Families whose encoders read plain `[B, 3, H, W]` pixels use this instead of the image processor:
+    same numbers, no trip through the CPU.
+    """
+    mean = torch.tensor(image_processor.image_mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=images.device).view(1, -1, 1, 1)
+    return ((images.float() - mean) / std).to(dtype)

@@ -1,0 +1,158 @@
+"""The adapter contract: how vugen's stages see a vision-language model.
+
+A stage never looks inside a VLM. It asks an adapter for frozen vision features in raster order
+(`encode_images`), for prompt tokens (`tokenize`, `embed_tokens`) and for the language model run on
+embeddings (`run_language_model`). Everything a VLM family does differently stays behind this class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import BatchEncoding
+
+FeatureSource = Literal["vision", "projector"]
+"""`vision`: the vision encoder's tokens that the VLM's projector reads (the default, as in VUGEN);
+`projector`: the same tokens after the projector / merger, in the language model's width."""
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class VLMAdapter(nn.Module, ABC):
+    """A frozen VLM seen through a fixed interface.
+
+    Subclasses load their weights in `__init__`, then call `self._freeze()`: the VLM's own weights never
+    train (LoRA layers that a stage adds later are new parameters and do). The adapter stays in eval mode
+    whatever `train()` says, so dropout in a frozen model never turns on.
+
+    Attributes a subclass must provide:
+        feature_dim: D, the channel count of `encode_images`.
+        hidden_size: the language model's width.
+        patch_stride: pixels of the encoder's input per feature token along one side.
+        language_model: the decoder stack that LoRA wraps (no LM head, no vision tower).
+    """
+
+    pretrained: str
+    """Hub id or local path the weights came from (recorded in exported bundles)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    # ---------------------------------------------------------------- vision side
+    @property
+    @abstractmethod
+    def feature_dim(self) -> int:
+        """D, channels per feature token returned by `encode_images`."""
+
+    @property
+    @abstractmethod
+    def patch_stride(self) -> int:
+        """Pixels (of the encoder's input) per feature token along one side."""
+
+    @abstractmethod
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The (rows, columns) of feature tokens `encode_images` returns for images of this size."""
+
+    @abstractmethod
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Frozen vision features.
+
+        Args:
+            images: `[B, 3, H, W]` floats in `[0, 1]`.
+
+        Returns:
+            `[B, N, D]` feature tokens in raster order (row by row), `N = rows * cols` of `token_grid(H, W)`.
+            No gradient flows back into the VLM.
+        """
+
+    # ---------------------------------------------------------------- language side
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the language model's hidden states."""
+
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The language model's decoder stack: the module LoRA wraps."""
+
+    @property
+    @abstractmethod
+    def lora_target_modules(self) -> list[str] | str:
+        """peft `target_modules`, relative to `language_model` (so never inside the vision tower)."""
+
+    @property
+    @abstractmethod
+    def block_classes(self) -> set[type[nn.Module]]:
+        """Module classes that are units for FSDP sharding and activation checkpointing."""
+
+    @abstractmethod
+    def tokenize(self, prompts: list[str]) -> BatchEncoding:
+        """Chat-templated, left-padded prompts as `input_ids` and `attention_mask` tensors.
+
+        Left padding puts the end of every prompt at the same position, so image tokens appended after
+        the prompt line up across the batch.
+        """
+
+    @abstractmethod
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """`[B, T]` token ids -> `[B, T, hidden_size]` input embeddings."""
+
+    @abstractmethod
+    def run_language_model(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> tuple[Tensor, Any]:
+        """Run the decoder stack on embeddings.
+
+        Args:
+            inputs_embeds: `[B, T, hidden_size]` embeddings of the new tokens.
+            attention_mask: `[B, past + T]` padding mask over the cached and the new tokens.
+            position_ids: `[B, T]` positions of the new tokens; derived from the mask when None.
+            past_key_values: a cache returned by an earlier call, or None.
+
+        Returns:
+            The last hidden states `[B, T, hidden_size]` and the updated cache.
+        """
+
+    @abstractmethod
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the VLM (weights, config, processor) so `type(self)(pretrained=directory)` reloads it."""
+
+    # ---------------------------------------------------------------- shared behaviour
+    def _freeze(self) -> None:
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> VLMAdapter:
+        """Keep the frozen VLM in eval mode; `mode` is ignored on purpose (see the class docstring)."""
+        return super().train(False)
+
+    def describe(self) -> dict[str, Any]:
+        """What a saved bundle records to rebuild this adapter."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "pretrained": self.pretrained}
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the adapter's weights."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the adapter's weights."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+
+def positions_from_mask(attention_mask: Tensor, new_tokens: int) -> Tensor:
+    """Positions of the last `new_tokens` tokens, counting only unpadded ones (left padding aware)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -new_tokens:]

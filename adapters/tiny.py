@@ -1,0 +1,124 @@
+"""Tiny offline VLM checkpoints for tests and the demo: random weights, built from configs in well under a
+second, written with `save_pretrained` so adapters load them through the same `from_pretrained` path a hub
+id takes. No network, no files from anywhere.
+
+    path = build_tiny_vlm("llava", "/tmp/tiny-llava")
+    adapter = LlavaAdapter(path)
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+class TinyFamily(NamedTuple):
+    """Where a family's tiny recipe lives and which registered adapter loads it."""
+
+    recipe: str  # "module:function" returning (model, processor); it lives beside the family's adapter
+    adapter: str  # name in vugen's adapter registry
+
+
+TINY_FAMILIES = {
+    "llava": TinyFamily("vugen_adapters.llava:tiny_llava_siglip", "llava"),
+    "llava_clip": TinyFamily("vugen_adapters.llava:tiny_llava_clip", "llava"),
+    "qwen2_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen2_vl", "qwen2_vl"),
+    "qwen2_5_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen2_5_vl", "qwen2_5_vl"),
+    "qwen3_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen3_vl", "qwen3_vl"),
+    "idefics3": TinyFamily("vugen_adapters.idefics3:tiny_idefics3", "idefics3"),
+    "smolvlm": TinyFamily("vugen_adapters.idefics3:tiny_smolvlm", "smolvlm"),
+    "paligemma": TinyFamily("vugen_adapters.paligemma:tiny_paligemma", "paligemma"),
+    "internvl": TinyFamily("vugen_adapters.internvl:tiny_internvl", "internvl"),
+    "gemma3": TinyFamily("vugen_adapters.gemma3:tiny_gemma3", "gemma3"),
+}
+
+# Enough words for Shapes captions and chat turns; byte-level BPE still encodes any text.
+_CORPUS = [
+    "a small large red green blue yellow magenta cyan white circle square triangle",
+    "on the left right at the top bottom in the center to the left of right of above below",
+    "user assistant system describe the image draw generate picture photo of an and with",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}IMAGE_PLACEHOLDER{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def tiny_tokenizer(special_tokens: list[str], image_placeholder: str, vocab_size: int = 384, **roles: str):
+    """A byte-level BPE tokenizer trained in milliseconds on an in-code corpus.
+
+    Args:
+        special_tokens: the family's extra special tokens (image token, vision start/end, ...).
+        image_placeholder: what the chat template writes for an image in a message.
+        vocab_size: target vocabulary size of the BPE trainer.
+        **roles: overrides of the tokenizer's named special tokens (e.g. `bos_token`).
+    """
+    base = ["<|endoftext|>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=base + special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS, trainer)
+    names = {
+        "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+    }
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **(names | roles))
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", image_placeholder)
+    return tokenizer
+
+
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of a special token, which must exist."""
+    index = tokenizer.convert_tokens_to_ids(token)
+    if index is None or index == tokenizer.unk_token_id:
+        raise KeyError(f"token {token!r} is not in the tiny tokenizer")
+    return index
+
+
+def build_tiny_vlm(family: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint of `family` (weights, config, processor) to `directory`.
+
+    Args:
+        family: one of `TINY_FAMILIES`.
+        directory: output folder (created).
+        seed: torch seed for the random weights, so two builds are identical.
+
+    Returns:
+        The folder, ready for `from_pretrained`.
+    """
+    if family not in TINY_FAMILIES:
+        raise KeyError(f"no tiny recipe for family {family!r}; known: {', '.join(sorted(TINY_FAMILIES))}")
+    module, function = TINY_FAMILIES[family].recipe.split(":")
+    torch.manual_seed(seed)
+    model, processor = getattr(importlib.import_module(module), function)()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

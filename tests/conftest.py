@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny offline VLM checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vugen_adapters.tiny import build_tiny_vlm
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(family) -> Path`: a saved tiny VLM of that family, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_vlm(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get

@@ -1,0 +1,34 @@
+"""A regular (wheel) install ships both import packages and the adapter entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_installs_vugen_and_vugen_adapters(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, ROOT],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("vugen-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel], check=True)
+    probe = (
+        "import importlib.metadata as m, vugen, vugen_adapters.llava as l, vugen_adapters.tiny;"
+        "print(vugen.__file__); print(l.__file__);"
+        "print(sorted(e.name for e in m.entry_points(group='vugen.adapters')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env={"PYTHONPATH": str(target)}, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    vugen_file, adapters_file, names = out.stdout.splitlines()
+    assert vugen_file.startswith(str(target)) and adapters_file == str(target / "vugen_adapters" / "llava.py")
+    assert "'llava'" in names and "'auto'" in names

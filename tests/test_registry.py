@@ -1,0 +1,78 @@
+"""The adapter registry and the `vugen adapters` / `vugen tiny` commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from vugen import registry
+from vugen.cli import main
+from vugen.registry import build_adapter, get_adapter_class, list_adapters, register_adapter
+from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.base import VLMAdapter
+from vugen_adapters.llava import LlavaAdapter
+
+FAMILIES = {"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"}
+
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(registry._registered)
+    yield
+    registry._registered.clear()
+    registry._registered.update(saved)
+
+
+def test_builtin_adapters_are_registered_through_entry_points():
+    names = set(list_adapters())
+    assert FAMILIES | {"auto"} <= names
+    for name in names:
+        assert issubclass(get_adapter_class(name), VLMAdapter)
+    assert get_adapter_class("auto") is AutoAdapter and get_adapter_class("llava") is LlavaAdapter
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="unknown adapter 'nope'.*llava.*qwen2_5_vl"):
+        build_adapter("nope", pretrained="x")
+
+
+def test_class_path_resolves_and_is_checked():
+    assert get_adapter_class("vugen_adapters.llava.LlavaAdapter") is LlavaAdapter
+    with pytest.raises(TypeError, match="not a subclass of vugen's VLMAdapter"):
+        get_adapter_class("collections.OrderedDict")
+    with pytest.raises(ImportError, match="cannot import adapter class 'no_such_pkg.Adapter'"):
+        get_adapter_class("no_such_pkg.Adapter")
+
+
+def test_register_adapter_as_decorator_and_function(clean_registry):
+    @register_adapter("my-vlm")
+    class MyAdapter(LlavaAdapter):
+        pass
+
+    assert get_adapter_class("my-vlm") is MyAdapter and "my-vlm" in list_adapters()
+    register_adapter("my-vlm", MyAdapter)  # the same class again is fine
+    with pytest.raises(ValueError, match="already registered"):
+        register_adapter("my-vlm", LlavaAdapter)
+    with pytest.raises(ValueError, match="lowercase"):
+        register_adapter("My VLM", MyAdapter)
+    with pytest.raises(TypeError, match="not a subclass"):
+        register_adapter("plain", dict)
+
+
+def test_build_adapter_loads_a_tiny_checkpoint(tiny_checkpoint):
+    adapter = build_adapter("llava", pretrained=str(tiny_checkpoint("llava")))
+    assert isinstance(adapter, LlavaAdapter) and adapter.feature_dim == 32 and adapter.hidden_size == 64
+
+
+def test_vugen_adapters_command_prints_every_name(capsys):
+    main(["adapters"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.split()[0] for line in lines}
+    assert printed == set(list_adapters())
+    assert any(line.split()[1] == "vugen_adapters.llava:LlavaAdapter" for line in lines)
+
+
+def test_vugen_tiny_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    main(["tiny", "llava", str(tmp_path / "tiny")])
+    assert capsys.readouterr().out.strip().endswith("tiny")
+    assert (tmp_path / "tiny" / "config.json").is_file()
+    assert LlavaAdapter(str(tmp_path / "tiny")).token_grid(32, 32) == (8, 8)

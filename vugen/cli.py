@@ -1,0 +1,89 @@
+"""The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
+
+vugen fit --config configs/demo/decoder.yaml
+vugen adapters
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from jsonargparse import CLI, lazy_instance
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from vugen.registry import adapter_sources, get_adapter_class, list_adapters
+from vugen_adapters.tiny import build_tiny_vlm
+
+DESCRIPTION = (
+    "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below; "
+    "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen tiny FAMILY DIR` (write a tiny "
+    "offline VLM checkpoint)."
+)
+
+
+class VugenCLI(LightningCLI):
+    """LightningCLI in subclass mode: `model` is any stage, `data` any datamodule, chosen by `class_path`."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
+        import_registered_adapters()  # so YAML can name adapters by class name, not only by class path
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Rich progress bars unless a config lists its own callbacks."""
+        parser.set_defaults({"trainer.callbacks": [lazy_instance(RichProgressBar)]})
+
+
+def import_registered_adapters() -> None:
+    """Import every registered adapter class; one that fails to import is reported, not fatal."""
+    for name in list_adapters():
+        try:
+            get_adapter_class(name)
+        except Exception as error:  # a broken third-party plug-in must not take the CLI down
+            warnings.warn(f"adapter {name!r} could not be imported: {error}", stacklevel=2)
+
+
+def print_adapters() -> None:
+    """`vugen adapters`: one line per registered adapter name and its class."""
+    for name, source in sorted(adapter_sources().items()):
+        print(f"{name:<12} {source}")
+
+
+def tiny(family: str, directory: str, seed: int = 0) -> None:
+    """`vugen tiny FAMILY DIR`: write a tiny random offline checkpoint of a VLM family (tests, demo).
+
+    Args:
+        family: a family of `vugen_adapters.tiny.TINY_FAMILIES` (llava, qwen2_vl, ...).
+        directory: output folder; load it with the family's adapter as `pretrained`.
+        seed: seed of the random weights.
+    """
+    print(build_tiny_vlm(family, directory, seed=seed))
+
+
+# vugen's own commands, each a typed function whose signature and docstring are its --help (litgpt style).
+COMMANDS = {"adapters": print_adapters, "tiny": tiny}
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `vugen` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMANDS:
+        CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}")
+        return
+    VugenCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Adapter registry: one name per VLM adapter, one registration mechanism.
+
+Adapters are found three ways, all resolving to a `VLMAdapter` subclass:
+
+- the entry-point group `vugen.adapters` (built-in adapters and installed third-party packages declare
+  `name = "package.module:Class"` in their pyproject.toml; loaded lazily, on first use);
+- `register_adapter(name, cls)` at run time (or as a class decorator);
+- a full class path `package.module.Class`, as in a YAML `class_path`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, TypeVar
+
+from vugen_adapters.base import VLMAdapter
+
+ENTRY_POINT_GROUP = "vugen.adapters"
+_registered: dict[str, type[VLMAdapter]] = {}
+
+A = TypeVar("A", bound=type[VLMAdapter])
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def register_adapter(name: str, cls: A | None = None) -> A | Any:
+    """Register an adapter class under `name`; usable as `@register_adapter("name")`.
+
+    Args:
+        name: lowercase name users write in configs and on the command line.
+        cls: the `VLMAdapter` subclass. Omit it to use this function as a decorator.
+    """
+    if not name or name != name.lower() or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"adapter name must be lowercase letters, digits, '_' or '-', got {name!r}")
+
+    def register(adapter_cls: A) -> A:
+        _check_adapter_class(adapter_cls, name)
+        existing = _registered.get(name)
+        if existing is not None and existing is not adapter_cls:
+            raise ValueError(f"adapter name {name!r} is already registered to {existing.__qualname__}")
+        _registered[name] = adapter_cls
+        return adapter_cls
+
+    return register if cls is None else register(cls)
+
+
+def list_adapters() -> list[str]:
+    """Every registered adapter name: entry points and run-time registrations."""
+    return sorted(set(_entry_points()) | set(_registered))
+
+
+def adapter_sources() -> dict[str, str]:
+    """Registered name -> where its class lives (`module:Class`), without importing anything."""
+    sources = {name: ep.value for name, ep in _entry_points().items()}
+    return sources | {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in _registered.items()}
+
+
+def get_adapter_class(name_or_class_path: str) -> type[VLMAdapter]:
+    """Resolve a registered name or a `package.module.Class` path to an adapter class."""
+    if name_or_class_path in _registered:
+        return _registered[name_or_class_path]
+    entry = _entry_points().get(name_or_class_path)
+    if entry is not None:
+        return _check_adapter_class(entry.load(), name_or_class_path)
+    if "." in name_or_class_path:
+        return _check_adapter_class(_import_class(name_or_class_path), name_or_class_path)
+    raise KeyError(
+        f"unknown adapter {name_or_class_path!r}; registered adapters: {', '.join(list_adapters())} "
+        "(or give a class path such as my_package.my_module.MyAdapter)"
+    )
+
+
+def build_adapter(name_or_class_path: str, **kwargs: Any) -> VLMAdapter:
+    """Instantiate an adapter by registered name or class path, e.g. `build_adapter("llava", pretrained=...)`."""
+    return get_adapter_class(name_or_class_path)(**kwargs)
+
+
+def _import_class(class_path: str) -> Any:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ImportError(f"cannot import adapter class {class_path!r}: {error}") from error
+
+
+def _check_adapter_class(cls: Any, name: str) -> type[VLMAdapter]:
+    if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)):
+        raise TypeError(f"adapter {name!r} resolves to {cls!r}, which is not a subclass of vugen's VLMAdapter")
+    return cls
