@@ -270,9 +270,21 @@ class AutoAdapter(VLMAdapter):
             features, merge = self.vision_tokens(output), self.packed_merge_size(inputs)
         features = _as_batch(features, batch)
         rows, cols = self.patch_grid(inputs)
+        if self.feature_source == "vision":
+            self.check_token_order(rows, cols)
         if merge > 1:  # packed encoders emit merge x merge blocks one after another
             features = _blocks_to_raster(features, rows, cols, merge)
         return _fit_grid(features, rows, cols, type(self).__name__)
+
+    def check_token_order(self, rows: int, cols: int) -> None:
+        """Windowed packed towers (Qwen2.5-VL) return encoder tokens in window order, which we cannot read."""
+        window = getattr(self.vision_config, "window_size", None)
+        if window and "window_size" in self.vision_config.to_dict() and max(rows, cols) * self.vit_patch_size > window:
+            raise ValueError(
+                f"{type(self).__name__}: images of {rows}x{cols} patches span several attention windows of "
+                f"{window} px, so the encoder's tokens come back in window order; use the family adapter "
+                "(e.g. `qwen2_5_vl`), which undoes it, or feature_source='projector'"
+            )
 
     def vision_tokens(self, output: Any) -> Tensor | list[Tensor]:
         """Encoder tokens the projector reads: the `vision_feature_layer` hidden state when configured."""

@@ -76,3 +76,16 @@ def test_tokenize_wants_a_list(llava):
 def test_fixed_size_encoders_resize_other_sizes(llava):
     assert llava.token_grid(64, 48) == (8, 8)
     assert llava.encode_images(torch.rand(1, 3, 64, 48)).shape == (1, 64, 32)
+
+
+def test_auto_refuses_window_ordered_tokens(tiny_checkpoint):
+    auto = AutoAdapter(str(tiny_checkpoint("qwen2_5_vl")))
+    assert auto.encode_images(torch.rand(1, 3, 32, 32)).shape[1] == 16  # one window: raster order is readable
+    with pytest.raises(ValueError, match="span several attention windows.*qwen2_5_vl"):
+        auto.encode_images(torch.rand(1, 3, 64, 64))
+
+
+def test_dynamic_resolution_needs_a_multiple_of_patch_times_merge(tiny_checkpoint):
+    auto = AutoAdapter(str(tiny_checkpoint("qwen2_vl")))
+    with pytest.raises(ValueError, match="images of 36x36 px.*multiples of 16 px"):
+        auto.encode_images(torch.rand(1, 3, 36, 36))

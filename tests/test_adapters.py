@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conformance import PROMPTS, AdapterConformance
 from vugen.registry import build_adapter
+from vugen.testing import PROMPTS, AdapterConformance
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.tiny import TINY_FAMILIES
 

@@ -1,5 +1,7 @@
 """The adapter conformance suite: every adapter passes it unchanged (peft's `PeftCommonTester` pattern).
 
+Shipped with vugen so third-party adapters can run it too (it needs pytest, a dev extra).
+
 Use it by subclassing `AdapterConformance` in a `Test*` class that provides two fixtures:
 `adapter` (the adapter under test) and `image_size` (a side in pixels the adapter accepts).
 """

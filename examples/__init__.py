@@ -1,0 +1,1 @@
+"""Examples of using and extending vugen; importable so YAML configs can name their classes."""
