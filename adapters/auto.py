@@ -184,6 +184,9 @@ class AutoAdapter(VLMAdapter):
         if self.image_size is not None:
             return (self.image_size, self.image_size)
         processor = self.image_processor
+        tile = getattr(processor, "max_image_size", None)
+        if tile and hasattr(processor, "do_image_splitting"):  # Idefics3-style: one whole-image tile
+            return (tile["longest_edge"], tile["longest_edge"])
         crop = getattr(processor, "crop_size", None)
         if getattr(processor, "do_center_crop", False) and crop:
             return (crop["height"], crop["width"])
@@ -214,7 +217,7 @@ class AutoAdapter(VLMAdapter):
     @cached_property
     def _probe(self) -> tuple[int, int]:
         """(D, stride) measured by encoding one blank image: exact for any family, paid once."""
-        side = self.native_size or (4 * self.size_multiple, 4 * self.size_multiple)
+        side = self.native_size or (2 * self.size_multiple, 2 * self.size_multiple)  # small: fits one window
         features = self.encode_images(torch.zeros(1, 3, *side, device=self.device))
         rows = math.isqrt(features.shape[1] * side[0] // side[1])
         return features.shape[-1], side[0] // rows
@@ -388,14 +391,15 @@ class AutoAdapter(VLMAdapter):
             past_key_values=past_key_values,
             use_cache=True,
             return_dict=True,
+            is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
         )
         return output.last_hidden_state, output.past_key_values
 
 
 def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
     """Per-image lists, packed sequences and batched tensors -> `[B, N, D]`."""
-    if isinstance(features, (list, tuple)):
-        features = torch.stack(list(features))
+    if isinstance(features, (list, tuple)):  # one entry per image, or per sample of several images
+        features = torch.stack(list(features)) if len(features) == batch else torch.cat(list(features))
     if features.ndim == 2:  # every image's tokens packed into one sequence
         features = features.reshape(batch, -1, features.shape[-1])
     if features.ndim != 3 or features.shape[0] != batch:

@@ -41,7 +41,8 @@ def test_family_adapter_agrees_with_auto(family, feature_source, tiny_checkpoint
     images = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(family_adapter.encode_images(images), auto.encode_images(images), atol=1e-5, rtol=1e-5)
     assert family_adapter.token_grid(image_size, image_size) == auto.token_grid(image_size, image_size)
-    assert torch.equal(family_adapter.tokenize(PROMPTS)["input_ids"], auto.tokenize(PROMPTS)["input_ids"])
+    if type(family_adapter).tokenize is AutoAdapter.tokenize:  # PaliGemma writes its own prompt format
+        assert torch.equal(family_adapter.tokenize(PROMPTS)["input_ids"], auto.tokenize(PROMPTS)["input_ids"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

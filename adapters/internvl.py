@@ -1,0 +1,80 @@
+"""InternVL (`InternVLForConditionalGeneration`, the `-hf` checkpoints): InternViT + pixel shuffle + MLP + Qwen2.
+
+The tower emits a CLS token and a square patch grid; the projector pixel-shuffles 2x2 patches into one token
+(`downsample_ratio` 0.5) in raster order, then runs a LayerNorm + MLP.
+
+What introspection alone gets less well:
+- the pixels are plain `[B, 3, H, W]` at the tower's fixed size (GotOcr2 processor with `crop_to_patches` off),
+  so they are normalised on the device;
+- `vision_feature_layer = -1` means the tower's `last_hidden_state` (after its final LayerNorm, when the
+  checkpoint has one) in InternVL's own `get_image_features`, not `hidden_states[-1]`: the features here are
+  the ones the projector reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from transformers import (
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+)
+
+from vugen_adapters.auto import AutoAdapter, normalized_pixels
+from vugen_adapters.tiny import TINY_TEXT, TINY_VISION, tiny_tokenizer, token_id
+
+LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+class InternVLAdapter(AutoAdapter):
+    """InternVL 2.5 / 3 checkpoints in transformers format (`OpenGVLab/InternVL3-*-hf`).
+
+    Arguments as for `AutoAdapter`.
+    """
+
+    def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """Plain normalised pixels at the tower's native size (one tile, no cropping to patches)."""
+        return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
+
+    def vision_tokens(self, output: Any) -> Tensor:
+        """The tokens InternVL's projector reads: layer -1 is `last_hidden_state`, CLS dropped by "default"."""
+        config = self.vlm.config
+        if config.vision_feature_layer != -1:
+            return super().vision_tokens(output)
+        tokens = output.last_hidden_state
+        return tokens[:, 1:] if config.vision_feature_select_strategy == "default" else tokens
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """Attention and MLP projections of the language model."""
+        return LM_LINEAR_LAYERS
+
+
+def tiny_internvl() -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
+    """Tiny InternVL: 32 px InternViT (8x8 patches of 4 px + CLS), pixel-shuffled 2x2 into 16 tokens, Qwen2 LM."""
+    tokenizer = tiny_tokenizer(list(IMAGE_TOKENS.values()), image_placeholder="<IMG_CONTEXT>", **IMAGE_TOKENS)
+    size = {"height": 32, "width": 32}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=16,
+        chat_template=tokenizer.chat_template,
+    )
+    config = InternVLConfig(
+        vision_config=TINY_VISION | {"image_size": 32, "patch_size": 4},
+        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer)} | TINY_TEXT,
+        image_token_id=token_id(tokenizer, "<IMG_CONTEXT>"),
+        image_seq_length=16,
+    )
+    return InternVLForConditionalGeneration(config), processor

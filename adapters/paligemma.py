@@ -1,0 +1,84 @@
+"""PaliGemma (`PaliGemmaForConditionalGeneration`): a SigLIP tower, a linear projector, a Gemma (1 or 2) LM.
+
+What introspection alone gets less well:
+- the pixels are plain `[B, 3, H, W]` at the tower's fixed size, so they are normalised on the device;
+- PaliGemma has no chat template: its prompts are a prefix `<bos>{prompt}\\n` (what `PaliGemmaProcessor` writes
+  after the image tokens), so `tokenize` writes exactly that;
+- PaliGemma sets `use_bidirectional_attention` on its Gemma, so the attention modules are not causal and, when
+  a batch has no padding (the mask is then skipped for sdpa / flash attention), every token sees the future.
+  `run_language_model` asks for causal attention explicitly, so the prompt's KV cache is the same whatever
+  follows it, and padded and unpadded batches agree.
+
+Gemma's `sqrt(hidden_size)` embedding scale lives in the embedding module (`GemmaTextScaledWordEmbedding`), so
+`embed_tokens` already returns what the decoder stack expects, as in the model's own text path.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformers import (
+    BatchEncoding,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    SiglipImageProcessor,
+)
+
+from vugen_adapters.auto import AutoAdapter, normalized_pixels
+from vugen_adapters.tiny import TINY_TEXT, TINY_VISION, tiny_tokenizer
+
+LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PaliGemmaAdapter(AutoAdapter):
+    """PaliGemma and PaliGemma 2 checkpoints (`google/paligemma*`). Arguments as for `AutoAdapter`."""
+
+    def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """Plain normalised pixels at the tower's native size."""
+        return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """Attention and MLP projections of the language model."""
+        return LM_LINEAR_LAYERS
+
+    def tokenize(self, prompts: list[str]) -> BatchEncoding:
+        """Left-padded prompts in PaliGemma's prefix format `<bos>{prompt}\\n` (the chat template if one is set)."""
+        if self.use_chat_template and self.tokenizer.chat_template is not None:
+            return super().tokenize(prompts)
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("tokenize expects a non-empty list of prompt strings")
+        bos = self.tokenizer.bos_token or ""
+        encoding = self.tokenizer(
+            [f"{bos}{prompt}\n" for prompt in prompts],
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        return BatchEncoding({"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}).to(
+            self.device
+        )
+
+
+def tiny_paligemma() -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """Tiny PaliGemma: 32 px SigLIP tower (8x8 patches of 4 px), projector to a 64-wide Gemma LM.
+
+    Like the real checkpoints, the tokenizer has no chat template and `PaliGemmaProcessor` adds the `<image>`,
+    `<locXXXX>` and `<segXXX>` tokens, so the LM's vocabulary is sized after building the processor.
+    """
+    tokenizer = tiny_tokenizer([], image_placeholder="<image>")
+    tokenizer.chat_template = None
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=64)
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = PaliGemmaConfig(
+        vision_config=TINY_VISION | {"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 4},
+        text_config={"model_type": "gemma", "vocab_size": len(tokenizer)} | TINY_TEXT,
+        image_token_index=processor.image_token_id,
+        projection_dim=TINY_TEXT["hidden_size"],
+        hidden_size=TINY_TEXT["hidden_size"],
+        vocab_size=len(tokenizer),
+    )
+    return PaliGemmaForConditionalGeneration(config), processor
