@@ -13,7 +13,7 @@ from transformers import BatchEncoding
 
 from vugen_adapters.base import DType, VLMAdapter
 
-from .toy_vlm import TOKENIZER_FILE, Block, KVCache, ToyVLM
+from .toy_vlm import TOKENIZER_FILE, Block, ToyVLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
 
@@ -84,14 +84,9 @@ class ToyVLMAdapter(VLMAdapter):
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.language_model.embed_tokens(input_ids)
 
-    def run_language_model(
-        self,
-        inputs_embeds: Tensor,
-        attention_mask: Tensor,
-        position_ids: Tensor | None = None,
-        past_key_values: KVCache | None = None,
-    ) -> tuple[Tensor, KVCache]:
-        # ToyVLM's LM already speaks the contract: left-padding-aware positions when None, a list-of-(k, v) cache.
+    def run_language_model(self, inputs_embeds, attention_mask, position_ids=None, past_key_values=None):
+        # Types as on VLMAdapter. ToyVLM's LM already speaks the contract: left-padding-aware positions when
+        # None, and a `KVCache` (a list of per-layer (k, v) tensors) in and out.
         return self.language_model(inputs_embeds, attention_mask, position_ids, past_key_values)
 
     def save_pretrained(self, directory: str | Path) -> None:
