@@ -1,0 +1,5 @@
+"""The training stages, one LightningModule each, chosen in YAML by ``class_path``."""
+
+from vugen.stages.reducer import ReducerStage
+
+__all__ = ["ReducerStage"]
