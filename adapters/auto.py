@@ -112,6 +112,7 @@ class AutoAdapter(VLMAdapter):
         self.feature_source, self.image_size = feature_source, image_size
         self.use_chat_template, self.max_prompt_tokens = use_chat_template, max_prompt_tokens
         self._load_settings = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        self.attn_implementation = attn_implementation
         self.vlm = self._load_model(attn_implementation)
         self.image_processor, self.tokenizer = self._load_processors()
         self._freeze()
@@ -163,7 +164,8 @@ class AutoAdapter(VLMAdapter):
             "revision": self.revision,
             "feature_source": self.feature_source,
             "image_size": self.image_size,
-            "model_type": self.vlm.config.model_type,
+            "attn_implementation": self.attn_implementation,
+            **self._load_settings,
         }
 
     # ------------------------------------------------------------------ geometry

@@ -21,7 +21,8 @@ def test_wheel_installs_vugen_and_vugen_adapters(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel], check=True)
     probe = (
-        "import importlib.metadata as m, vugen, vugen_adapters.llava as l, vugen_adapters.tiny;"
+        "import importlib.metadata as m, vugen, vugen.stages, vugen.nn, vugen.diffusion, vugen.data.shapes_datamodule;"
+        "import vugen_adapters.llava as l, vugen_adapters.tiny;"
         "print(vugen.__file__); print(l.__file__);"
         "print(sorted(e.name for e in m.entry_points(group='vugen.adapters')))"
     )
