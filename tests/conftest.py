@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vugen_adapters.tiny import build_tiny_vlm
 
@@ -20,3 +21,13 @@ def tiny_checkpoint(tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests run tiny models: a second intra-op thread adds only contention (10-30x slower measured on 2 loaded
+    cores), and one thread makes timings and float results independent of the machine's load."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

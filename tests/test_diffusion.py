@@ -26,15 +26,6 @@ from vugen.diffusion import (
 PAIRS = [(a, b) for a in ("x", "v", "eps") for b in ("x", "v", "eps")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Small tensors gain nothing from intra-op threads, and on a loaded machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Gaussian:
     """Data ~ N(mu, s^2) per dimension, noise ~ N(0, 1): every quantity of the flow is closed-form.
 

@@ -14,15 +14,6 @@ from vugen.nn.pixel_decoder import patchify, resample_grid, sincos_pos_embed_2d,
 TINY = {"latent_dim": 8, "patch_size": 4, "width": 64, "depth": 2, "num_heads": 4, "image_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: a second thread mostly adds contention (measured 10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _inputs(batch: int = 4, size: int = 32, grid: tuple[int, int] = (4, 4), seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x_t = torch.randn(batch, 3, size, size, generator=g)

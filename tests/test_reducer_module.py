@@ -12,15 +12,6 @@ from vugen.nn import DimensionReducer
 from vugen.nn.reducer import explained_variance, pca_explained_variance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: a second thread mostly adds contention (measured 10x slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _synthetic_features(num_images: int, seed: int, dim: int = 32, rank: int = 4) -> torch.Tensor:
     """Features on a rank-``rank`` manifold: a linear part plus a non-linear (sine) part plus small noise.
 
