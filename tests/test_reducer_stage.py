@@ -169,25 +169,26 @@ def test_bad_inputs_name_the_argument(adapter):
         make_stage(adapter).training_step({"captions": ["a red circle"]}, 0)
 
 
+def fit_demo(tiny_llava: str, tmp_path: Path, *overrides: str) -> VugenCLI:
+    """`vugen fit --config configs/demo/reducer.yaml` on the tiny VLM, writing only under `tmp_path`."""
+    args = ["fit", "--config", str(ROOT / "configs/demo/reducer.yaml")]
+    args += [f"--model.init_args.adapter.init_args.pretrained={tiny_llava}"]
+    args += [f"--model.init_args.export_dir={tmp_path / 'reducer'}"]
+    args += [f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--trainer.enable_progress_bar=false"]
+    return VugenCLI(args=[*args, *overrides])
+
+
 def test_vugen_fit_with_the_demo_config(tiny_llava, tmp_path):
     logs, export = tmp_path / "logs", tmp_path / "reducer"
-    cli = VugenCLI(
-        args=[
-            "fit",
-            "--config",
-            str(ROOT / "configs/demo/reducer.yaml"),
-            f"--model.init_args.adapter.init_args.pretrained={tiny_llava}",
-            f"--model.init_args.export_dir={export}",
-            f"--trainer.logger.init_args.save_dir={logs}",
-            "--trainer.max_steps=3",
-            "--trainer.val_check_interval=3",
-            "--trainer.limit_val_batches=1",
-            "--trainer.callbacks=[]",
-            "--trainer.enable_progress_bar=false",
-            "--data.init_args.train_size=96",
-            '--model.init_args.lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", '
-            '"init_args": {"step_size": 1, "gamma": 0.5}}',
-        ]
+    cli = fit_demo(
+        tiny_llava,
+        tmp_path,
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1",
+        "--data.init_args.train_size=96",
+        '--model.init_args.lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", '
+        '"init_args": {"step_size": 1, "gamma": 0.5}}',
     )
     assert cli.trainer.global_step == 3
     log_dir = Path(cli.trainer.log_dir)
@@ -209,18 +210,7 @@ def test_vugen_fit_with_the_demo_config(tiny_llava, tmp_path):
 @pytest.mark.slow
 def test_demo_config_beats_pca(tiny_llava, tmp_path):
     """The demo as shipped (300 steps, normalised noisy latents): learned explained variance well above PCA's."""
-    cli = VugenCLI(
-        args=[
-            "fit",
-            "--config",
-            str(ROOT / "configs/demo/reducer.yaml"),
-            f"--model.init_args.adapter.init_args.pretrained={tiny_llava}",
-            f"--model.init_args.export_dir={tmp_path / 'reducer'}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-            "--trainer.callbacks=[]",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    cli = fit_demo(tiny_llava, tmp_path)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 300
     assert metrics["val/explained_variance"] > metrics["val/pca_explained_variance"] + 0.04

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from vugen import registry
-from vugen.cli import main
+from vugen.cli import VugenCLI, main
 from vugen.registry import build_adapter, get_adapter_class, list_adapters, register_adapter
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.base import VLMAdapter
@@ -76,3 +77,22 @@ def test_vugen_tiny_command_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out.strip().endswith("tiny")
     assert (tmp_path / "tiny" / "config.json").is_file()
     assert LlavaAdapter(str(tmp_path / "tiny")).token_grid(32, 32) == (8, 8)
+
+
+BORING = ["--model", "lightning.pytorch.demos.boring_classes.BoringModel"]
+BORING += ["--data", "lightning.pytorch.demos.boring_classes.BoringDataModule"]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], RichProgressBar),
+        (["--trainer.enable_progress_bar=false"], None),
+        (["--trainer.callbacks+=TQDMProgressBar"], TQDMProgressBar),
+    ],
+    ids=["default-rich", "bars-off", "own-bar"],
+)
+def test_cli_progress_bar(extra, expected, tmp_path):
+    cli = VugenCLI(args=[*BORING, f"--trainer.default_root_dir={tmp_path}", *extra], run=False)
+    bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+    assert [type(b) for b in bars] == ([expected] if expected else [])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 import warnings
 
-from jsonargparse import CLI, lazy_instance
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
+from jsonargparse import CLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vugen.registry import adapter_sources, get_adapter_class, list_adapters
@@ -41,9 +41,15 @@ class VugenCLI(LightningCLI):
             **kwargs,
         )
 
-    def add_arguments_to_parser(self, parser) -> None:
-        """Rich progress bars unless a config lists its own callbacks."""
-        parser.set_defaults({"trainer.callbacks": [lazy_instance(RichProgressBar)]})
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, with a Rich progress bar unless the run turns bars off or configures its own."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        wants_bar = config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
 
 def import_registered_adapters() -> None:
