@@ -233,13 +233,9 @@ def tiny_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
     return Qwen2VLForConditionalGeneration(config), _processor(Qwen2VLProcessor, parts)
 
 
-def tiny_qwen2_5_vl() -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
-    """Tiny Qwen2.5-VL: windowed attention in vision layer 0 (windows of 2x2 merged tokens = 32 px), full in 1.
-
-    32x32 images fit one window; 32x48 or 64x64 ones span several, which exercises the window un-permutation.
-    """
-    parts = _tiny_parts(Qwen2VLVideoProcessor, mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954] * 3)
-    vision = {
+def _tiny_vision(**extra: Any) -> dict[str, Any]:
+    """The tiny vision config shared by Qwen2.5-VL and Qwen3-VL (Qwen2-VL names its fields differently)."""
+    return {
         "depth": TINY_VISION["num_hidden_layers"],
         "hidden_size": TINY_VISION["hidden_size"],
         "intermediate_size": TINY_VISION["intermediate_size"],
@@ -248,9 +244,16 @@ def tiny_qwen2_5_vl() -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLPro
         "patch_size": _PATCH,
         "spatial_merge_size": _MERGE,
         "temporal_patch_size": _TEMPORAL,
-        "window_size": 2 * _MERGE * _PATCH,
-        "fullatt_block_indexes": [TINY_VISION["num_hidden_layers"] - 1],
-    }
+    } | extra
+
+
+def tiny_qwen2_5_vl() -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """Tiny Qwen2.5-VL: windowed attention in vision layer 0 (windows of 2x2 merged tokens = 32 px), full in 1.
+
+    32x32 images fit one window; 32x48 or 64x64 ones span several, which exercises the window un-permutation.
+    """
+    parts = _tiny_parts(Qwen2VLVideoProcessor, mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954] * 3)
+    vision = _tiny_vision(window_size=2 * _MERGE * _PATCH, fullatt_block_indexes=[TINY_VISION["num_hidden_layers"] - 1])
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=_text_config(parts["tokenizer"]), **parts["ids"])
     return Qwen2_5_VLForConditionalGeneration(config), _processor(Qwen2_5_VLProcessor, parts)
 
@@ -258,18 +261,7 @@ def tiny_qwen2_5_vl() -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLPro
 def tiny_qwen3_vl() -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLProcessor]:
     """Tiny Qwen3-VL: interpolated 4x4 position-embedding grid, deepstack from vision layer 0, [-1, 1] pixels."""
     parts = _tiny_parts(Qwen3VLVideoProcessor, mean=[0.5] * 3, std=[0.5] * 3)
-    vision = {
-        "depth": TINY_VISION["num_hidden_layers"],
-        "hidden_size": TINY_VISION["hidden_size"],
-        "intermediate_size": TINY_VISION["intermediate_size"],
-        "num_heads": TINY_VISION["num_attention_heads"],
-        "out_hidden_size": TINY_TEXT["hidden_size"],
-        "patch_size": _PATCH,
-        "spatial_merge_size": _MERGE,
-        "temporal_patch_size": _TEMPORAL,
-        "num_position_embeddings": 16,
-        "deepstack_visual_indexes": [0],
-    }
+    vision = _tiny_vision(num_position_embeddings=16, deepstack_visual_indexes=[0])
     # Qwen3-VL interleaves the M-RoPE axes; released configs say so with `mrope_interleaved`.
     text = _text_config(parts["tokenizer"], mrope_interleaved=True)
     config = Qwen3VLConfig(vision_config=vision, text_config=text, **parts["ids"])
