@@ -16,6 +16,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vugen.nn.hub import HUB_METADATA, HUB_TAGS
+
 __all__ = [
     "PixelDecoder",
     "PixelDecoderBlock",
@@ -190,10 +192,8 @@ class _FinalLayer(nn.Module):
 class PixelDecoder(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="vugen",
-    license="apache-2.0",
-    paper_url="https://arxiv.org/abs/2510.06529",
-    tags=["vugen", "image-generation", "pixel-diffusion"],
+    **HUB_METADATA,
+    tags=[*HUB_TAGS, "pixel-diffusion"],
 ):
     """Pixel-space diffusion transformer conditioned on reducer latents.
 

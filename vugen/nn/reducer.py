@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
+from vugen.nn.hub import HUB_METADATA, HUB_TAGS
+
 __all__ = ["DimensionReducer", "ResidualMLP", "ResidualMLPBlock", "explained_variance", "pca_explained_variance"]
 
 _LN_EPS = 1e-6
@@ -86,10 +88,8 @@ class ResidualMLP(nn.Module):
 class DimensionReducer(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="vugen",
-    license="apache-2.0",
-    paper_url="https://arxiv.org/abs/2510.06529",
-    tags=["vugen", "image-generation", "feature-reducer"],
+    **HUB_METADATA,
+    tags=[*HUB_TAGS, "feature-reducer"],
 ):
     """Reduces VLM vision features ``[B, N, D]`` to latents ``[B, N, d]`` and reconstructs them.
 
