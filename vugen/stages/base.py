@@ -1,0 +1,187 @@
+"""What every training stage shares: a frozen VLM read through an adapter, and checkpoints without it.
+
+A stage's checkpoint holds what trains (and small frozen parts such as a loaded reducer), never the VLM: the VLM is
+rebuilt from the adapter configuration recorded in the hyperparameters, so ``Stage.load_from_checkpoint(path)``
+works without the VLM's weights in the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from vugen.nn.reducer import DimensionReducer
+from vugen_adapters.base import VLMAdapter
+
+__all__ = ["AdapterStage", "batch_images"]
+
+# What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
+# one of Lightning's allow-listed instantiators.
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+_ADAPTER_PREFIX = "adapter."
+
+
+class AdapterStage(LightningModule):
+    """Base of the stages: holds the frozen ``adapter``, the optimizer factories, and the checkpoint rules.
+
+    Subclasses call ``super().__init__(adapter, optimizer, lr_scheduler)`` first, then
+    :meth:`record_hyperparameters` with the modules they received as arguments.
+    """
+
+    def __init__(
+        self, adapter: VLMAdapter, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
+    ) -> None:
+        super().__init__()
+        if not isinstance(adapter, VLMAdapter):
+            raise TypeError(
+                f"adapter must be a VLMAdapter instance, got {type(adapter).__name__}. A checkpoint whose adapter "
+                "cannot be rebuilt from its recorded configuration loads with load_from_checkpoint(path, adapter=...)"
+            )
+        self.adapter = adapter.requires_grad_(False)  # frozen whatever the adapter did
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+
+    def record_hyperparameters(self, **arguments: Any) -> None:
+        """Save hyperparameters that rebuild this module, never the VLM itself.
+
+        Under LightningCLI they are the parsed config (modules and optimizers as ``class_path`` dicts). Built in
+        Python, a module argument would be recorded (and deep-copied) as an object: the adapter is replaced by its
+        ``describe()`` record, a Hub-mixin module (reducer, decoder) by its class path and ``config``, and the
+        callables by their class path when they are a class or a ``functools.partial`` of one (any other callable
+        is not recorded: ``load_from_checkpoint`` then uses the default).
+
+        Args:
+            arguments: The ``__init__`` arguments that are modules or callables, by name.
+        """
+        frame = inspect.currentframe().f_back  # the subclass's __init__: its arguments are the hyperparameters
+        self.save_hyperparameters(ignore=list(arguments), frame=frame)
+        if "_instantiator" in self.hparams:  # built by LightningCLI: the config records every argument
+            self.save_hyperparameters(frame=frame)
+            return
+        records: dict[str, Any] = {"_instantiator": _INSTANTIATOR}
+        for name, value in arguments.items():
+            config = _argument_config(value)
+            if config is not None or value is None:
+                records[name] = config
+        self.save_hyperparameters(records)
+
+    # ------------------------------------------------------------------ model
+    def vlm_features(self, images: Tensor, dtype: torch.dtype) -> Tensor:
+        """Frozen VLM features ``[B, N, D]`` of ``images`` (``[B, 3, H, W]`` in ``[0, 1]``), cast to ``dtype``."""
+        with torch.no_grad():
+            features = self.adapter.encode_images(images)
+        return features.to(dtype)
+
+    def fit_reducer_pca(self, reducer: DimensionReducer, features: Tensor) -> None:
+        """Initialise ``reducer`` as the PCA reducer of ``features`` on rank 0 and give it to every rank."""
+        reducer.init_from_pca(features)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            for tensor in reducer.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def log_metrics(self, split: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """Log ``{split}/{name}``: per step in training, averaged over the epoch otherwise."""
+        on_step = split == "train"
+        for name, value in metrics.items():
+            self.log(
+                f"{split}/{name}",
+                value.detach(),
+                prog_bar=name == "loss",
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=batch_size,
+                sync_dist=not on_step,
+            )
+
+    # ------------------------------------------------------------------ distribution
+    def fsdp_units(self) -> list[nn.Module]:
+        """The trainable modules to FSDP2-shard, children before parents (each called through ``forward``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its FSDP2 sharding units")
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``, FSDP2-shard :meth:`fsdp_units` and the adapter's ``block_classes``.
+
+        FSDP2 gathers a module's parameters in hooks around its ``forward``, so a unit must be a module whose
+        ``forward`` runs (a reducer's ``encode`` is a method: its children are the units). The adapter's blocks
+        are frozen and sharded to save memory; the adapter's other weights stay replicated. Modules already
+        sharded are skipped, so this is idempotent (Lightning may call it more than once).
+        """
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh.mesh_dim_names else self.device_mesh
+        block_types = tuple(self.adapter.block_classes)
+        adapter_blocks = [m for m in self.adapter.modules() if block_types and isinstance(m, block_types)]
+        for module in [*self.fsdp_units(), *adapter_blocks]:
+            if not isinstance(module, FSDPModule):
+                fully_shard(module, mesh=mesh)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        """The configured optimizer over the parameters that train, and the scheduler if any."""
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "step", "monitor": "train/loss"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen VLM's weights from the checkpoint."""
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(_ADAPTER_PREFIX)
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load everything but the adapter, whose weights come from ``pretrained`` and are never checkpointed.
+
+        ``strict`` holds for the rest: a missing tensor or an unknown key is an error naming them.
+        """
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.startswith(_ADAPTER_PREFIX)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not match {type(self).__name__} (other module sizes, or another stage's "
+                f"checkpoint?): missing {missing}, unexpected {result.unexpected_keys}"
+            )
+        return result._replace(missing_keys=missing)
+
+
+def batch_images(batch: Any, stage: str) -> Tensor:
+    """The ``images`` of a batch dict, checked: float ``[B, 3, H, W]`` in ``[0, 1]``."""
+    images = batch.get("images") if isinstance(batch, dict) else None
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(
+            f"{stage} expects batches as dicts with 'images': float [B, 3, H, W] in [0, 1] "
+            f"(e.g. ShapesDataModule), got {found}"
+        )
+    return images
+
+
+def _argument_config(value: Any) -> dict[str, Any] | None:
+    """``{class_path, init_args}`` of an adapter, a Hub-mixin module, a class or a partial; None otherwise."""
+    if isinstance(value, VLMAdapter):
+        record = value.describe()
+        accepted = inspect.signature(type(value)).parameters
+        return {"class_path": record["class_path"], "init_args": {k: v for k, v in record.items() if k in accepted}}
+    if isinstance(value, nn.Module) and hasattr(value, "_hub_mixin_config"):
+        return {"class_path": _class_path(type(value)), "init_args": dict(value._hub_mixin_config)}
+    keywords: dict[str, Any] = {}
+    if isinstance(value, functools.partial) and not value.args:
+        value, keywords = value.func, dict(value.keywords)
+    if not inspect.isclass(value):
+        return None
+    return {"class_path": _class_path(value), "init_args": keywords}
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
