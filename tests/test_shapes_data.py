@@ -346,6 +346,10 @@ def test_datamodule_stage_splits():
     assert test_captions == [datamodule.dataset("test")[index]["captions"] for index in range(10)]
     predicted = [caption for batch in datamodule.predict_dataloader() for caption in batch["captions"]]
     assert len(predicted) == 9 and all(is_heldout(parse_caption(caption)) for caption in predicted)
+    heldout_test = [
+        caption for batch in small_datamodule(test_split="heldout").test_dataloader() for caption in batch["captions"]
+    ]
+    assert heldout_test == predicted
 
 
 def test_datamodule_shuffle_is_deterministic_and_seeded():
@@ -368,7 +372,14 @@ def test_datamodule_workers_give_the_same_batches():
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("train_size", 0), ("batch_size", 0), ("batch_size", 64), ("two_object_ratio", -0.1), ("num_workers", -1)],
+    [
+        ("train_size", 0),
+        ("batch_size", 0),
+        ("batch_size", 64),
+        ("two_object_ratio", -0.1),
+        ("num_workers", -1),
+        ("test_split", "val"),
+    ],
 )
 def test_datamodule_rejects_bad_arguments_naming_them(argument, value):
     with pytest.raises(ValueError, match=argument):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -17,9 +19,9 @@ def _check_positive(name: str, value: int) -> None:
 class ShapesDataModule(LightningDataModule):
     """Captioned Shapes images for every stage, rendered on the fly and deterministic from ``seed``.
 
-    ``fit`` uses the ``train`` and ``val`` splits, ``test`` the ``test`` split and ``predict`` the ``heldout``
-    split (compositions never seen in training). Batches are ``{"images": float32 [B, 3, H, W] in [0, 1],
-    "captions": list[str]}``.
+    ``fit`` uses the ``train`` and ``val`` splits, ``test`` the ``test`` split (or ``heldout``, see ``test_split``)
+    and ``predict`` the ``heldout`` split (compositions never seen in training). Batches are
+    ``{"images": float32 [B, 3, H, W] in [0, 1], "captions": list[str]}``.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class ShapesDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        test_split: Literal["test", "heldout"] = "test",
     ) -> None:
         """Configure the Shapes splits and loaders.
 
@@ -47,6 +50,8 @@ class ShapesDataModule(LightningDataModule):
                 incomplete batch).
             num_workers: DataLoader worker processes (0 renders in the main process).
             seed: Base seed of the rendering and of the training shuffle order.
+            test_split: What ``test`` evaluates: the ``test`` split (compositions seen in training, other
+                images) or the ``heldout`` split (compositions never seen in training).
         """
         super().__init__()
         check_image_size(image_size)
@@ -64,6 +69,8 @@ class ShapesDataModule(LightningDataModule):
             raise ValueError(f"two_object_ratio must be in [0, 1], got {two_object_ratio!r}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if test_split not in ("test", "heldout"):
+            raise ValueError(f"test_split must be 'test' or 'heldout', got {test_split!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed!r}")
         self.save_hyperparameters()
@@ -71,6 +78,7 @@ class ShapesDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.test_split = test_split
         self._sizes = {"train": train_size, "val": val_size, "test": test_size, "heldout": heldout_size}
         self._two_object_ratio = two_object_ratio
 
@@ -102,8 +110,8 @@ class ShapesDataModule(LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches (the ``test`` split) in a fixed order."""
-        return self._loader("test", shuffle=False)
+        """Test batches of ``test_split`` in a fixed order."""
+        return self._loader(self.test_split, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Held-out-composition batches (the ``heldout`` split) in a fixed order."""
