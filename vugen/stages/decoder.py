@@ -1,0 +1,366 @@
+"""Stage 3: the VAE-free pixel diffusion decoder, trained jointly with the reducer (or on a frozen one).
+
+Per batch: the frozen VLM encodes the images into features, the reducer maps them to latents ``z`` (with its
+training noise), and the pixel decoder learns by flow matching to turn pure noise into the image given ``z``.
+The diffusion loss reaches the reducer when it trains (``train_reducer``), optionally with the reducer's feature
+reconstruction loss beside it (``feature_loss_weight``). VUGEN's recipe: train both jointly, then freeze the
+reducer for the latent sampler.
+
+Pixels live in ``[-1, 1]`` inside the diffusion and in ``[0, 1]`` outside (batches, reconstructions).
+``vugen test`` reconstructs the test images (encode, then sample from noise) and reports PSNR, SSIM and, with
+their weights available, LPIPS and rFID (see :class:`vugen.eval.ReconstructionMetrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from vugen.atomic import atomic_directory
+from vugen.diffusion import (
+    Method,
+    Prediction,
+    Schedule,
+    as_velocity_fn,
+    classifier_free_guidance,
+    flow_matching_inputs,
+    flow_matching_loss,
+    resolution_shift,
+    sample,
+    sample_timesteps,
+)
+from vugen.nn.pixel_decoder import PixelDecoder
+from vugen.nn.reducer import DimensionReducer
+from vugen.stages.base import AdapterStage, batch_images
+from vugen_adapters.base import VLMAdapter
+
+__all__ = ["DecoderStage"]
+
+SAMPLING_FILE = "sampling.json"
+
+
+class DecoderStage(AdapterStage):
+    """Stage 3: learn the pixel decoder ``(noise, z) -> image`` and, jointly, the reducer ``features -> z``.
+
+    Logs ``train/{loss,diffusion,feature}`` per step, ``val/{loss,psnr}`` per validation run (PSNR of
+    reconstructions sampled with the test settings) and ``test/{psnr,ssim,lpips,rfid}``.
+
+    Args:
+        adapter: The frozen VLM, e.g. ``{class_path: vugen_adapters.llava.LlavaAdapter, init_args: {pretrained:
+            ...}}``. Its weights never train and are not written to checkpoints.
+        decoder: The pixel decoder, e.g. ``{class_path: vugen.nn.PixelDecoder, init_args: {latent_dim: 32,
+            patch_size: 16, width: 768, depth: 12}}``; its ``latent_dim`` must be the reducer's.
+        reducer: A fresh reducer to train jointly (``feature_dim`` must be the adapter's ``feature_dim``).
+            Give either this or ``reducer_path``.
+        reducer_path: A reducer saved by stage 1 (``ReducerStage``'s ``export_dir``) or by this stage's export
+            (its ``reducer/`` folder): a local folder or a Hub id, loaded with ``DimensionReducer.from_pretrained``.
+        train_reducer: Train the reducer jointly with the decoder (VUGEN's first phase); False freezes it.
+        feature_loss_weight: Weight of the reducer's feature reconstruction loss added to the diffusion loss
+            when the reducer trains (keeps the latents informative about the VLM features); 0 disables it.
+        pca_init: Initialise a fresh ``reducer`` as the PCA reducer of the first training batch's features (rank
+            0's, broadcast); never applied to a loaded reducer or a resumed run.
+        time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
+        time_mean: Mean of the logit of ``t`` (``t = 1`` is data; negative favours noisy times, JiT uses -0.8).
+        time_std: Standard deviation of the logit of ``t``.
+        time_shift: Time shift for training and sampling; None uses RAE's ``sqrt(C*H*W / 4096)`` of the image.
+        loss_space: Space the diffusion error is measured in (``"v"``: JiT's x-prediction with v-loss).
+        sampler: ``"euler"``, ``"heun"`` or ``"sde"`` for reconstructions (validation, test, image grids).
+        sample_steps: Integration steps for reconstructions.
+        guidance_scale: Classifier-free guidance scale for reconstructions (1 = none; needs ``cond_drop_prob > 0``
+            in the decoder to mean anything).
+        guidance_interval: Optional ``[t_lo, t_hi]`` where guidance applies.
+        sample_seed: Seed of the noise of reconstructions: the same images get the same reconstructions.
+        lpips_weights: Local file of the LPIPS trunk weights (torchvision AlexNet state dict) for ``test``.
+        fid_weights: Local file of the Inception weights for ``test``'s rFID.
+        require_metric_weights: Fail ``test`` when a metric's weights are missing instead of skipping the metric.
+        activation_checkpointing: Recompute the decoder blocks' activations in the backward pass (less memory).
+        compile: ``torch.compile`` each decoder block (the LightningModule itself is never compiled).
+        optimizer: Builds the optimizer over the parameters that train (decoder, and reducer when it trains).
+        lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
+        export_dir: If set, ``fit`` ends by writing ``reducer/``, ``decoder/`` and ``sampling.json`` there
+            (atomically), what the latent sampler and the pipeline load.
+    """
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        decoder: PixelDecoder,
+        reducer: DimensionReducer | None = None,
+        reducer_path: str | None = None,
+        train_reducer: bool = True,
+        feature_loss_weight: float = 0.0,
+        pca_init: bool = True,
+        time_schedule: Schedule = "logit_normal",
+        time_mean: float = 0.0,
+        time_std: float = 1.0,
+        time_shift: float | None = None,
+        loss_space: Prediction = "v",
+        sampler: Method = "heun",
+        sample_steps: int = 25,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        sample_seed: int = 0,
+        lpips_weights: str | None = None,
+        fid_weights: str | None = None,
+        require_metric_weights: bool = False,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(adapter, optimizer, lr_scheduler)
+        reducer = _resolve_reducer(reducer, reducer_path, adapter, decoder)
+        self.record_hyperparameters(
+            adapter=adapter, decoder=decoder, reducer=reducer, optimizer=optimizer, lr_scheduler=lr_scheduler
+        )
+        if feature_loss_weight < 0 or sample_steps < 1:
+            raise ValueError(
+                f"need feature_loss_weight >= 0 and sample_steps >= 1, got {feature_loss_weight} and {sample_steps}"
+            )
+        self.decoder = decoder
+        self.reducer = reducer.requires_grad_(train_reducer)
+        self.train_reducer = train_reducer
+        self.feature_loss_weight = float(feature_loss_weight)
+        self.pca_init = pca_init and reducer_path is None
+        self.time_schedule, self.time_mean, self.time_std, self.time_shift = (
+            time_schedule,
+            time_mean,
+            time_std,
+            time_shift,
+        )
+        self.loss_space = loss_space
+        self.sampling = {
+            "sampler": sampler,
+            "steps": sample_steps,
+            "guidance_scale": guidance_scale,
+            "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
+            "time_shift": time_shift,
+        }
+        self.sample_seed = sample_seed
+        self.metric_settings = {
+            "lpips_weights": lpips_weights,
+            "fid_weights": fid_weights,
+            "require_weights": require_metric_weights,
+        }
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.export_dir = export_dir
+        self.metrics: torch.nn.Module | None = None
+        # Checkpointed, so a resumed run or a reloaded reducer is never overwritten by a fresh PCA.
+        self.register_buffer("pca_fitted", torch.tensor(False))
+
+    # ------------------------------------------------------------------ model
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the decoder computes in (features and pixels are cast to it)."""
+        return self.decoder.latent_proj.weight.dtype
+
+    def encode(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Latents ``[B, N, d]`` of ``images`` and their token grid (noisy while the reducer is in train mode)."""
+        features = self.vlm_features(images, self.param_dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_reducer):
+            latents = self.reducer.encode(features)
+        return latents, self.adapter.token_grid(images.shape[-2], images.shape[-1])
+
+    def shift_for(self, images: Tensor) -> float:
+        """The time shift used for images of this shape (``time_shift`` or RAE's resolution shift)."""
+        if self.time_shift is not None:
+            return float(self.time_shift)
+        return resolution_shift(images[0].numel())
+
+    @torch.no_grad()
+    def decode(
+        self,
+        latents: Tensor,
+        latent_grid: tuple[int, int],
+        image_size: tuple[int, int],
+        generator: torch.Generator | None = None,
+        **overrides: Any,
+    ) -> Tensor:
+        """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` from latents with the stage's sampling settings.
+
+        Args:
+            latents: Reducer latents ``[B, N, d]`` (e.g. from the latent sampler).
+            latent_grid: Their token grid ``(gh, gw)``.
+            image_size: Output ``(H, W)``, multiples of the decoder's patch size.
+            generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
+            overrides: Replace any of ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``,
+                ``time_shift`` for this call.
+        """
+        settings = {**self.sampling, **overrides}
+        b = latents.shape[0]
+        shape = (b, self.decoder.in_channels, *image_size)
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
+        noise = noise.to(device=latents.device, dtype=self.param_dtype)
+        shift = settings["time_shift"] or resolution_shift(noise[0].numel())
+
+        def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+            return self.decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
+
+        # The unconditional branch drops the condition inside the decoder (its null latent), so no parameter is
+        # read outside its forward: that keeps FSDP2-sharded parameters gathered when used.
+        keep = torch.zeros(b, dtype=torch.bool, device=latents.device)
+        interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
+        scale = settings["guidance_scale"]
+        guided = classifier_free_guidance(model_fn, (latents, keep), (latents, ~keep), scale, interval)
+        x = sample(
+            as_velocity_fn(guided, self.decoder.prediction),
+            noise,
+            steps=settings["steps"],
+            method=settings["sampler"],
+            shift=shift,
+            generator=generator,
+        )
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Encode ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) and decode them again (reducer noise off)."""
+        was_training = self.reducer.training
+        self.reducer.eval()
+        try:
+            with torch.no_grad():
+                latents, grid = self.encode(images)
+        finally:
+            self.reducer.train(was_training)
+        return self.decode(latents, grid, tuple(images.shape[-2:]), generator=generator)
+
+    # ------------------------------------------------------------------ training
+    def configure_model(self) -> None:
+        """Activation checkpointing and compilation of the decoder blocks, then FSDP2 sharding (see the base).
+
+        Idempotent: Lightning may call it more than once.
+        """
+        self.decoder.gradient_checkpointing = self.activation_checkpointing
+        if self.compile_blocks:
+            for block in self.decoder.blocks:
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile()
+        super().configure_model()
+
+    def fsdp_units(self) -> list[torch.nn.Module]:
+        """Each decoder block, then the decoder, then the reducer's children."""
+        return [*self.decoder.blocks, self.decoder, *self.reducer.children()]
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Fit the PCA initialisation of a fresh reducer on the first training batch (see ``pca_init``)."""
+        if self.pca_init and not bool(self.pca_fitted):
+            images = batch_images(batch, "DecoderStage")
+            self.fit_reducer_pca(self.reducer, self.vlm_features(images, self.param_dtype))
+            self.pca_fitted.fill_(True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Diffusion loss (plus the weighted feature loss); logs ``train/{loss,diffusion,feature}``."""
+        images = batch_images(batch, "DecoderStage")
+        features = self.vlm_features(images, self.param_dtype)
+        latents = self.reducer.encode(features)
+        grid = self.adapter.token_grid(images.shape[-2], images.shape[-1])
+        drop = self.decoder.draw_drop_mask(len(images), device=images.device)
+        metrics = {"diffusion": self._diffusion_loss(images, latents, grid, drop)}
+        loss = metrics["diffusion"]
+        if self.train_reducer and self.feature_loss_weight > 0:
+            metrics["feature"] = self.reducer.reconstruction_loss(features, self.reducer.decode(latents))["loss"]
+            loss = loss + self.feature_loss_weight * metrics["feature"]
+        metrics["loss"] = loss
+        self.log_metrics("train", metrics, batch_size=len(images))
+        return loss
+
+    def _diffusion_loss(
+        self, images: Tensor, latents: Tensor, grid: tuple[int, int], drop: Tensor | None = None
+    ) -> Tensor:
+        x = images.to(self.param_dtype) * 2 - 1
+        eps = torch.randn_like(x)
+        t = sample_timesteps(
+            len(x), self.time_schedule, self.time_mean, self.time_std, self.shift_for(x), device=x.device
+        )
+        x_t, _ = flow_matching_inputs(x, eps, t, self.decoder.prediction)
+        pred = self.decoder(x_t, t, latents, grid, drop_cond=drop)
+        return flow_matching_loss(pred, x, eps, t, self.decoder.prediction, loss_space=self.loss_space)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Logs ``val/loss`` (diffusion loss, no condition dropout) and ``val/psnr`` of reconstructions."""
+        images = batch_images(batch, "DecoderStage")
+        latents, grid = self.encode(images)
+        reconstructions = self.reconstruct(images, self._generator(batch_idx))
+        metrics = {"loss": self._diffusion_loss(images, latents, grid), "psnr": _mean_psnr(reconstructions, images)}
+        self.log_metrics("val", metrics, batch_size=len(images))
+
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(self.sample_seed + batch_idx)
+
+    # ------------------------------------------------------------------ test
+    def on_test_start(self) -> None:
+        """Build the reconstruction metrics once and say which ones are skipped and why."""
+        from vugen.eval import ReconstructionMetrics  # the metric backbones are only needed for `test`
+
+        if self.metrics is None:
+            self.metrics = ReconstructionMetrics(**self.metric_settings).to(self.device)
+        for reason in self.metrics.skipped.values():
+            rank_zero_info(reason)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Reconstruct the batch and accumulate the metrics."""
+        images = batch_images(batch, "DecoderStage")
+        self.metrics.update(self.reconstruct(images, self._generator(batch_idx)), images)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<metric>`` over the whole test set (synchronised across ranks by torchmetrics)."""
+        for name, value in self.metrics.compute().items():
+            self.log(f"test/{name}", value, rank_zero_only=True)
+        self.metrics.reset()
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        """Export reducer and decoder to ``export_dir`` when one is set (rank 0 only)."""
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            rank_zero_info(f"reducer and decoder exported to {self.export(self.export_dir)}")
+
+    def export(self, directory: str | Path) -> Path:
+        """Write ``reducer/``, ``decoder/`` (``save_pretrained`` each) and ``sampling.json``, atomically.
+
+        Args:
+            directory: Output folder, replaced whole (or left as it was on error).
+
+        Returns:
+            The folder.
+        """
+        with atomic_directory(directory) as staging:
+            self.reducer.save_pretrained(staging / "reducer")
+            self.decoder.save_pretrained(staging / "decoder")
+            (staging / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
+        return Path(directory)
+
+
+def _resolve_reducer(
+    reducer: DimensionReducer | None, reducer_path: str | None, adapter: VLMAdapter, decoder: PixelDecoder
+) -> DimensionReducer:
+    """The reducer to use, checked against the adapter's feature width and the decoder's latent width."""
+    if (reducer is None) == (reducer_path is None):
+        raise ValueError(
+            "DecoderStage needs exactly one of `reducer` (a fresh DimensionReducer to train jointly) and "
+            f"`reducer_path` (a saved one), got reducer={type(reducer).__name__} and reducer_path={reducer_path!r}"
+        )
+    if reducer is None:
+        reducer = DimensionReducer.from_pretrained(reducer_path)
+    source = f"reducer_path={reducer_path!r}" if reducer_path else "reducer"
+    if reducer.feature_dim != adapter.feature_dim:
+        raise ValueError(
+            f"{source} reads feature_dim={reducer.feature_dim} channels but the adapter's features have "
+            f"feature_dim={adapter.feature_dim}"
+        )
+    if reducer.latent_dim != decoder.latent_dim:
+        raise ValueError(
+            f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
+        )
+    return reducer
+
+
+def _mean_psnr(reconstructions: Tensor, images: Tensor) -> Tensor:
+    """Mean over images of the per-image PSNR in dB (``[0, 1]`` pixels); capped at 100 dB for exact copies."""
+    mse = (reconstructions.float() - images.float()).pow(2).flatten(1).mean(1)
+    return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
