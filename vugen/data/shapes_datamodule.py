@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from vugen.data.shapes import ShapesDataset, check_image_size
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -62,7 +62,7 @@ class ShapesDataModule(LightningDataModule):
             ("heldout_size", heldout_size),
             ("batch_size", batch_size),
         ):
-            _check_positive(name, value)
+            check_positive(name, value)
         if batch_size > train_size:
             raise ValueError(f"batch_size ({batch_size}) must not exceed train_size ({train_size})")
         if not 0.0 <= two_object_ratio <= 1.0:
