@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from vugen.cli import VugenCLI
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen_adapters.llava import LlavaAdapter
 
+ROOT = Path(__file__).resolve().parents[1]
 LATENT_DIM = 8
 IMAGE_SIZE = 16
 ADAM = functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.0)
@@ -237,3 +242,48 @@ def test_configure_model_options_are_idempotent_and_exact(adapter):
         grads.append([p.grad.clone() for p in stage.decoder.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def demo_config(tmp_path, tiny_llava: str) -> str:
+    """configs/demo/decoder.yaml with every output path and the VLM moved under `tmp_path`."""
+    text = (ROOT / "configs/demo/decoder.yaml").read_text()
+    for old, new in (
+        ("outputs/demo/logs", tmp_path / "logs"),
+        ("dirpath: outputs/demo", f"dirpath: {tmp_path}"),
+        ("outputs/demo/decoder-stage", tmp_path / "export"),
+        ("outputs/demo/reducer", tmp_path / "reducer"),
+        ("outputs/demo/tiny-llava", tiny_llava),
+    ):
+        assert str(old) in text, old
+        text = text.replace(str(old), str(new))
+    path = tmp_path / "decoder.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_vugen_fit_then_test_with_the_demo_config(adapter, tiny_checkpoint, tmp_path, caplog):
+    make_reducer(adapter).save_pretrained(tmp_path / "reducer")  # stands in for stage 1's export
+    config = demo_config(tmp_path, str(tiny_checkpoint("llava")))
+    quick = ["--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=8"]
+    fit = VugenCLI(args=["fit", "--config", config, "--trainer.max_steps=2", "--trainer.val_check_interval=2", *quick])
+    assert fit.trainer.global_step == 2
+    log_dir = Path(fit.trainer.log_dir)
+    assert (log_dir / "config.yaml").is_file()
+    events = EventAccumulator(str(log_dir)).Reload()
+    assert "reconstructions" in events.Tags()["images"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["decoder", "reducer", "sampling.json"]
+
+    with caplog.at_level(logging.INFO):
+        test = VugenCLI(
+            args=[
+                "test",
+                "--config",
+                config,
+                f"--ckpt_path={tmp_path / 'decoder.ckpt'}",
+                "--data.init_args.heldout_size=8",
+                *quick,
+            ]
+        )
+    metrics = test.trainer.callback_metrics
+    assert {"test/psnr", "test/ssim"} <= set(metrics) and math.isfinite(metrics["test/psnr"])
+    assert "LPIPS skipped" in caplog.text and "lpips_weights" in caplog.text
