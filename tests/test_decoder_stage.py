@@ -92,6 +92,13 @@ def test_a_loaded_reducer_is_used_as_saved_and_frozen_on_request(adapter, tmp_pa
     assert trainable == {id(p) for p in stage.decoder.parameters()}
 
 
+def test_the_default_time_shift_scales_with_the_image_side(adapter):
+    stage = make_stage(adapter)
+    for side, shift in ((256, 1.0), (448, 1.75), (32, 0.125)):
+        assert stage.shift_for(torch.zeros(1, 3, side, side)) == pytest.approx(shift)
+    assert make_stage(adapter, time_shift=1.0).shift_for(torch.zeros(1, 3, 448, 448)) == 1.0
+
+
 def test_pca_init_of_a_fresh_reducer_on_the_first_batch(adapter):
     stage, data = make_stage(adapter), make_data()
     batch = next(iter(data.train_dataloader()))

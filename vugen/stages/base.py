@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["AdapterStage", "batch_images"]
+__all__ = ["AdapterStage", "batch_images", "full_copy", "is_global_zero"]
 
 # What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
 # one of Lightning's allow-listed instantiators.
@@ -46,6 +46,8 @@ class AdapterStage(LightningModule):
             )
         self.adapter = adapter.requires_grad_(False)  # frozen whatever the adapter did
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        # Every state dict (checkpoints, FSDP2's distributed checkpoints, resuming) leaves the frozen VLM out.
+        self.register_state_dict_post_hook(_drop_adapter_weights)
 
     def record_hyperparameters(self, **arguments: Any) -> None:
         """Save hyperparameters that rebuild this module, never the VLM itself.
@@ -79,12 +81,24 @@ class AdapterStage(LightningModule):
         return features.to(dtype)
 
     def fit_reducer_pca(self, reducer: DimensionReducer, features: Tensor) -> None:
-        """Initialise ``reducer`` as the PCA reducer of ``features`` on rank 0 and give it to every rank."""
-        reducer.init_from_pca(features)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_world_size() > 1:
-            for tensor in reducer.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+        """Initialise ``reducer`` as the PCA reducer of rank 0's ``features`` on every rank.
+
+        Unsharded, every rank fits its own batch and rank 0's result is broadcast; FSDP2-sharded, rank 0 fits a
+        gathered full copy and its state is scattered back into the shards.
+        """
+        if not _is_sharded(reducer):
+            reducer.init_from_pca(features)
+            if _world_size() > 1:
+                for tensor in reducer.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        copy = full_copy(reducer)  # collective
+        if copy is not None:
+            copy.to(features.device).init_from_pca(features)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(reducer, copy.state_dict() if copy is not None else {}, options=options)
 
     def log_metrics(self, split: str, metrics: dict[str, Tensor], batch_size: int) -> None:
         """Log ``{split}/{name}``: per step in training, averaged over the epoch otherwise."""
@@ -134,12 +148,6 @@ class AdapterStage(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen VLM's weights from the checkpoint."""
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(_ADAPTER_PREFIX)
-        }
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load everything but the adapter, whose weights come from ``pretrained`` and are never checkpointed.
 
@@ -153,6 +161,49 @@ class AdapterStage(LightningModule):
                 f"checkpoint?): missing {missing}, unexpected {result.unexpected_keys}"
             )
         return result._replace(missing_keys=missing)
+
+
+def _drop_adapter_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _ADAPTER_PREFIX)]:
+        del state_dict[key]
+
+
+def _world_size() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def is_global_zero() -> bool:
+    """True in a single process and on global rank 0 of a process group."""
+    return _world_size() == 1 or torch.distributed.get_rank() == 0
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_copy(module: nn.Module) -> nn.Module | None:
+    """The whole, unsharded weights of a Hub-mixin module (a reducer, a decoder) on global rank 0.
+
+    Unsharded modules are returned as they are (on every rank). An FSDP2-sharded one is gathered on every rank (a
+    collective: call it on all ranks) into a fresh instance of its class built from its ``config`` on rank 0;
+    the other ranks get None.
+    """
+    if not _is_sharded(module):
+        return module
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module, options=options)
+    if not is_global_zero():
+        return None
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the module
+    copy = cls(**module.config)
+    copy.load_state_dict(state)
+    return copy
 
 
 def batch_images(batch: Any, stage: str) -> Tensor:

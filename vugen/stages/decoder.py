@@ -37,12 +37,13 @@ from vugen.diffusion import (
 )
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
-from vugen.stages.base import AdapterStage, batch_images
+from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
 __all__ = ["DecoderStage"]
 
 SAMPLING_FILE = "sampling.json"
+_BASE_PIXELS = 3 * 256 * 256  # no time shift at 256x256 RGB (JiT's reference resolution)
 
 
 class DecoderStage(AdapterStage):
@@ -68,7 +69,8 @@ class DecoderStage(AdapterStage):
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
         time_mean: Mean of the logit of ``t`` (``t = 1`` is data; negative favours noisy times, JiT uses -0.8).
         time_std: Standard deviation of the logit of ``t``.
-        time_shift: Time shift for training and sampling; None uses RAE's ``sqrt(C*H*W / 4096)`` of the image.
+        time_shift: Time shift for training and sampling; None scales with the image as RAE / JiT do, relative
+            to a 256x256 RGB image: ``sqrt(C*H*W / (3*256*256))`` (1 at 256 px, 1.75 at 448 px).
         loss_space: Space the diffusion error is measured in (``"v"``: JiT's x-prediction with v-loss).
         sampler: ``"euler"``, ``"heun"`` or ``"sde"`` for reconstructions (validation, test, image grids).
         sample_steps: Integration steps for reconstructions.
@@ -169,10 +171,8 @@ class DecoderStage(AdapterStage):
         return latents, self.adapter.token_grid(images.shape[-2], images.shape[-1])
 
     def shift_for(self, images: Tensor) -> float:
-        """The time shift used for images of this shape (``time_shift`` or RAE's resolution shift)."""
-        if self.time_shift is not None:
-            return float(self.time_shift)
-        return resolution_shift(images[0].numel())
+        """The time shift used for images of this shape (``time_shift`` or the resolution shift)."""
+        return _shift(self.time_shift, images[0].numel())
 
     @torch.no_grad()
     def decode(
@@ -198,7 +198,7 @@ class DecoderStage(AdapterStage):
         shape = (b, self.decoder.in_channels, *image_size)
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
         noise = noise.to(device=latents.device, dtype=self.param_dtype)
-        shift = settings["time_shift"] or resolution_shift(noise[0].numel())
+        shift = _shift(settings["time_shift"], noise[0].numel())
 
         def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
             return self.decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
@@ -316,22 +316,27 @@ class DecoderStage(AdapterStage):
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        """Export reducer and decoder to ``export_dir`` when one is set (rank 0 only)."""
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            rank_zero_info(f"reducer and decoder exported to {self.export(self.export_dir)}")
+        """Export reducer and decoder to ``export_dir`` when one is set (gathered on all ranks, rank 0 writes)."""
+        if self.export_dir is not None and (directory := self.export(self.export_dir)) is not None:
+            rank_zero_info(f"reducer and decoder exported to {directory}")
 
-    def export(self, directory: str | Path) -> Path:
+    def export(self, directory: str | Path) -> Path | None:
         """Write ``reducer/``, ``decoder/`` (``save_pretrained`` each) and ``sampling.json``, atomically.
+
+        Under FSDP2 call it on every rank (it gathers the shards); only global rank 0 writes.
 
         Args:
             directory: Output folder, replaced whole (or left as it was on error).
 
         Returns:
-            The folder.
+            The folder on the rank that wrote it, else None.
         """
+        reducer, decoder = full_copy(self.reducer), full_copy(self.decoder)
+        if reducer is None or decoder is None or not is_global_zero():
+            return None
         with atomic_directory(directory) as staging:
-            self.reducer.save_pretrained(staging / "reducer")
-            self.decoder.save_pretrained(staging / "decoder")
+            reducer.save_pretrained(staging / "reducer")
+            decoder.save_pretrained(staging / "decoder")
             (staging / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
         return Path(directory)
 
@@ -358,6 +363,10 @@ def _resolve_reducer(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
         )
     return reducer
+
+
+def _shift(time_shift: float | None, pixels: int) -> float:
+    return float(time_shift) if time_shift is not None else resolution_shift(pixels, base_dim=_BASE_PIXELS)
 
 
 def _mean_psnr(reconstructions: Tensor, images: Tensor) -> Tensor:

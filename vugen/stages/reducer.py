@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vugen.atomic import atomic_directory
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
-from vugen.stages.base import AdapterStage, batch_images
+from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
 __all__ = ["ReducerStage"]
@@ -127,21 +127,26 @@ class ReducerStage(AdapterStage):
         return metrics, features
 
     def on_fit_end(self) -> None:
-        """Export the trained reducer to ``export_dir`` when one is set (rank 0 only)."""
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            rank_zero_info(f"reducer exported to {self.export_reducer(self.export_dir)}")
+        """Export the trained reducer to ``export_dir`` when one is set (gathered on all ranks, written by rank 0)."""
+        if self.export_dir is not None and (directory := self.export_reducer(self.export_dir)) is not None:
+            rank_zero_info(f"reducer exported to {directory}")
 
     # ------------------------------------------------------------------ export
-    def export_reducer(self, directory: str | Path) -> Path:
+    def export_reducer(self, directory: str | Path) -> Path | None:
         """Write the reducer with ``save_pretrained`` (``config.json`` + ``model.safetensors``).
+
+        Under FSDP2 call it on every rank (it gathers the shards); only global rank 0 writes.
 
         Args:
             directory: Output folder, written atomically (replaced whole, or left as it was on error); reload with
                 ``DimensionReducer.from_pretrained(directory)``.
 
         Returns:
-            The folder.
+            The folder on the rank that wrote it, else None.
         """
+        reducer = full_copy(self.reducer)
+        if reducer is None or not is_global_zero():
+            return None
         with atomic_directory(directory) as staging:
-            self.reducer.save_pretrained(staging)
+            reducer.save_pretrained(staging)
         return Path(directory)
