@@ -231,7 +231,7 @@ class ImageTextFolder(Dataset):
 
         Args:
             items: ``(image path, caption)`` pairs.
-            image_size: Side of the square output images; >= 16 and a multiple of 8.
+            image_size: Side of the square output images; >= 8.
             strict: Raise on an unreadable image instead of skipping it.
         """
         self.paths = [path for path, _ in items]
@@ -327,7 +327,7 @@ class ImageTextShards(IterableDataset):
 
         Args:
             shards: Brace patterns and/or globs of tar files (see :func:`expand_shards`).
-            image_size: Side of the square output images; >= 16 and a multiple of 8.
+            image_size: Side of the square output images; >= 8.
             caption_key: Key of the caption in a sample's ``.json`` (a ``.txt`` file wins); None: captions ``""``.
             strict: Raise on an unreadable sample or shard instead of skipping it.
             shuffle_buffer: Samples in the shuffle buffer; 0 reads shards and samples in order.
@@ -474,8 +474,8 @@ class ImageTextDataModule(LightningDataModule):
             test_shards: Test shards (as ``shards``).
             val_fraction: Fraction of a folder training set held out as validation, chosen by ``seed`` (0: none);
                 excludes ``val_*``.
-            image_size: Side of the square images: shorter side resized to it, then centre-cropped; >= 16 and a
-                multiple of 8.
+            image_size: Side of the square images: shorter side resized to it, then centre-cropped; >= 8 (use the
+                adapter's input size).
             batch_size: Images per batch.
             num_workers: DataLoader worker processes (0 loads in the main process).
             image_key: Metadata key (column) of the image path.
