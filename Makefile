@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install test test-fast lint format clean
+.PHONY: help install test test-fast bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -23,13 +23,16 @@ test: install  ## run the whole test suite (slow tests included)
 test-fast: install  ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
+bench: install  ## speed table vs plain PyTorch in the same run (ARGS="--threads 1 --json bench.json", "--device cuda")
+	$(PY) -m benchmarks.run $(ARGS)
+
 lint: install  ## ruff lint and format check
-	$(VENV)/bin/ruff check vugen adapters tests examples
-	$(VENV)/bin/ruff format --check vugen adapters tests examples
+	$(VENV)/bin/ruff check vugen adapters tests examples benchmarks
+	$(VENV)/bin/ruff format --check vugen adapters tests examples benchmarks
 
 format: install  ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix vugen adapters tests examples
-	$(VENV)/bin/ruff format vugen adapters tests examples
+	$(VENV)/bin/ruff check --fix vugen adapters tests examples benchmarks
+	$(VENV)/bin/ruff format vugen adapters tests examples benchmarks
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info outputs lightning_logs

@@ -1,0 +1,370 @@
+"""Stage 3 (``DecoderStage``) against plain PyTorch doing the same work on the same model, in the same run.
+
+Rows:
+
+- ``decoder/train_step``: ms per optimizer step of ``Trainer.fit`` vs a hand-written loop (frozen VLM features
+  under no_grad, reducer encode, decoder forward, flow-matching loss, backward, AdamW step, zero_grad) on one
+  in-memory batch. Both sides are timed alike, from the end of one step to the end of the next (device synced),
+  warm-up steps dropped, runs interleaved; the loop's loss is first checked equal to ``training_step``'s.
+- ``decoder/mfu``: FLOP/s achieved by the Lightning step (FLOPs of one step counted by ``FlopCounterMode``) vs the
+  machine's matmul FLOP/s measured now in the precision's dtype; the ratio is the model FLOP utilisation.
+- ``decoder/sample/<method>/<steps>``: ms per image of ``DecoderStage.decode`` vs a hand loop of Euler (or Heun)
+  steps calling the decoder directly from the same noise (outputs checked equal once per method).
+
+The frozen VLM is the tiny offline LLaVA (``vugen_adapters.tiny``): its cost is small next to the decoder's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers.utils import logging as transformers_logging
+
+from benchmarks.common import (
+    Row,
+    Settings,
+    add_config_arguments,
+    check_positive,
+    config_from_args,
+    count_flops,
+    interleaved,
+    intervals_after,
+    matmul_flops_per_second,
+    progress,
+    synchronize,
+    timed,
+)
+from vugen.diffusion import flow_matching_inputs, flow_matching_loss, sample_timesteps, time_grid
+from vugen.diffusion.prediction import DEFAULT_MIN_DENOM
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.stages import DecoderStage
+from vugen_adapters.llava import LlavaAdapter
+from vugen_adapters.tiny import build_tiny_vlm
+
+__all__ = ["DecoderBenchConfig", "add_arguments", "configure", "plain_loss", "plain_sample", "rows"]
+
+NAME = "decoder"
+LEARNING_RATE = 1e-4
+TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
+_SAMPLERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class DecoderBenchConfig:
+    """Sizes and repeat counts of the decoder benchmark (each field is a ``--decoder-<field>`` flag)."""
+
+    image_size: int = field(metadata={"help": "image side in pixels"})
+    patch_size: int = field(metadata={"help": "decoder patch side in pixels"})
+    width: int = field(metadata={"help": "decoder width (reducer hidden width too)"})
+    depth: int = field(metadata={"help": "decoder blocks"})
+    heads: int = field(metadata={"help": "decoder attention heads"})
+    latent_dim: int = field(metadata={"help": "latent channels, below the tiny LLaVA's 32 feature channels"})
+    batch_size: int = field(metadata={"help": "training batch"})
+    train_steps: int = field(metadata={"help": "timed optimizer steps per run"})
+    warmup_steps: int = field(metadata={"help": "untimed optimizer steps first in each run"})
+    repeats: int = field(metadata={"help": "interleaved runs of each side (x3 for the peak matmul)"})
+    sample_batch_size: int = field(metadata={"help": "images per sampling call"})
+    sample_steps: tuple[int, ...] = field(metadata={"help": "sampling step counts"})
+    samplers: tuple[str, ...] = field(metadata={"help": "sampling methods", "choices": _SAMPLERS})
+    peak_size: int = field(metadata={"help": "side of the square matmul that measures the peak FLOP/s"})
+
+    def __post_init__(self) -> None:
+        check_positive(self, NAME)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"--decoder-image-size ({self.image_size}) must be a multiple of --decoder-patch-size "
+                f"({self.patch_size})"
+            )
+        if self.width % 4 or self.width % self.heads:
+            raise ValueError(
+                f"--decoder-width ({self.width}) must be a multiple of 4 and of --decoder-heads ({self.heads})"
+            )
+
+
+PRESETS = {
+    "quick": DecoderBenchConfig(16, 4, 32, 1, 2, 8, 4, 3, 1, 2, 2, (2, 4), _SAMPLERS, 256),
+    "cpu": DecoderBenchConfig(32, 4, 192, 4, 3, 16, 16, 10, 3, 3, 4, (5, 10, 25, 50), _SAMPLERS, 2048),
+    "cuda": DecoderBenchConfig(256, 16, 768, 12, 12, 16, 32, 20, 5, 3, 32, (5, 10, 25, 50), _SAMPLERS, 8192),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--decoder-*`` flags."""
+    add_config_arguments(parser, NAME, DecoderBenchConfig)
+
+
+def configure(settings: Settings, args: argparse.Namespace) -> DecoderBenchConfig:
+    """The preset of ``settings`` with the given ``--decoder-*`` flags; ValueError naming a bad flag."""
+    return config_from_args(args, NAME, PRESETS[settings.preset])
+
+
+def rows(settings: Settings, config: DecoderBenchConfig) -> list[Row]:
+    """Measure training steps, FLOP utilisation and sampling (see the module docstring)."""
+    transformers_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Lightning's advice that does not apply here: in-memory batches need no loader workers, validation is
+        # not benchmarked, and the frozen VLM stays in eval mode on purpose.
+        for message in ("does not have many workers", "no `val_dataloader`", "module\\(s\\) in eval mode"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        stage = _build_stage(LlavaAdapter(str(build_tiny_vlm("llava", tmp))), config)
+        generator = torch.Generator().manual_seed(0)
+        train_images, sample_images = (
+            torch.rand(n, 3, config.image_size, config.image_size, generator=generator).to(settings.device)
+            for n in (config.batch_size, config.sample_batch_size)
+        )
+        batch = {"images": train_images}
+        _check_same_loss(stage, batch, settings)
+        train_row, step_times = _training_row(stage, batch, config, settings)
+        mfu_row = _mfu_row(stage, batch, step_times, config, settings)
+        return [train_row, mfu_row, *_sampling_rows(stage, sample_images, config, settings)]
+
+
+def _build_stage(adapter: LlavaAdapter, config: DecoderBenchConfig) -> DecoderStage:
+    decoder = PixelDecoder(
+        latent_dim=config.latent_dim,
+        patch_size=config.patch_size,
+        width=config.width,
+        depth=config.depth,
+        num_heads=config.heads,
+        image_size=config.image_size,
+        prediction="x",
+    )
+    reducer = DimensionReducer(adapter.feature_dim, config.latent_dim, hidden_dim=config.width)
+    optimizer = functools.partial(torch.optim.AdamW, lr=LEARNING_RATE)
+    return DecoderStage(adapter, decoder, reducer=reducer, pca_init=False, optimizer=optimizer)
+
+
+def _describe(config: DecoderBenchConfig, batch_size: int) -> str:
+    return f"B={batch_size} {config.image_size}px p{config.patch_size} w{config.width} d{config.depth}"
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def plain_loss(stage: DecoderStage, images: Tensor) -> Tensor:
+    """The stage's training loss computed by hand from its modules, drawing the same random numbers in order."""
+    with torch.no_grad():
+        features = stage.adapter.encode_images(images).to(stage.param_dtype)
+    latents = stage.reducer.encode(features)
+    grid = stage.adapter.token_grid(images.shape[-2], images.shape[-1])
+    drop = torch.rand(len(images), device=images.device) < stage.decoder.cond_drop_prob
+    x = images.to(stage.param_dtype) * 2 - 1
+    eps = torch.randn_like(x)
+    shift = stage.shift_for(x)
+    t = sample_timesteps(len(x), stage.time_schedule, stage.time_mean, stage.time_std, shift, device=x.device)
+    x_t, _ = flow_matching_inputs(x, eps, t, stage.decoder.prediction)
+    prediction = stage.decoder(x_t, t, latents, grid, drop_cond=drop)
+    return flow_matching_loss(prediction, x, eps, t, stage.decoder.prediction, loss_space=stage.loss_space)
+
+
+def _check_same_loss(stage: DecoderStage, batch: dict[str, Tensor], settings: Settings) -> None:
+    """Fail unless the plain loop computes exactly what ``training_step`` does (same seed, same loss)."""
+    stage.to(settings.device).train()
+    with torch.no_grad(), settings.autocast(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+        torch.manual_seed(0)
+        expected = stage.training_step(batch, 0)
+        torch.manual_seed(0)
+        got = plain_loss(stage, batch["images"])
+    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-6):
+        raise RuntimeError(
+            f"the plain reference loop no longer does the work of DecoderStage.training_step: loss {got.item()} "
+            f"vs {expected.item()}; update benchmarks/decoder.py:plain_loss"
+        )
+
+
+class _StepClock(Callback):
+    """Reads the clock at the end of every optimizer step, after the device has finished it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+
+def _lightning_steps(
+    stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
+) -> list[float]:
+    clock = _StepClock(settings.device)
+    trainer = Trainer(
+        accelerator=settings.device.type,
+        devices=1,
+        precision=settings.precision,
+        max_epochs=1,
+        callbacks=[clock],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    # batch_size=None: the loader yields the prepared batch itself, already on the device.
+    trainer.fit(stage, DataLoader([batch] * (config.warmup_steps + config.train_steps), batch_size=None))
+    return intervals_after(clock.stamps, config.warmup_steps)
+
+
+def _plain_backward(stage: DecoderStage, batch: dict[str, Tensor], settings: Settings) -> None:
+    """Forward (autocast as Lightning's precision plugin does) and backward of the plain loss."""
+    with settings.autocast():
+        loss = plain_loss(stage, batch["images"])
+    loss.backward()
+
+
+def _plain_steps(
+    stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
+) -> list[float]:
+    stage.to(settings.device).train()  # Lightning's teardown moves the module back to the CPU
+    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    stamps = []
+    for _ in range(config.warmup_steps + config.train_steps):
+        _plain_backward(stage, batch, settings)
+        optimizer.step()
+        optimizer.zero_grad()
+        synchronize(settings.device)
+        stamps.append(time.perf_counter())
+    return intervals_after(stamps, config.warmup_steps)
+
+
+def _training_row(
+    stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
+) -> tuple[Row, list[float]]:
+    """The step-time row and the Lightning step times (seconds)."""
+    progress(f"decoder: training steps, Lightning vs plain loop ({config.repeats} runs each)")
+    times = interleaved(
+        {
+            "lightning": lambda: _lightning_steps(stage, batch, config, settings),
+            "plain": lambda: _plain_steps(stage, batch, config, settings),
+        },
+        config.repeats,
+    )
+    row = Row.from_samples(
+        "decoder/train_step",
+        "ms/step",
+        [1e3 * t for t in times["lightning"]],
+        [1e3 * t for t in times["plain"]],
+        compares="Lightning fit / plain loop",
+        target=TARGET_RATIO,
+        detail=f"{_describe(config, config.batch_size)}; {config.train_steps} steps x {config.repeats} runs",
+    )
+    return row, times["lightning"]
+
+
+def _mfu_row(
+    stage: DecoderStage,
+    batch: dict[str, Tensor],
+    step_times: list[float],
+    config: DecoderBenchConfig,
+    settings: Settings,
+) -> Row:
+    progress("decoder: FLOPs of one step and the matmul peak")
+    stage.to(settings.device).train()
+    flops = count_flops(lambda: _plain_backward(stage, batch, settings))
+    stage.zero_grad(set_to_none=True)
+    dtype = settings.compute_dtype
+    peak = matmul_flops_per_second(settings.device, dtype, config.peak_size, 3 * config.repeats)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Row.from_samples(
+        "decoder/mfu",
+        "GFLOP/s",
+        [flops / t / 1e9 for t in step_times],
+        [f / 1e9 for f in peak],
+        compares="achieved (Lightning step) / matmul peak",
+        detail=f"{flops / 1e9:.3g} GFLOP per step (fwd+bwd); peak: {config.peak_size}^2 {dtype_name} matmul",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def plain_sample(
+    decoder: PixelDecoder, latents: Tensor, grid: tuple[int, int], noise: Tensor, steps: int, method: str, shift: float
+) -> Tensor:
+    """Integrate the flow by hand with an x-prediction ``decoder``: Euler steps, or Heun's with a final Euler step.
+
+    ``steps`` intervals of ``time_grid(steps, shift)`` take the flow from ``noise`` (``t = 0``) to data.
+
+    Returns:
+        Images ``[B, C, H, W]`` in ``[0, 1]``, as ``DecoderStage.decode`` returns them.
+    """
+    if decoder.prediction != "x":
+        raise ValueError(f"plain_sample integrates an x-prediction decoder, got prediction={decoder.prediction!r}")
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=x.dtype)
+        return (decoder(x, t_batch, latents, grid) - x) / (1 - t_batch).clamp_min(DEFAULT_MIN_DENOM).view(-1, 1, 1, 1)
+
+    times = time_grid(steps, shift).tolist()
+    x = noise
+    for k, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=True)):
+        v0 = velocity(x, t0)
+        if method == "heun" and k < steps - 1:
+            x = x + 0.5 * (t1 - t0) * (v0 + velocity(x + (t1 - t0) * v0, t1))
+        else:
+            x = x + (t1 - t0) * v0
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def _sampling_rows(stage: DecoderStage, images: Tensor, config: DecoderBenchConfig, settings: Settings) -> list[Row]:
+    stage.to(settings.device).eval()
+    with torch.no_grad():
+        latents, grid = stage.encode(images)
+    size, count = tuple(images.shape[-2:]), len(images)
+
+    def noise() -> Tensor:  # what `decode` draws from the same generator
+        generator = torch.Generator(settings.device).manual_seed(0)
+        return torch.randn(count, 3, *size, generator=generator, device=settings.device).to(stage.param_dtype)
+
+    def framework(steps: int, method: str) -> Tensor:
+        generator = torch.Generator(settings.device).manual_seed(0)
+        with settings.autocast():
+            return stage.decode(latents, grid, size, generator=generator, sampler=method, steps=steps)
+
+    @torch.no_grad()
+    def plain(steps: int, method: str) -> Tensor:
+        with settings.autocast():
+            start = noise()
+            return plain_sample(stage.decoder, latents, grid, start, steps, method, stage.shift_for(start))
+
+    result = []
+    for method in config.samplers:
+        progress(f"decoder: sampling with {method}, steps {list(config.sample_steps)}")
+        _check_same_images(framework(min(config.sample_steps), method), plain(min(config.sample_steps), method))
+        for steps in config.sample_steps:
+            times = interleaved(
+                {
+                    "vugen": lambda s=steps, m=method: [timed(lambda: framework(s, m), settings.device)],
+                    "plain": lambda s=steps, m=method: [timed(lambda: plain(s, m), settings.device)],
+                },
+                config.repeats,
+            )
+            calls = 2 * steps - 1 if method == "heun" else steps
+            result.append(
+                Row.from_samples(
+                    f"decoder/sample/{method}/{steps}",
+                    "ms/image",
+                    [1e3 * t / count for t in times["vugen"]],
+                    [1e3 * t / count for t in times["plain"]],
+                    compares=f"DecoderStage.decode / hand {method} loop",
+                    target=TARGET_RATIO,
+                    detail=f"{_describe(config, count)}; {calls} decoder calls x {config.repeats} runs",
+                )
+            )
+    return result
+
+
+def _check_same_images(framework: Tensor, plain: Tensor) -> None:
+    error = (framework - plain).abs().max().item()
+    if error > 1e-3:
+        raise RuntimeError(
+            f"the hand sampling loop no longer matches DecoderStage.decode (max abs difference {error:.3g}); "
+            "update benchmarks/decoder.py:plain_sample"
+        )
