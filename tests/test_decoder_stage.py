@@ -294,3 +294,24 @@ def test_vugen_fit_then_test_with_the_demo_config(adapter, tiny_checkpoint, tmp_
     metrics = test.trainer.callback_metrics
     assert {"test/psnr", "test/ssim"} <= set(metrics) and math.isfinite(metrics["test/psnr"])
     assert "LPIPS skipped" in caplog.text and "lpips_weights" in caplog.text
+
+
+@pytest.mark.slow
+def test_demo_reaches_30_db_on_heldout_compositions(tiny_checkpoint, tmp_path):
+    """Stage 1 then stage 3 as shipped (configs/demo/*.yaml): held-out PSNR of sampled reconstructions >= 30 dB."""
+    tiny_llava = str(tiny_checkpoint("llava"))
+    quiet = "--trainer.enable_progress_bar=false"
+    stage1 = ["fit", "--config", str(ROOT / "configs/demo/reducer.yaml"), quiet]
+    stage1 += [f"--model.init_args.adapter.init_args.pretrained={tiny_llava}"]
+    stage1 += [
+        f"--model.init_args.export_dir={tmp_path / 'reducer'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    VugenCLI(args=stage1)
+    config = demo_config(tmp_path, tiny_llava)
+    VugenCLI(args=["fit", "--config", config, quiet])
+    test = VugenCLI(args=["test", "--config", config, f"--ckpt_path={tmp_path / 'decoder.ckpt'}", quiet])
+    metrics = test.trainer.callback_metrics
+    print(f"\ndemo held-out PSNR {float(metrics['test/psnr']):.2f} dB, SSIM {float(metrics['test/ssim']):.3f}")
+    assert metrics["test/psnr"] >= 30.0
+    assert metrics["test/ssim"] >= 0.9
