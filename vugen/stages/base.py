@@ -33,7 +33,14 @@ class AdapterStage(LightningModule):
 
     Subclasses call ``super().__init__(adapter, optimizer, lr_scheduler)`` first, then
     :meth:`record_hyperparameters` with the modules they received as arguments.
+
+    State dicts (so checkpoints, distributed checkpoints and resuming) leave out the frozen weights under
+    :attr:`rebuilt_prefixes`, which are rebuilt from the recorded configuration; trainable parameters under those
+    prefixes (e.g. LoRA layers inside the VLM) are kept.
     """
+
+    #: State-dict prefixes of frozen modules rebuilt from their configuration instead of checkpointed.
+    rebuilt_prefixes: tuple[str, ...] = (_ADAPTER_PREFIX,)
 
     def __init__(
         self, adapter: VLMAdapter, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
@@ -46,8 +53,7 @@ class AdapterStage(LightningModule):
             )
         self.adapter = adapter.requires_grad_(False)  # frozen whatever the adapter did
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        # Every state dict (checkpoints, FSDP2's distributed checkpoints, resuming) leaves the frozen VLM out.
-        self.register_state_dict_post_hook(_drop_adapter_weights)
+        self.register_state_dict_post_hook(_drop_rebuilt_weights)
 
     def record_hyperparameters(self, **arguments: Any) -> None:
         """Save hyperparameters that rebuild this module, never the VLM itself.
@@ -149,12 +155,13 @@ class AdapterStage(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load everything but the adapter, whose weights come from ``pretrained`` and are never checkpointed.
+        """Load everything but the frozen weights that are rebuilt (the VLM's come from ``pretrained``).
 
         ``strict`` holds for the rest: a missing tensor or an unknown key is an error naming them.
         """
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not key.startswith(_ADAPTER_PREFIX)]
+        rebuilt = set(_rebuilt_keys(self, result.missing_keys, prefix=""))
+        missing = [key for key in result.missing_keys if key not in rebuilt]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
                 f"checkpoint does not match {type(self).__name__} (other module sizes, or another stage's "
@@ -163,8 +170,15 @@ class AdapterStage(LightningModule):
         return result._replace(missing_keys=missing)
 
 
-def _drop_adapter_weights(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + _ADAPTER_PREFIX)]:
+def _rebuilt_keys(stage: AdapterStage, keys: Any, prefix: str) -> list[str]:
+    """The ``keys`` of frozen weights under the stage's ``rebuilt_prefixes`` (not trainable parameters)."""
+    trainable = {prefix + name for name, param in stage.named_parameters() if param.requires_grad}
+    prefixes = tuple(prefix + p for p in stage.rebuilt_prefixes)
+    return [key for key in keys if key.startswith(prefixes) and key not in trainable]
+
+
+def _drop_rebuilt_weights(stage: AdapterStage, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in _rebuilt_keys(stage, list(state_dict), prefix):
         del state_dict[key]
 
 

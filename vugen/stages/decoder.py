@@ -40,7 +40,7 @@ from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["DecoderStage"]
+__all__ = ["DecoderStage", "decode_latents"]
 
 SAMPLING_FILE = "sampling.json"
 _BASE_PIXELS = 3 * 256 * 256  # no time shift at 256x256 RGB (JiT's reference resolution)
@@ -193,31 +193,7 @@ class DecoderStage(AdapterStage):
             overrides: Replace any of ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``,
                 ``time_shift`` for this call.
         """
-        settings = {**self.sampling, **overrides}
-        b = latents.shape[0]
-        shape = (b, self.decoder.in_channels, *image_size)
-        noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
-        noise = noise.to(device=latents.device, dtype=self.param_dtype)
-        shift = _shift(settings["time_shift"], noise[0].numel())
-
-        def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
-            return self.decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
-
-        # The unconditional branch drops the condition inside the decoder (its null latent), so no parameter is
-        # read outside its forward: that keeps FSDP2-sharded parameters gathered when used.
-        keep = torch.zeros(b, dtype=torch.bool, device=latents.device)
-        interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
-        scale = settings["guidance_scale"]
-        guided = classifier_free_guidance(model_fn, (latents, keep), (latents, ~keep), scale, interval)
-        x = sample(
-            as_velocity_fn(guided, self.decoder.prediction),
-            noise,
-            steps=settings["steps"],
-            method=settings["sampler"],
-            shift=shift,
-            generator=generator,
-        )
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return decode_latents(self.decoder, latents, latent_grid, image_size, {**self.sampling, **overrides}, generator)
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Encode ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) and decode them again (reducer noise off)."""
@@ -363,6 +339,50 @@ def _resolve_reducer(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
         )
     return reducer
+
+
+@torch.no_grad()
+def decode_latents(
+    decoder: PixelDecoder,
+    latents: Tensor,
+    latent_grid: tuple[int, int],
+    image_size: tuple[int, int],
+    sampling: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` from reducer latents with a pixel decoder.
+
+    Args:
+        decoder: The pixel decoder.
+        latents: Reducer latents ``[B, N, d]``.
+        latent_grid: Their token grid ``(gh, gw)``.
+        image_size: Output ``(H, W)``, multiples of the decoder's patch size.
+        sampling: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift`` (a decoder
+            stage's ``sampling.json``).
+        generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
+    """
+    b = latents.shape[0]
+    shape = (b, decoder.in_channels, *image_size)
+    noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
+    noise = noise.to(device=latents.device, dtype=decoder.latent_proj.weight.dtype)
+
+    def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        return decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
+
+    # The unconditional branch drops the condition inside the decoder (its null latent), so no parameter is read
+    # outside its forward: that keeps FSDP2-sharded parameters gathered when used.
+    keep = torch.zeros(b, dtype=torch.bool, device=latents.device)
+    interval = tuple(sampling["guidance_interval"]) if sampling["guidance_interval"] else None
+    guided = classifier_free_guidance(model_fn, (latents, keep), (latents, ~keep), sampling["guidance_scale"], interval)
+    x = sample(
+        as_velocity_fn(guided, decoder.prediction),
+        noise,
+        steps=int(sampling["steps"]),
+        method=sampling["sampler"],
+        shift=_shift(sampling["time_shift"], noise[0].numel()),
+        generator=generator,
+    )
+    return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def _shift(time_shift: float | None, pixels: int) -> float:
