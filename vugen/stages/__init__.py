@@ -2,5 +2,6 @@
 
 from vugen.stages.decoder import DecoderStage
 from vugen.stages.reducer import ReducerStage
+from vugen.stages.sampler import SamplerStage
 
-__all__ = ["DecoderStage", "ReducerStage"]
+__all__ = ["DecoderStage", "ReducerStage", "SamplerStage"]

@@ -1,0 +1,198 @@
+"""Stage 2 (`SamplerStage`) with the tiny LLaVA: understanding preserved bit for bit, the loss going down, the
+prompt KV cache equal to a full pass, bidirectional latent attention, per-prompt seeds, LoRA+bridge-only checkpoints."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader
+
+from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.stages import DecoderStage
+from vugen.stages.sampler import SamplerStage
+from vugen_adapters.llava import LlavaAdapter
+
+LATENT_DIM = 8
+ADAM = functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
+QUIET = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+PROMPTS = ["a large red circle on the left", "a small blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_checkpoint) -> str:
+    return str(tiny_checkpoint("llava"))
+
+
+@pytest.fixture(scope="module")
+def decoder_export(tiny_llava, tmp_path_factory) -> str:
+    """A decoder-stage export (random weights) at 32 px with 8-channel latents."""
+    adapter = LlavaAdapter(tiny_llava)
+    reducer = DimensionReducer(adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1)
+    decoder = PixelDecoder(LATENT_DIM, patch_size=8, width=32, depth=1, num_heads=2, image_size=32)
+    directory = tmp_path_factory.mktemp("decoder-export") / "export"
+    DecoderStage(adapter, decoder, reducer=reducer, sample_steps=2).export(directory)
+    return str(directory)
+
+
+def make_stage(tiny_llava: str, decoder_export: str, **kwargs) -> SamplerStage:
+    settings = {"lora_rank": 4, "head_width": 32, "sample_steps": 2, "optimizer": ADAM}
+    return SamplerStage(LlavaAdapter(tiny_llava), decoder_export, **(settings | kwargs))
+
+
+def batch(n: int = 8, seed: int = 0) -> dict:
+    return next(iter(ShapesDataModule(train_size=64, batch_size=n, seed=seed).train_dataloader()))
+
+
+def vlm_logits(adapter: LlavaAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VLM's own logits on a text-only input and on an image + text input."""
+    text = adapter.tokenize(["what colour is the circle?"])
+    image_tokens = adapter.token_grid(32, 32)[0] * adapter.token_grid(32, 32)[1]
+    image_ids = torch.full((1, image_tokens), adapter.vlm.config.image_token_id)
+    ids = torch.cat([image_ids, text["input_ids"]], dim=1)
+    pixels = adapter.pixel_inputs(batch(1)["images"])
+    with torch.no_grad():
+        text_only = adapter.vlm(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
+        with_image = adapter.vlm(input_ids=ids, attention_mask=torch.ones_like(ids), **pixels).logits
+    return text_only, with_image
+
+
+def train(stage: SamplerStage, steps: int, data: dict) -> Trainer:
+    trainer = Trainer(max_steps=steps, **QUIET)
+    trainer.fit(stage, train_dataloaders=DataLoader([data] * steps, batch_size=None))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llava, decoder_export):
+    seed_everything(0)
+    stage = make_stage(tiny_llava, decoder_export)
+    base = vlm_logits(stage.adapter)  # LoRA B starts at zero and the scope hook zeroes it anyway
+    data = batch()
+    before = fixed_loss(stage, data)
+    train(stage, 30, data)
+    return stage, base, data, before
+
+
+def fixed_loss(stage: SamplerStage, data: dict) -> float:
+    stage.eval()
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(123)
+        return float(stage.loss(data, drop_prompts=False))
+
+
+def test_understanding_is_bit_identical_to_the_base_model(trained):
+    stage, base, _, _ = trained
+    assert max(float(layer.weight.abs().max()) for layer in stage.lora_b_layers()) > 1e-3, "LoRA did not train"
+    for before, after in zip(base, vlm_logits(stage.adapter), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_lora_scope_all_changes_understanding(tiny_llava, decoder_export):
+    """The same training with LoRA on every token does change the VLM's logits: the exactness test can fail."""
+    seed_everything(0)
+    stage = make_stage(tiny_llava, decoder_export, lora_scope="all")
+    base = vlm_logits(stage.adapter)
+    train(stage, 3, batch())
+    assert not torch.equal(base[0], vlm_logits(stage.adapter)[0])
+
+
+def test_training_lowers_the_loss(trained):
+    stage, _, data, before = trained
+    assert fixed_loss(stage, data) < 0.7 * before
+
+
+def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
+    stage = trained[0].eval()
+    prefix, mask = stage.prefix(PROMPTS)
+    z_t = torch.randn(2, stage.bridge.num_tokens, LATENT_DIM, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        full = stage.velocity(z_t, t, prefix, mask)
+        positions = torch.cumsum(mask, 1) - 1
+        _, cache = stage._run(prefix, mask, positions.clamp_min(0), stage._image_from(mask))
+        cached = stage._cached_velocity(z_t, t, torch.arange(2), cache, mask)
+        one = stage._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("attention", "sees_later"), [("bidirectional", True), ("causal", False)])
+def test_latent_block_attention(tiny_llava, decoder_export, attention, sees_later):
+    stage = make_stage(tiny_llava, decoder_export, image_attention=attention, head="linear").eval()
+    torch.nn.init.normal_(stage.bridge.head.weight)  # a non-zero head, to read the hidden states through it
+    prefix, mask = stage.prefix(PROMPTS)
+    z_t = torch.randn(2, stage.bridge.num_tokens, LATENT_DIM)
+    changed = z_t.clone()
+    changed[:, -1] += 1.0
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        first = stage.velocity(z_t, t, prefix, mask)[:, 0]
+        first_changed = stage.velocity(changed, t, prefix, mask)[:, 0]
+    assert (not torch.equal(first, first_changed)) == sees_later
+
+
+def test_generation_depends_on_the_prompt_and_its_seed_only(trained):
+    stage = trained[0].eval()
+    images = stage.generate(PROMPTS, [0, 1])
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, stage.generate(PROMPTS, [0, 1]))
+    alone = stage.generate(PROMPTS[1:], [1])
+    torch.testing.assert_close(alone, images[1:], atol=1e-4, rtol=0)
+    latents = stage.generate_latents(PROMPTS, [0, 1], guidance_scale=1.0)
+    assert latents.shape == (2, stage.bridge.num_tokens, LATENT_DIM)
+    assert not torch.equal(stage.generate_latents(PROMPTS[1:], [2], guidance_scale=1.0), latents[1:])
+
+
+def test_cached_latents_train_like_images(trained):
+    stage = trained[0].eval()
+    data = batch(4)
+    with torch.no_grad():
+        latents = stage.reducer.encode(stage.adapter.encode_images(data["images"]))
+    cached = {"latents": latents, "captions": data["captions"]}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        from_images = stage.loss(data, drop_prompts=False)
+        torch.manual_seed(0)
+        from_cache = stage.loss(cached, drop_prompts=False)
+    assert torch.equal(from_images, from_cache)
+
+
+def test_wrong_latents_name_both_shapes(trained):
+    stage = trained[0]
+    wrong = {"latents": torch.zeros(2, stage.bridge.num_tokens, LATENT_DIM + 1), "captions": PROMPTS}
+    with pytest.raises(ValueError, match=r"\(2, 64, 9\).*\[B, 64, 8\]"):
+        stage.loss(wrong, drop_prompts=False)
+
+
+def test_a_missing_decoder_export_names_its_parts(tiny_llava, tmp_path):
+    (tmp_path / "reducer").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing decoder, sampling.json"):
+        SamplerStage(LlavaAdapter(tiny_llava), str(tmp_path))
+
+
+def test_checkpoints_hold_lora_and_bridge_only_and_reload(trained, tmp_path):
+    stage = trained[0]
+    trainer = Trainer(max_steps=1, **QUIET)
+    trainer.fit(stage, train_dataloaders=DataLoader([batch()], batch_size=None))
+    path = tmp_path / "sampler.ckpt"
+    trainer.save_checkpoint(path)
+    keys = set(torch.load(path, weights_only=True)["state_dict"])
+    assert keys and all(k.startswith("bridge.") or ".lora_" in k for k in keys), sorted(keys)[:5]
+    assert {f"bridge.{k}" for k in stage.bridge.state_dict()} <= keys
+    assert sum(".lora_" in k for k in keys) == 2 * len(stage.lora_b_layers())
+
+    reloaded = SamplerStage.load_from_checkpoint(path).eval()
+    stage.eval()
+    assert torch.equal(reloaded.generate(PROMPTS, [0, 1]), stage.generate(PROMPTS, [0, 1]))
