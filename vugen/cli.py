@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from vugen.data.latent_cache import cache_latents
 from vugen.registry import adapter_sources, get_adapter_class, list_adapters
 from vugen_adapters.tiny import build_tiny_vlm
 
@@ -79,14 +80,16 @@ def tiny(family: str, directory: str, seed: int = 0) -> None:
 
 
 # vugen's own commands, each a typed function whose signature and docstring are its --help (litgpt style).
-COMMANDS = {"adapters": print_adapters, "tiny": tiny}
+COMMANDS = {"adapters": print_adapters, "tiny": tiny, "cache-latents": cache_latents}
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `vugen` console script."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
-        CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}")
+        result = CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}")
+        if result is not None:
+            print(result)
         return
     VugenCLI(args=args)
 

@@ -1,0 +1,228 @@
+"""Latent cache for stage 2 with the tiny LLaVA: exact latents and captions, shards, the datamodule, stale caches
+refused, atomic writes, per-rank parts, and the `cache-latents` command built by jsonargparse."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from jsonargparse import CLI
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from vugen.data.latent_cache import (
+    LatentCacheDataModule,
+    LatentCacheDataset,
+    StaleCacheError,
+    cache_latents,
+    check_fingerprint,
+    read_index,
+    reducer_sha256,
+    write_latent_cache,
+)
+from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.nn import DimensionReducer
+from vugen_adapters.llava import LlavaAdapter
+
+SAMPLES, BATCH, LATENT_DIM = 10, 4, 8
+
+
+def make_data(**kwargs) -> ShapesDataModule:
+    return ShapesDataModule(**({"train_size": SAMPLES, "batch_size": BATCH, "seed": 3} | kwargs))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_checkpoint) -> LlavaAdapter:
+    return LlavaAdapter(str(tiny_checkpoint("llava")))
+
+
+@pytest.fixture(scope="module")
+def reducer(adapter) -> DimensionReducer:
+    torch.manual_seed(0)
+    # Left in train mode (noise on): the writer must switch the noise off and restore the mode.
+    return DimensionReducer(adapter.feature_dim, latent_dim=LATENT_DIM, hidden_dim=16, num_blocks=1).train()
+
+
+@pytest.fixture(scope="module")
+def reference(adapter, reducer) -> tuple[torch.Tensor, list[str]]:
+    """Latents and captions of the train split, encoded batch by batch straight from the dataset."""
+    dataset = make_data().dataset("train")
+    samples = [dataset[i] for i in range(SAMPLES)]
+    latents = []
+    for start in range(0, SAMPLES, BATCH):
+        images = torch.stack([sample["images"] for sample in samples[start : start + BATCH]])
+        with torch.no_grad():
+            latents.append(reducer.eval().encode(adapter.encode_images(images)))
+    reducer.train()
+    return torch.cat(latents), [sample["captions"] for sample in samples]
+
+
+@pytest.fixture(scope="module")
+def cache(adapter, reducer, tmp_path_factory):
+    return write_latent_cache(make_data(), adapter, reducer, tmp_path_factory.mktemp("c") / "cache", shard_size=3)
+
+
+def test_cache_holds_the_eval_latents_and_captions_in_order(cache, adapter, reducer, reference):
+    latents, captions = reference
+    assert reducer.training  # its mode is restored
+    assert sorted(p.name for p in cache.iterdir()) == ["index.json"] + [
+        f"latents-{i:05d}.safetensors" for i in range(4)
+    ]
+    index = read_index(cache)
+    assert index["num_samples"] == SAMPLES
+    assert [(s["file"], s["count"]) for s in index["shards"]] == [
+        (f"latents-{i:05d}.safetensors", n) for i, n in enumerate([3, 3, 3, 1])
+    ]
+    assert (index["token_grid"], index["latent_dim"], index["image_size"], index["dtype"]) == (
+        [8, 8],
+        LATENT_DIM,
+        [32, 32],
+        "float32",
+    )
+    assert index["fingerprint"]["adapter"]["pretrained"] == adapter.pretrained
+    assert index["fingerprint"]["adapter"]["feature_source"] == "vision"
+    assert index["fingerprint"]["reducer"]["sha256"] == reducer_sha256(reducer)
+    assert index["fingerprint"]["reducer"]["config"]["latent_dim"] == LATENT_DIM
+
+    shard_latents, shard_captions = [], []
+    for shard in index["shards"]:
+        with safe_open(cache / shard["file"], framework="pt") as handle:
+            shard_latents.append(handle.get_tensor("latents"))
+            shard_captions += json.loads(handle.metadata()["captions"])
+    assert [t.shape for t in shard_latents] == [torch.Size([n, 64, LATENT_DIM]) for n in (3, 3, 3, 1)]
+    assert torch.equal(torch.cat(shard_latents), latents)
+    assert shard_captions == captions
+
+    dataset = LatentCacheDataset(cache)
+    assert len(dataset) == SAMPLES
+    for i in (0, 4, 9):
+        assert torch.equal(dataset[i]["latents"], latents[i]) and dataset[i]["captions"] == captions[i]
+    # Spawned DataLoader workers get a pickled copy: the open shards stay behind, the samples do not change.
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(clone[4]["latents"], latents[4]) and clone[4]["captions"] == captions[4]
+    with pytest.raises(IndexError, match="sample 10 out of range"):
+        dataset[SAMPLES]
+
+
+def test_datamodule_batches(cache, reference):
+    latents, captions = reference
+    ordered = LatentCacheDataModule(str(cache), batch_size=BATCH, shuffle=False)
+    ordered.setup("fit")
+    assert ordered.index["token_grid"] == [8, 8] and ordered.index["latent_dim"] == LATENT_DIM
+    batches = list(ordered.train_dataloader())
+    assert [b["latents"].shape for b in batches] == [torch.Size([n, 64, LATENT_DIM]) for n in (4, 4, 2)]
+    assert torch.equal(torch.cat([b["latents"] for b in batches]), latents)
+    assert [c for b in batches for c in b["captions"]] == captions
+    assert ordered.val_dataloader() == []
+
+    shuffled = LatentCacheDataModule(str(cache), batch_size=BATCH, seed=7, val_cache_dir=str(cache))
+    # The order of a DataLoader shuffled by a generator seeded with `seed`.
+    order = torch.cat(list(DataLoader(range(SAMPLES), BATCH, shuffle=True, generator=torch.Generator().manual_seed(7))))
+    batches = list(shuffled.train_dataloader())
+    assert sorted(order.tolist()) == list(range(SAMPLES)) and order.tolist() != list(range(SAMPLES))
+    assert torch.equal(torch.cat([b["latents"] for b in batches]), latents[order])
+    assert [c for b in batches for c in b["captions"]] == [captions[i] for i in order]
+    assert torch.equal(next(iter(shuffled.val_dataloader()))["latents"], latents[:BATCH])
+
+
+def test_stored_dtype(adapter, reducer, reference, tmp_path):
+    half = write_latent_cache(make_data(), adapter, reducer, tmp_path / "half", dtype=torch.float16, progress=False)
+    assert read_index(half)["dtype"] == "float16"
+    assert torch.equal(LatentCacheDataset(half)[3]["latents"], reference[0][3].half())
+
+
+def test_stale_cache_is_refused_naming_what_differs(cache, adapter, reducer, tiny_checkpoint, tmp_path):
+    check_fingerprint(cache, adapter, reducer)  # same adapter and reducer: accepted
+    LatentCacheDataModule(str(cache)).check_fingerprint(adapter, reducer)
+
+    retrained = copy.deepcopy(reducer)
+    with torch.no_grad():
+        retrained.in_proj.bias[0] += 1e-3
+    with pytest.raises(StaleCacheError, match=r"reducer weights differ: cache sha256 [0-9a-f]{12}\.\. vs current"):
+        LatentCacheDataModule(str(cache)).check_fingerprint(adapter, retrained)
+    wider = DimensionReducer(adapter.feature_dim, latent_dim=16, hidden_dim=16, num_blocks=1)
+    with pytest.raises(StaleCacheError, match="reducer config latent_dim differs: cache 8 vs current 16") as error:
+        check_fingerprint(cache, adapter, wider)
+    assert "latent_dim differs: cache 8 vs current reducer 16" in str(error.value)
+
+    moved = shutil.copytree(tiny_checkpoint("llava"), tmp_path / "llava-copy")
+    with pytest.raises(StaleCacheError, match="adapter pretrained differs: cache '.*' vs current '.*llava-copy'"):
+        check_fingerprint(cache, LlavaAdapter(str(moved)), reducer)
+    projector = LlavaAdapter(adapter.pretrained, feature_source="projector")
+    with pytest.raises(StaleCacheError, match="adapter feature_source differs: cache 'vision' vs current 'projector'"):
+        check_fingerprint(cache, projector, reducer)
+    assert issubclass(StaleCacheError, ValueError)
+
+
+def test_interrupted_write_leaves_nothing(adapter, reducer, tmp_path):
+    def failing_loader():
+        loader = make_data().train_dataloader()
+        yield from list(loader)[:2]  # two shards are written before the failure
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_latent_cache(failing_loader(), adapter, reducer, tmp_path / "cache", shard_size=BATCH, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="no latent cache"):
+        LatentCacheDataset(tmp_path / "cache")
+
+
+def test_rank_parts_are_read_as_one_cache(adapter, reducer, reference, tmp_path):
+    latents, captions = reference
+    out = tmp_path / "cache"
+    parts = [
+        write_latent_cache(make_data(), adapter, reducer, out, shard_size=3, rank=rank, world_size=2, progress=False)
+        for rank in (0, 1)
+    ]
+    assert parts == [out / "rank-0", out / "rank-1"]
+    assert sorted(p.name for p in parts[1].iterdir()) == [
+        "index.json",
+        "latents-r1-00000.safetensors",
+        "latents-r1-00001.safetensors",
+    ]
+    dataset = LatentCacheDataset(out)
+    order = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]  # rank r encodes every second sample from r, rank 0's part first
+    assert len(dataset) == SAMPLES and [dataset[i]["captions"] for i in range(SAMPLES)] == [captions[i] for i in order]
+    # Other batch compositions than the reference's: equal up to float rounding.
+    torch.testing.assert_close(torch.stack([dataset[i]["latents"] for i in range(SAMPLES)]), latents[order])
+
+    retrained = copy.deepcopy(reducer)
+    with torch.no_grad():
+        retrained.in_proj.bias[0] += 1e-3
+    write_latent_cache(make_data(), adapter, retrained, out, rank=1, world_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"rank-1 disagrees with rank-0 on \['fingerprint'\]"):
+        LatentCacheDataset(out)
+    shutil.rmtree(parts[1])
+    with pytest.raises(ValueError, match=r"rank parts \[1\] of 2 are missing"):
+        LatentCacheDataset(out)
+
+
+def test_bad_input_is_named(cache, adapter, reducer, tmp_path):
+    with pytest.raises(ValueError, match="holds a single-process latent cache"):
+        write_latent_cache(make_data(), adapter, reducer, cache, rank=1, world_size=2)
+    other_vlm = DimensionReducer(adapter.feature_dim * 2, latent_dim=LATENT_DIM, hidden_dim=16)
+    with pytest.raises(ValueError, match="reducer feature_dim 64 != adapter feature_dim 32"):
+        write_latent_cache(make_data(), adapter, other_vlm, tmp_path / "a", progress=False)
+    mixed = [next(iter(make_data(image_size=size).train_dataloader())) for size in (32, 48)]
+    with pytest.raises(ValueError, match=r"batch 1 has \[48, 48\] images, the first had \[32, 32\]"):
+        write_latent_cache(mixed, adapter, reducer, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="expected 'captions' as a list of 4 strings"):
+        write_latent_cache([{"images": mixed[0]["images"]}], adapter, reducer, tmp_path / "c", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_latents_command(adapter, reducer, reference, tmp_path):
+    reducer.save_pretrained(tmp_path / "reducer")
+    args = ["--adapter.class_path", "vugen_adapters.llava.LlavaAdapter", "--adapter.init_args.pretrained"]
+    args += [adapter.pretrained, "--reducer_path", str(tmp_path / "reducer"), "--out_dir", str(tmp_path / "cache")]
+    args += ["--data.class_path", "vugen.data.shapes_datamodule.ShapesDataModule", "--data.init_args.seed", "3"]
+    args += ["--data.init_args.train_size", str(SAMPLES), "--data.init_args.batch_size", "8", "--batch_size", "4"]
+    out = CLI(cache_latents, args=args)
+    assert out == tmp_path / "cache"
+    check_fingerprint(out, adapter, reducer)  # the reducer reloaded from disk has the same weights hash
+    dataset = LatentCacheDataset(out)
+    assert torch.equal(torch.stack([dataset[i]["latents"] for i in range(SAMPLES)]), reference[0])
