@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
+from vugen.data.latent_cache import LatentCacheDataModule, StaleCacheError, write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
@@ -196,3 +197,24 @@ def test_checkpoints_hold_lora_and_bridge_only_and_reload(trained, tmp_path):
     reloaded = SamplerStage.load_from_checkpoint(path).eval()
     stage.eval()
     assert torch.equal(reloaded.generate(PROMPTS, [0, 1]), stage.generate(PROMPTS, [0, 1]))
+
+
+def test_training_from_a_latent_cache_never_runs_the_vision_tower(tiny_llava, decoder_export, tmp_path, monkeypatch):
+    stage = make_stage(tiny_llava, decoder_export)
+    shapes = ShapesDataModule(train_size=16, batch_size=8)
+    write_latent_cache(shapes, stage.adapter, stage.reducer, tmp_path / "cache", progress=False)
+    calls = []
+    monkeypatch.setattr(stage.adapter, "encode_images", lambda images: calls.append(images))
+    trainer = Trainer(max_steps=2, **QUIET)
+    trainer.fit(stage, datamodule=LatentCacheDataModule(tmp_path / "cache", batch_size=8))
+    assert trainer.global_step == 2 and calls == []
+
+
+def test_a_stale_latent_cache_is_refused(tiny_llava, decoder_export, tmp_path):
+    stage = make_stage(tiny_llava, decoder_export)
+    other = DimensionReducer(stage.adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1)
+    write_latent_cache(
+        ShapesDataModule(train_size=8, batch_size=8), stage.adapter, other, tmp_path / "c", progress=False
+    )
+    with pytest.raises(StaleCacheError, match="reducer"):
+        Trainer(max_steps=1, **QUIET).fit(stage, datamodule=LatentCacheDataModule(tmp_path / "c", batch_size=8))

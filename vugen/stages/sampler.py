@@ -222,6 +222,12 @@ class SamplerStage(AdapterStage):
         return 0 if self.lora_scope == "all" else prefix_mask.shape[1] - 1
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        """Refuse a stale latent cache (made by another reducer or adapter) before training on it."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "check_fingerprint"):
+            datamodule.check_fingerprint(self.adapter, self.reducer)
+
     def target_latents(self, batch: dict[str, Any]) -> Tensor:
         """The clean latents of a batch: its ``latents`` (cache) or the frozen reducer's latents of its ``images``."""
         if "latents" in batch:
