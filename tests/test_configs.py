@@ -9,12 +9,17 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from vugen.cli import VugenCLI
+from vugen.data.latent_cache import cache_latents
 from vugen.registry import get_adapter_class
 from vugen_adapters.base import VLMAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_CONFIGS = sorted(ROOT.glob("configs/*/adapter.yaml"))
-RUN_CONFIGS = sorted(p for p in ROOT.glob("configs/**/*.yaml") if p not in ADAPTER_CONFIGS)
+# Configs of `vugen <command>` functions (jsonargparse CLIs), by file name; every other YAML is a LightningCLI run.
+COMMAND_CONFIGS = {"cache.yaml": cache_latents}
+RUN_CONFIGS = sorted(
+    p for p in ROOT.glob("configs/**/*.yaml") if p not in ADAPTER_CONFIGS and p.name not in COMMAND_CONFIGS
+)
 BORING = {
     "model": "lightning.pytorch.demos.boring_classes.BoringModel",
     "data": "lightning.pytorch.demos.boring_classes.BoringDataModule",
@@ -79,3 +84,14 @@ def test_run_config_parses(path):
             args += [f"--{key}", class_path]
     with pytest.raises(StopIteration):
         ParseOnlyCLI(args=args)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in ROOT.glob("configs/**/*.yaml") if p.name in COMMAND_CONFIGS), ids=rel
+)
+def test_command_config_parses(path):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(COMMAND_CONFIGS[path.name])
+    parser.add_argument("--config", action="config")
+    config = parser.parse_args(["--config", str(path)])
+    assert config.adapter.class_path and config.data.class_path
