@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["AdapterStage", "batch_images", "full_copy", "is_global_zero"]
+__all__ = ["AdapterStage", "argument_config", "batch_images", "full_copy", "is_global_zero"]
 
 # What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
 # one of Lightning's allow-listed instantiators.
@@ -74,7 +74,7 @@ class AdapterStage(LightningModule):
             return
         records: dict[str, Any] = {"_instantiator": _INSTANTIATOR}
         for name, value in arguments.items():
-            config = _argument_config(value)
+            config = argument_config(value)
             if config is not None or value is None:
                 records[name] = config
         self.save_hyperparameters(records)
@@ -232,7 +232,7 @@ def batch_images(batch: Any, stage: str) -> Tensor:
     return images
 
 
-def _argument_config(value: Any) -> dict[str, Any] | None:
+def argument_config(value: Any) -> dict[str, Any] | None:
     """``{class_path, init_args}`` of an adapter, a Hub-mixin module, a class or a partial; None otherwise."""
     if isinstance(value, VLMAdapter):
         record = value.describe()

@@ -40,7 +40,7 @@ from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["DecoderStage", "decode_latents"]
+__all__ = ["DecoderStage", "decode_latents", "write_decoder_export"]
 
 SAMPLING_FILE = "sampling.json"
 _BASE_PIXELS = 3 * 256 * 256  # no time shift at 256x256 RGB (JiT's reference resolution)
@@ -311,9 +311,7 @@ class DecoderStage(AdapterStage):
         if reducer is None or decoder is None or not is_global_zero():
             return None
         with atomic_directory(directory) as staging:
-            reducer.save_pretrained(staging / "reducer")
-            decoder.save_pretrained(staging / "decoder")
-            (staging / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
+            write_decoder_export(staging, reducer, decoder, self.sampling)
         return Path(directory)
 
 
@@ -339,6 +337,15 @@ def _resolve_reducer(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
         )
     return reducer
+
+
+def write_decoder_export(
+    directory: Path, reducer: DimensionReducer, decoder: PixelDecoder, sampling: dict[str, Any]
+) -> None:
+    """Write the decoder-stage export layout: ``reducer/``, ``decoder/`` and ``sampling.json`` in ``directory``."""
+    reducer.save_pretrained(directory / "reducer")
+    decoder.save_pretrained(directory / "decoder")
+    (directory / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
 
 
 @torch.no_grad()
