@@ -1,7 +1,7 @@
 """The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
 
 vugen fit --config configs/demo/decoder.yaml
-vugen adapters
+vugen adapters | tiny | cache-latents | generate | export | export-geneval | export-dpg
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vugen.data.latent_cache import cache_latents
+from vugen.eval.export import export_dpg, export_geneval
+from vugen.pipeline import export, generate
 from vugen.registry import adapter_sources, get_adapter_class, list_adapters
 from vugen_adapters.tiny import build_tiny_vlm
 
 DESCRIPTION = (
     "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below; "
     "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen tiny FAMILY DIR` (write a tiny "
-    "offline VLM checkpoint)."
+    "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
+    "(text -> PNGs from a bundle), `vugen export` (sampler checkpoint -> bundle), `vugen export-geneval` / "
+    "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each."
 )
 
 
@@ -80,7 +84,15 @@ def tiny(family: str, directory: str, seed: int = 0) -> None:
 
 
 # vugen's own commands, each a typed function whose signature and docstring are its --help (litgpt style).
-COMMANDS = {"adapters": print_adapters, "tiny": tiny, "cache-latents": cache_latents}
+COMMANDS = {
+    "adapters": print_adapters,
+    "tiny": tiny,
+    "cache-latents": cache_latents,
+    "generate": generate,
+    "export": export,
+    "export-geneval": export_geneval,
+    "export-dpg": export_dpg,
+}
 
 
 def main(args: list[str] | None = None) -> None:

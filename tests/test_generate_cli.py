@@ -1,0 +1,223 @@
+"""`vugen generate`, `vugen export` and the GenEval / DPG-Bench exporters with the tiny LLaVA: file names and
+layouts file by file, pixels against the pipeline, seeds, sharding across ranks (byte-identical to one rank), and the
+sampling sidecar."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from jsonargparse import CLI
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from tests.test_pipeline import IMAGE_SIZE, make_decoder_export, make_stage
+from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.eval.export import export_dpg, export_geneval, resolve_rank
+from vugen.pipeline import VugenPipeline, export, generate
+from vugen.stages.sampler import SamplerStage
+from vugen_adapters.llava import LlavaAdapter
+
+GENEVAL_LINES = [
+    '{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}',
+    '{"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "red"}], "prompt": "a photo of a red cup"}',
+    '{"tag": "two_object",  "prompt": "a photo of a cat and a dog", "include": []}',
+]
+DPG_PROMPTS = {"partiprompts12": "A red bicycle leaning on a wall.", "whoops7": "A snowman on a beach.", "a3": "Sky."}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llava")
+
+
+@pytest.fixture(scope="module")
+def decoder_export(pretrained, tmp_path_factory) -> Path:
+    return make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path_factory.mktemp("decoder") / "export")
+
+
+@pytest.fixture(scope="module")
+def bundle(pretrained, decoder_export, tmp_path_factory) -> Path:
+    stage = make_stage(pretrained, decoder_export)
+    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle) -> VugenPipeline:
+    return VugenPipeline.from_pretrained(bundle)
+
+
+def pixels(path: Path) -> np.ndarray:
+    """An image file as floats in [0, 1], ``[H, W, 3]``."""
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 255
+
+
+def assert_same_image(array: np.ndarray, tensor: torch.Tensor) -> None:
+    """8-bit pixels equal a ``[3, H, W]`` image in [0, 1] up to quantisation."""
+    assert array.shape == (tensor.shape[1], tensor.shape[2], 3)
+    assert np.abs(array - tensor.permute(1, 2, 0).double().numpy()).max() <= 1 / 255
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+def test_generate_writes_one_png_per_image_and_a_grid(bundle, pipe, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("A red circle!\n\n  two  words \n")
+
+    files = generate(str(bundle), str(tmp_path / "out"), prompts=str(prompt_file), seed=7, num_images_per_prompt=2)
+
+    names = ["00000-a-red-circle-0.png", "00000-a-red-circle-1.png", "00001-two-words-0.png", "00001-two-words-1.png"]
+    assert [f.name for f in files] == [*names, "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*names, "grid.png"])
+    expected = pipe.sample(["A red circle!"] * 2 + ["two  words"] * 2, [7, 8, 9, 10])  # seed + i * n + k
+    for name, image in zip(names, expected, strict=True):
+        assert_same_image(pixels(tmp_path / "out" / name), image)
+    grid = pixels(tmp_path / "out" / "grid.png")  # 2 rows (prompts) x 2 columns (images), 2-pixel padding
+    step = IMAGE_SIZE + 2
+    assert grid.shape == (2 + 2 * step, 2 + 2 * step, 3)
+    for index, name in enumerate(names):
+        row, column = divmod(index, 2)
+        tile = grid[2 + row * step : 2 + row * step + IMAGE_SIZE, 2 + column * step : 2 + column * step + IMAGE_SIZE]
+        assert np.array_equal(tile, pixels(tmp_path / "out" / name))
+
+
+def test_generate_needs_exactly_one_prompt_source(bundle, tmp_path):
+    for given in ({}, {"prompt": "a cat", "prompts": str(tmp_path / "p.txt")}):
+        with pytest.raises(ValueError, match="give exactly one of --prompt .* and --prompts"):
+            generate(str(bundle), str(tmp_path / "out"), **given)
+    with pytest.raises(FileNotFoundError, match="--prompts: no such file"):
+        generate(str(bundle), str(tmp_path / "out"), prompts=str(tmp_path / "missing.txt"))
+
+
+def test_generate_parses_its_command_line(bundle, pipe, tmp_path):
+    out = tmp_path / "out"
+    args = [str(bundle), str(out), "--prompt", "a blue square", "--steps", "1", "--cfg", "1.0", "--seed", "4"]
+    args += ["--sampler", "heun", "--batch_size", "1"]
+
+    CLI(generate, args=args)
+
+    assert sorted(p.name for p in out.iterdir()) == ["00000-a-blue-square-0.png", "grid.png"]
+    expected = pipe.sample(["a blue square"], [4], steps=1, guidance_scale=1.0, sampler="heun")
+    assert_same_image(pixels(out / "00000-a-blue-square-0.png"), expected[0])
+    assert (expected - pipe.sample(["a blue square"], [4])).abs().max() > 2 / 255  # the options were used
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def test_export_turns_a_sampler_checkpoint_into_a_bundle(pretrained, decoder_export, tmp_path):
+    stage = make_stage(pretrained, decoder_export)
+    data = ShapesDataModule(image_size=IMAGE_SIZE, train_size=2, val_size=2, batch_size=2)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(stage, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "sampler.ckpt")
+
+    assert export(str(tmp_path / "sampler.ckpt"), str(tmp_path / "bundle")) == tmp_path / "bundle"
+
+    reloaded = SamplerStage.load_from_checkpoint(tmp_path / "sampler.ckpt", map_location="cpu").eval()
+    expected = reloaded.generate(["a red circle"], [0])
+    assert torch.equal(VugenPipeline.from_pretrained(tmp_path / "bundle").sample(["a red circle"], [0]), expected)
+    assert torch.equal(stage.eval().generate(["a red circle"], [0]), expected)  # the weights as trained
+
+
+# ---------------------------------------------------------------------------------------------------- GenEval
+def test_geneval_export_writes_its_layout_file_by_file(bundle, pipe, tmp_path):
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
+
+    export_geneval(str(bundle), str(metadata), str(tmp_path / "out"), n=2, seed=100, steps=1)
+
+    out = tmp_path / "out"
+    expected_files = {"vugen_sampling.json"} | {
+        f"{i:05d}/{name}" for i in range(3) for name in ("metadata.jsonl", "samples/0000.png", "samples/0001.png")
+    }
+    assert set(tree(out)) == expected_files | {f"{i:05d}/grid.png" for i in range(3)}
+    for i, line in enumerate(GENEVAL_LINES):
+        assert (out / f"{i:05d}" / "metadata.jsonl").read_text() == line + "\n"  # the line as is
+        prompt = json.loads(line)["prompt"]
+        images = pipe.sample([prompt] * 2, [100 + 2 * i, 101 + 2 * i], steps=1)
+        for k in range(2):
+            assert_same_image(pixels(out / f"{i:05d}" / "samples" / f"{k:04d}.png"), images[k])
+        assert pixels(out / f"{i:05d}" / "grid.png").shape == (IMAGE_SIZE + 4, 2 * IMAGE_SIZE + 6, 3)
+
+    sidecar = json.loads((out / "vugen_sampling.json").read_text())
+    assert sidecar["benchmark"] == "geneval" and sidecar["images_per_prompt"] == 2 and sidecar["seed"] == 100
+    assert sidecar["sampling"] == {**pipe.sampling, "steps": 1} and sidecar["image_size"] == IMAGE_SIZE
+    assert sidecar["bundle"] == str(bundle.resolve())
+    assert sidecar["bundle_vugen_json_sha256"] == hashlib.sha256((bundle / "vugen.json").read_bytes()).hexdigest()
+    assert sidecar["seed_rule"] == "image k of prompt i uses seed + i * images_per_prompt + k"
+
+
+def test_geneval_on_two_ranks_writes_the_same_bytes_as_one_rank(bundle, tmp_path, monkeypatch):
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
+    settings = {"n": 2, "steps": 1, "grid": False}
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    export_geneval(str(bundle), str(metadata), str(tmp_path / "one"), **settings)
+
+    export_geneval(str(bundle), str(metadata), str(tmp_path / "two"), rank=1, world_size=2, **settings)
+    assert sorted(tree(tmp_path / "two")) == [
+        "00001/metadata.jsonl",
+        "00001/samples/0000.png",
+        "00001/samples/0001.png",
+    ]
+    export_geneval(str(bundle), str(metadata), str(tmp_path / "two"), rank=0, world_size=2, **settings)
+
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert len(tree(tmp_path / "one")) == 1 + 3 * 3
+
+
+# ---------------------------------------------------------------------------------------------------- DPG-Bench
+def test_dpg_export_writes_2x2_grids_named_like_the_prompts_on_any_rank_count(bundle, pipe, tmp_path):
+    prompts_dir = tmp_path / "prompts"
+    prompts_dir.mkdir()
+    for name, prompt in DPG_PROMPTS.items():
+        (prompts_dir / f"{name}.txt").write_text(prompt + "\n")
+
+    export_dpg(str(bundle), str(prompts_dir), str(tmp_path / "one"), seed=9, rank=0, world_size=1)
+    for rank in (0, 1):
+        args = [str(bundle), str(prompts_dir), str(tmp_path / "two"), "--seed", "9", "--world_size", "2"]
+        CLI(export_dpg, args=[*args, "--rank", str(rank)])
+
+    assert sorted(tree(tmp_path / "one")) == ["a3.png", "partiprompts12.png", "vugen_sampling.json", "whoops7.png"]
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    for i, name in enumerate(sorted(DPG_PROMPTS)):  # prompt i in file-name order
+        grid = pixels(tmp_path / "one" / f"{name}.png")
+        assert grid.shape == (2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3)  # no padding: the scorer crops fixed tiles
+        images = pipe.sample([DPG_PROMPTS[name]] * 4, [9 + 4 * i + k for k in range(4)])
+        for k, image in enumerate(images):
+            row, column = divmod(k, 2)
+            tile = grid[row * IMAGE_SIZE : (row + 1) * IMAGE_SIZE, column * IMAGE_SIZE : (column + 1) * IMAGE_SIZE]
+            assert_same_image(tile, image)
+    sidecar = json.loads((tmp_path / "one" / "vugen_sampling.json").read_text())
+    assert sidecar["benchmark"] == "dpg_bench" and sidecar["images_per_prompt"] == 4 and sidecar["grid"] == "2x2"
+
+
+def test_ranks_come_from_the_arguments_or_the_environment(monkeypatch, tmp_path, bundle):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_rank(None, None) == (3, 4)
+    assert resolve_rank(0, 2) == (0, 2)
+    with pytest.raises(ValueError, match="0 <= rank < world_size, got rank=2, world_size=2"):
+        resolve_rank(2, 2)
+    with pytest.raises(FileNotFoundError, match="prompts_dir: no <id>.txt prompt files"):
+        export_dpg(str(bundle), str(tmp_path), str(tmp_path / "out"))
+    metadata = tmp_path / "bad.jsonl"
+    metadata.write_text('{"tag": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: entry 1 has no string 'prompt'"):
+        export_geneval(str(bundle), str(metadata), str(tmp_path / "out"))

@@ -1,0 +1,283 @@
+"""`VugenPipeline` with the tiny LLaVA: exact save/load round trips, the bundle layout (a decoder export, a peft LoRA
+folder, vugen.json, model card), atomic saves, and load-time checks that name what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.pipeline import BundleError, VugenPipeline
+from vugen.stages import DecoderStage
+from vugen.stages.sampler import SamplerStage, load_decoder_export
+from vugen_adapters.llava import LlavaAdapter
+
+PROMPTS = ["a large red circle on the left", "a small blue square"]
+SEEDS = [3, 11]
+IMAGE_SIZE = 16
+TINY_SAMPLER = {"lora_rank": 4, "head_width": 32, "head_depth": 1, "sample_steps": 2, "guidance_scale": 2.0}
+BUNDLE_ENTRIES = ["README.md", "bridge", "decoder", "lora", "reducer", "sampling.json", "vugen.json"]
+
+
+def perturb(parameters, seed: int) -> None:
+    """Add noise to freshly initialised weights, so that zero-initialised layers (LoRA B, adaLN gates, output heads)
+    do something: without it the images would not depend on the latents, nor the latents on the LoRA."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def make_decoder_export(adapter: LlavaAdapter, directory: Path) -> Path:
+    """A decoder-stage export with random weights (the sampler only needs its shapes to be right)."""
+    torch.manual_seed(0)
+    decoder = PixelDecoder(latent_dim=8, patch_size=4, width=32, depth=1, num_heads=2, image_size=IMAGE_SIZE)
+    reducer = DimensionReducer(adapter.feature_dim, 8, hidden_dim=32, num_blocks=1)
+    perturb([*decoder.parameters(), *reducer.parameters()], seed=0)
+    return DecoderStage(adapter, decoder, reducer=reducer).export(directory)
+
+
+def make_stage(pretrained: Path, decoder_export: Path, seed: int = 0, **kwargs) -> SamplerStage:
+    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random."""
+    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **(TINY_SAMPLER | kwargs))
+    perturb([p for p in stage.parameters() if p.requires_grad], seed)
+    return stage.eval()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llava")
+
+
+@pytest.fixture(scope="module")
+def decoder_export(pretrained, tmp_path_factory) -> Path:
+    return make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path_factory.mktemp("decoder") / "export")
+
+
+@pytest.fixture(scope="module")
+def stage(pretrained, decoder_export) -> SamplerStage:
+    return make_stage(pretrained, decoder_export)
+
+
+@pytest.fixture(scope="module")
+def bundle(stage, tmp_path_factory) -> Path:
+    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"lora_scope": "all", "image_attention": "causal", "head": "linear", "sampler": "heun", "time_shift": 2.0}],
+    ids=["default", "all-causal-linear-heun"],
+)
+def test_save_and_load_generate_identical_images(pretrained, decoder_export, tmp_path, settings):
+    stage = make_stage(pretrained, decoder_export, **settings)
+    expected = stage.generate(PROMPTS, SEEDS)
+    assert expected.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and expected.min() >= 0 and expected.max() <= 1
+
+    VugenPipeline.from_stage(stage).save_pretrained(tmp_path / "bundle")
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == BUNDLE_ENTRIES
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging folder left
+    loaded = VugenPipeline.from_pretrained(tmp_path / "bundle")
+
+    assert torch.equal(loaded.sample(PROMPTS, SEEDS), expected)
+    assert loaded.stage.lora_scope == stage.lora_scope and loaded.stage.image_attention == stage.image_attention
+    assert loaded.sampling == stage.sampling
+    assert not loaded.stage.training
+
+
+def test_call_returns_pil_images_with_one_seed_per_image(stage):
+    pipe = VugenPipeline.from_stage(stage)
+    images = pipe(PROMPTS, seed=5, num_images_per_prompt=2, steps=1, guidance_scale=1.0)
+
+    expected = stage.generate([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [5, 6, 7, 8], steps=1, guidance_scale=1.0)
+    assert len(images) == 4
+    for image, reference in zip(images, expected, strict=True):
+        assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE)
+        pixels = np.asarray(image).astype(np.float64) / 255
+        assert np.abs(pixels - reference.permute(1, 2, 0).double().numpy()).max() <= 1 / 255
+    # Image k of prompt i depends on its own seed only: alone in a batch it is the same picture.
+    alone = pipe.sample([PROMPTS[1]], [8], steps=1, guidance_scale=1.0)
+    torch.testing.assert_close(alone[0], expected[3], atol=1e-5, rtol=0)
+    assert not torch.allclose(expected[2], expected[3], atol=1e-2)  # other seed, other image
+
+
+def test_the_bundle_is_a_decoder_export(stage, bundle):
+    reducer, decoder, sampling = load_decoder_export(bundle)
+    for loaded, original in ((reducer, stage.reducer), (decoder, stage.decoder)):
+        assert loaded.config == original.config
+        state = original.state_dict()
+        assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())
+    assert sampling == stage.decoder_sampling
+
+
+def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, decoder_export, tmp_path):
+    stage = make_stage(pretrained, decoder_export, lora_scope="all")  # LoRA on every token, as plain peft applies it
+    VugenPipeline.from_stage(stage).save_pretrained(tmp_path / "bundle")
+    base = LlavaAdapter(str(pretrained))
+    embeds = stage.adapter.embed_tokens(stage.adapter.tokenize(PROMPTS)["input_ids"])
+    mask = stage.adapter.tokenize(PROMPTS)["attention_mask"]
+    base_hidden, _ = base.run_language_model(embeds, mask)
+
+    peft_model = PeftModel.from_pretrained(base.language_model, str(tmp_path / "bundle" / "lora"))
+
+    ours = dict(stage.adapter.language_model.named_parameters())
+    theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert len(theirs) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in 2 layers
+    assert all(torch.equal(p, ours[n]) for n, p in theirs.items())
+    with torch.no_grad():
+        lora_hidden, _ = base.run_language_model(embeds, mask)  # the peft-wrapped LM, in place
+        expected, _ = stage.adapter.run_language_model(embeds, mask)
+    torch.testing.assert_close(lora_hidden, expected)
+    assert not torch.allclose(lora_hidden, base_hidden, atol=1e-3)  # the LoRA does something
+
+
+def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundle, pretrained):
+    record = json.loads((bundle / "vugen.json").read_text())
+    assert record["format"] == "vugen.pipeline" and record["format_version"] == 1
+    assert record["adapter"]["class_path"] == "vugen_adapters.llava.LlavaAdapter"
+    assert record["adapter"]["init_args"]["pretrained"] == str(pretrained)
+    assert record["adapter"]["init_args"]["revision"] is None
+    assert record["sampler"] == {
+        "image_size": IMAGE_SIZE,
+        "lora_rank": 4,
+        "lora_alpha": 32.0,
+        "lora_dropout": 0.0,
+        "lora_scope": "image_tokens",
+        "image_attention": "bidirectional",
+        "head": "mlp",
+        "head_width": 32,
+        "head_depth": 1,
+        "sampler": "euler",
+        "sample_steps": 2,
+        "guidance_scale": 2.0,
+        "guidance_interval": None,
+        "time_shift": None,
+    }
+    weight_files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*.safetensors"))
+    assert sorted(record["sha256"]) == weight_files and len(weight_files) == 4
+    for name, digest in record["sha256"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
+
+    card = ModelCard.load(bundle / "README.md")
+    assert card.data.base_model == str(pretrained)
+    assert card.data.library_name == "vugen" and card.data.pipeline_tag == "text-to-image"
+    assert {"vugen", "text-to-image"} <= set(card.data.tags)
+    lora_config = json.loads((bundle / "lora" / "adapter_config.json").read_text())
+    assert lora_config["r"] == 4 and lora_config["base_model_name_or_path"] == str(pretrained)
+
+
+def test_an_interrupted_save_leaves_the_old_bundle_loadable(stage, pretrained, decoder_export, tmp_path, monkeypatch):
+    target = tmp_path / "bundle"
+    VugenPipeline.from_stage(stage).save_pretrained(target)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):  # the LoRA weights are written after the reducer, decoder and bridge
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("vugen.pipeline.save_file", disk_full)
+    other = make_stage(pretrained, decoder_export, seed=1)
+    with pytest.raises(OSError, match="No space left"):
+        VugenPipeline.from_stage(other).save_pretrained(target)
+
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # the staging folder is gone
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    kept = VugenPipeline.from_pretrained(target).sample(PROMPTS, SEEDS)
+    assert torch.equal(kept, stage.generate(PROMPTS, SEEDS))
+    assert (kept - other.generate(PROMPTS, SEEDS)).abs().max() > 0.05  # LoRA and bridge weights show in the images
+
+
+def _drop_tensor(file: Path, key: str) -> None:
+    state = load_file(file)
+    del state[key]
+    save_file(state, file)
+
+
+def _edit_json(file: Path, path: tuple[str, ...], value) -> None:
+    record = json.loads(file.read_text())
+    node = record
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    file.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "error", "message"),
+    [
+        (
+            lambda b: _drop_tensor(b / "bridge" / "model.safetensors", "boi"),
+            BundleError,
+            r"bridge/model\.safetensors does not match its configuration: missing tensors \['boi'\]",
+        ),
+        (
+            lambda b: _edit_json(b / "bridge" / "config.json", ("head_width",), 16),
+            BundleError,
+            r"head\.in_proj\.weight: \[32, 64\] in the file, \[16, 64\] expected",
+        ),
+        (
+            lambda b: _drop_tensor(
+                b / "lora" / "adapter_model.safetensors", "base_model.model.layers.1.mlp.up_proj.lora_B.weight"
+            ),
+            BundleError,
+            r"missing tensors \['base_model\.model\.layers\.1\.mlp\.up_proj\.lora_B\.weight'\]",
+        ),
+        (
+            lambda b: _edit_json(b / "vugen.json", ("sampler", "lora_rank"), 8),
+            BundleError,
+            r"layers\.0\.self_attn\.q_proj\.lora_A\.weight: \[4, 64\] in the file, \[8, 64\] expected",
+        ),
+        (
+            lambda b: _edit_json(b / "vugen.json", ("sampler", "head_width"), 16),
+            BundleError,
+            r"bridge/config\.json is .*'head_width': 32.* but vugen\.json and the VLM give .*'head_width': 16",
+        ),
+        (lambda b: (b / "vugen.json").unlink(), FileNotFoundError, r"vugen\.json is missing"),
+        (lambda b: shutil.rmtree(b / "lora"), BundleError, r"incomplete vugen bundle: missing lora"),
+        (lambda b: (b / "decoder" / "config.json").unlink(), FileNotFoundError, r"decoder/config\.json is missing"),
+    ],
+    ids=[
+        "bridge-tensor",
+        "bridge-shape",
+        "lora-tensor",
+        "lora-rank",
+        "bridge-vs-vugen-json",
+        "vugen-json",
+        "lora-folder",
+        "decoder-config",
+    ],
+)
+def test_loading_a_damaged_bundle_names_what_is_wrong(bundle_copy, corrupt, error, message):
+    corrupt(bundle_copy)
+    with pytest.raises(error, match=message):
+        VugenPipeline.from_pretrained(bundle_copy)
+
+
+def test_trust_remote_code_comes_from_the_caller_not_the_bundle(bundle_copy):
+    _edit_json(bundle_copy / "vugen.json", ("adapter", "init_args", "trust_remote_code"), True)
+    assert VugenPipeline.from_pretrained(bundle_copy).stage.adapter.describe()["trust_remote_code"] is False
+    trusted = VugenPipeline.from_pretrained(bundle_copy, trust_remote_code=True)
+    assert trusted.stage.adapter.describe()["trust_remote_code"] is True
+
+
+def test_adapter_overrides_replace_recorded_arguments(bundle, pretrained, tmp_path):
+    moved = Path(shutil.copytree(pretrained, tmp_path / "vlm"))
+    pipe = VugenPipeline.from_pretrained(bundle, adapter_overrides={"pretrained": str(moved)})
+    assert pipe.stage.adapter.describe()["pretrained"] == str(moved)
+    with pytest.raises(ValueError, match=r"adapter_overrides: \['pretrainde'\] not accepted \(LlavaAdapter takes"):
+        VugenPipeline.from_pretrained(bundle, adapter_overrides={"pretrainde": str(moved)})
+    with pytest.raises(TypeError, match="VugenPipeline needs a SamplerStage, got LlavaAdapter"):
+        VugenPipeline(LlavaAdapter(str(pretrained)))
