@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install test test-fast bench lint format clean
+.PHONY: help install test test-fast demo bench lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ test: install  ## run the whole test suite (slow tests included)
 
 test-fast: install  ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
+
+demo: install  ## the three stages on Shapes with a tiny offline VLM, held-out generation and ShapeEval (CPU)
+	$(PY) -m vugen.demo
 
 bench: install  ## speed table vs plain PyTorch in the same run (ARGS="--threads 1 --json bench.json", "--device cuda")
 	$(PY) -m benchmarks.run $(ARGS)
