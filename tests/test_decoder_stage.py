@@ -15,6 +15,7 @@ from lightning.pytorch import Trainer, seed_everything
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from tests.helpers import QUIET_TRAINER
 from vugen.cli import VugenCLI
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
@@ -25,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LATENT_DIM = 8
 IMAGE_SIZE = 16
 ADAM = functools.partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.0)
-QUIET = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "num_sanity_val_steps": 0,
-}
+QUIET = QUIET_TRAINER | {"num_sanity_val_steps": 0}
 
 
 @pytest.fixture(scope="module")

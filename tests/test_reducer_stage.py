@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
+from tests.helpers import QUIET_TRAINER
 from vugen.cli import VugenCLI
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
@@ -24,13 +25,7 @@ from vugen_adapters.llava import LlavaAdapter
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_DIM = 8
 ADAM = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)
-QUIET = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-}
+QUIET = QUIET_TRAINER
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
+from tests.helpers import QUIET_TRAINER
 from vugen.data.latent_cache import LatentCacheDataModule, StaleCacheError, write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
@@ -19,15 +20,7 @@ from vugen_adapters.llava import LlavaAdapter
 
 LATENT_DIM = 8
 ADAM = functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.0)
-QUIET = {
-    "accelerator": "cpu",
-    "logger": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "num_sanity_val_steps": 0,
-    "limit_val_batches": 0,
-}
+QUIET = QUIET_TRAINER | {"num_sanity_val_steps": 0, "limit_val_batches": 0}
 PROMPTS = ["a large red circle on the left", "a small blue square"]
 
 

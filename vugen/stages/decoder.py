@@ -40,7 +40,7 @@ from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["DecoderStage", "decode_latents", "write_decoder_export"]
+__all__ = ["DecoderStage", "decode_latents", "sampling_settings", "write_decoder_export"]
 
 SAMPLING_FILE = "sampling.json"
 _BASE_PIXELS = 3 * 256 * 256  # no time shift at 256x256 RGB (JiT's reference resolution)
@@ -138,13 +138,7 @@ class DecoderStage(AdapterStage):
             time_shift,
         )
         self.loss_space = loss_space
-        self.sampling = {
-            "sampler": sampler,
-            "steps": sample_steps,
-            "guidance_scale": guidance_scale,
-            "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
-            "time_shift": time_shift,
-        }
+        self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
         self.sample_seed = sample_seed
         self.metric_settings = {
             "lpips_weights": lpips_weights,
@@ -337,6 +331,19 @@ def _resolve_reducer(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
         )
     return reducer
+
+
+def sampling_settings(
+    sampler: str, steps: int, guidance_scale: float, guidance_interval: Any, time_shift: float | None
+) -> dict[str, Any]:
+    """The sampling settings a stage records and exports (``sampling.json``), JSON-ready."""
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
+        "time_shift": time_shift,
+    }
 
 
 def write_decoder_export(

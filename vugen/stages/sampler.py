@@ -41,7 +41,7 @@ from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage, batch_images
-from vugen.stages.decoder import SAMPLING_FILE, decode_latents
+from vugen.stages.decoder import SAMPLING_FILE, decode_latents, sampling_settings
 from vugen_adapters.base import VLMAdapter, positions_from_mask
 
 __all__ = ["SamplerStage"]
@@ -138,13 +138,7 @@ class SamplerStage(AdapterStage):
         self.prompt_dropout = prompt_dropout
         self.time_schedule, self.time_mean, self.time_std = time_schedule, time_mean, time_std
         self.time_shift = time_shift
-        self.sampling = {
-            "sampler": sampler,
-            "steps": sample_steps,
-            "guidance_scale": guidance_scale,
-            "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
-            "time_shift": time_shift,
-        }
+        self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
 
     rebuilt_prefixes = ("adapter.", "reducer.", "decoder.")  # checkpoints hold LoRA + bridge only
 
