@@ -107,6 +107,16 @@ def test_training_lowers_the_loss(trained):
     assert fixed_loss(stage, data) < 0.7 * before
 
 
+def test_the_default_time_shift_is_raes_but_never_below_one(trained):
+    stage = trained[0]
+    assert stage.bridge.num_tokens * LATENT_DIM == 512 and stage.shift() == 1.0  # RAE alone: sqrt(512 / 4096)
+    stage.time_shift = 0.5
+    try:
+        assert stage.shift() == 0.5  # an explicit value is used as given
+    finally:
+        stage.time_shift = None
+
+
 def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
     stage = trained[0].eval()
     prefix, mask = stage.prefix(PROMPTS)

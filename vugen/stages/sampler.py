@@ -74,7 +74,7 @@ class SamplerStage(AdapterStage):
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
         time_mean: Mean of the logit of ``t`` (``t = 1`` is data).
         time_std: Standard deviation of the logit of ``t``.
-        time_shift: Time shift for training and sampling; None uses RAE's ``sqrt(N * d / 4096)``.
+        time_shift: Time shift for training and sampling; None uses RAE's ``sqrt(N * d / 4096)``, at least 1.
         sampler: ``"euler"``, ``"heun"`` or ``"sde"`` for generation.
         sample_steps: Integration steps for generation.
         guidance_scale: Classifier-free guidance scale (1 = none).
@@ -169,10 +169,15 @@ class SamplerStage(AdapterStage):
         return self.bridge.grid
 
     def shift(self) -> float:
-        """The time shift (``time_shift`` or RAE's ``sqrt(N * d / 4096)``)."""
+        """The time shift: ``time_shift``, else RAE's ``sqrt(N * d / 4096)`` but at least 1.
+
+        Below 1 the shift would move training times towards the data end, starving the high-noise start of sampling,
+        where the prompt decides colour and layout (measured on the demo's 64 x 8 latents: RAE's 0.35 puts 90 % of
+        training times above t = 0.44).
+        """
         if self.time_shift is not None:
             return float(self.time_shift)
-        return resolution_shift(self.bridge.num_tokens * self.bridge.latent_dim)
+        return max(1.0, resolution_shift(self.bridge.num_tokens * self.bridge.latent_dim))
 
     def prefix(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Embeddings ``[B, P + 1, H]`` and attention mask ``[B, P + 1]`` of ``[prompt][BOI]``."""
