@@ -125,9 +125,10 @@ def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
     with torch.no_grad():
         full = stage.velocity(z_t, t, prefix, mask)
         positions = torch.cumsum(mask, 1) - 1
-        _, cache = stage._run(prefix, mask, positions.clamp_min(0), stage._image_from(mask))
-        cached = stage._cached_velocity(z_t, t, torch.arange(2), cache, mask)
-        one = stage._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask)
+        prefix_hidden, cache = stage._run(prefix, mask, positions.clamp_min(0), stage._image_from(mask))
+        context = prefix_hidden[:, -1]
+        cached = stage._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
+        one = stage._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
 

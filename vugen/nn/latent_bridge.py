@@ -46,12 +46,13 @@ class _FlowHead(nn.Module):
         super().__init__()
         self.in_proj = nn.Linear(hidden_size, width)
         self.time_embed = nn.Sequential(nn.Linear(_TIME_FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        self.context_proj = nn.Linear(hidden_size, width)
         self.blocks = nn.ModuleList(_AdaLNResidual(width) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.out_proj = nn.Linear(width, latent_dim)
 
-    def forward(self, hidden: Tensor, t: Tensor) -> Tensor:
-        cond = self.time_embed(timestep_embedding(t, _TIME_FREQ_DIM).to(hidden.dtype))
+    def forward(self, hidden: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        cond = self.time_embed(timestep_embedding(t, _TIME_FREQ_DIM).to(hidden.dtype)) + self.context_proj(context)
         x = self.in_proj(hidden)
         for block in self.blocks:
             x = block(x, cond)
@@ -142,7 +143,15 @@ class LatentBridge(
         """The begin-of-image embedding for a batch: ``[B, 1, hidden_size]``."""
         return self.boi.to(dtype).expand(batch, 1, -1)
 
-    def velocity(self, hidden: Tensor, t: Tensor) -> Tensor:
-        """LM hidden states at the latent tokens ``[B, N, hidden_size]`` -> velocities ``[B, N, d]``."""
-        hidden = hidden.to(self.in_proj.weight.dtype)
-        return self.head(hidden) if isinstance(self.head, nn.Linear) else self.head(hidden, t)
+    def velocity(self, hidden: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """LM hidden states at the latent tokens ``[B, N, hidden_size]`` -> velocities ``[B, N, d]``.
+
+        ``context`` ``[B, hidden_size]`` is the LM's hidden state at the BOI token (it has read the whole prompt); the
+        MLP head adds it to its time condition, so every token's velocity sees the prompt directly (the linear head
+        adds it to the hidden states).
+        """
+        dtype = self.in_proj.weight.dtype
+        hidden, context = hidden.to(dtype), context.to(dtype)
+        if isinstance(self.head, nn.Linear):
+            return self.head(hidden + context[:, None])
+        return self.head(hidden, t, context)

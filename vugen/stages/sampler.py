@@ -214,7 +214,8 @@ class SamplerStage(AdapterStage):
         hidden, _ = self._run(
             embeds, self.attention_mask(prefix_mask, embeds.shape[1]), positions, self._image_from(prefix_mask)
         )
-        return self.bridge.velocity(hidden[:, -latents.shape[1] :], t)
+        n, boi = latents.shape[1], prefix_mask.shape[1] - 1
+        return self.bridge.velocity(hidden[:, -n:], t, hidden[:, boi])
 
     def _image_from(self, prefix_mask: Tensor) -> int:
         """Where LoRA starts: the BOI token (all positions with ``lora_scope: all``)."""
@@ -297,7 +298,8 @@ class SamplerStage(AdapterStage):
         all_prompts = prompts + [""] * b if scale != 1.0 else prompts
         prefix_embeds, prefix_mask = self.prefix(all_prompts)
         positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
-        _, cache = self._run(prefix_embeds, prefix_mask, positions, self._image_from(prefix_mask))
+        prefix_hidden, cache = self._run(prefix_embeds, prefix_mask, positions, self._image_from(prefix_mask))
+        context = prefix_hidden[:, -1]  # the BOI token's state
         dtype = self.bridge.in_proj.weight.dtype
         noise = torch.stack(
             [
@@ -310,7 +312,7 @@ class SamplerStage(AdapterStage):
         noise = noise.to(device=prefix_embeds.device, dtype=dtype)
 
         def model_fn(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-            return self._cached_velocity(z_t, t, rows, cache, prefix_mask)
+            return self._cached_velocity(z_t, t, rows, cache, prefix_mask, context)
 
         rows = torch.arange(len(all_prompts), device=noise.device)
         interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
@@ -318,7 +320,9 @@ class SamplerStage(AdapterStage):
         shift = settings["time_shift"] if settings["time_shift"] is not None else self.shift()
         return sample(guided, noise, steps=int(settings["steps"]), method=settings["sampler"], shift=float(shift))
 
-    def _cached_velocity(self, z_t: Tensor, t: Tensor, rows: Tensor, cache: Any, prefix_mask: Tensor) -> Tensor:
+    def _cached_velocity(
+        self, z_t: Tensor, t: Tensor, rows: Tensor, cache: Any, prefix_mask: Tensor, context: Tensor
+    ) -> Tensor:
         """Velocities of the latent block for the prompts ``rows``, on a copy of their prompt cache."""
         cache = copy.deepcopy(cache)
         if len(rows) != prefix_mask.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
@@ -328,7 +332,7 @@ class SamplerStage(AdapterStage):
         full = torch.cat([mask, mask.new_ones(embeds.shape[:2])], dim=1)
         positions = positions_from_mask(full, full.shape[1])[:, -embeds.shape[1] :]
         hidden, _ = self._run(embeds, self.attention_mask(mask, embeds.shape[1]), positions, 0, cache=cache)
-        return self.bridge.velocity(hidden, t)
+        return self.bridge.velocity(hidden, t, context[rows])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], **overrides: Any) -> Tensor:
