@@ -283,7 +283,8 @@ class SamplerStage(AdapterStage):
     def generate_latents(self, prompts: list[str], seeds: list[int], **overrides: Any) -> Tensor:
         """Sample latents ``[B, N, d]`` for ``prompts``, one seed per prompt (its noise depends on nothing else).
 
-        The prompt's KV cache is computed once (LoRA off: the base model's) and reused at every flow step.
+        The prompt's KV cache is computed once (the base model's at the prompt tokens, LoRA only at BOI) and reused
+        at every flow step.
 
         Args:
             prompts: The prompts.
