@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
+from vugen.stages.base import batch_images
+
 __all__ = ["ReconstructionGrid", "reconstruction_grid"]
 
 
@@ -157,11 +159,5 @@ class ReconstructionGrid(Callback):
             # own (possibly persistent or stateful) iterator is left alone.
             loader = DataLoader(loader.dataset, batch_size=self.num_images, collate_fn=loader.collate_fn)
         batch = next(iter(loader))
-        images = batch.get("images") if isinstance(batch, dict) else batch
-        if not isinstance(images, Tensor) or images.ndim != 4:
-            found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(
-                f"ReconstructionGrid expects batches as dicts with 'images' (float [B, 3, H, W] in [0, 1]) or as "
-                f"image tensors, got {found}"
-            )
+        images = batch if isinstance(batch, Tensor) and batch.ndim == 4 else batch_images(batch, "ReconstructionGrid")
         return images[: self.num_images].detach().cpu()
