@@ -9,6 +9,9 @@ import torch
 
 from vugen_adapters.tiny import build_tiny_vlm
 
+# The tiny-LLaVA sampler stage and bundle fixtures of the pipeline and command tests.
+pytest_plugins = ["tests.fixtures_bundle"]
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):

@@ -15,12 +15,12 @@ from jsonargparse import CLI
 from lightning.pytorch import Trainer
 from PIL import Image
 
-from tests.test_pipeline import IMAGE_SIZE, make_decoder_export, make_stage
+from tests.fixtures_bundle import IMAGE_SIZE, make_stage
+from vugen.commands import export, generate
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.eval.export import export_dpg, export_geneval, resolve_rank
-from vugen.pipeline import VugenPipeline, export, generate
+from vugen.pipeline import VugenPipeline
 from vugen.stages.sampler import SamplerStage
-from vugen_adapters.llava import LlavaAdapter
 
 GENEVAL_LINES = [
     '{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}',
@@ -28,22 +28,6 @@ GENEVAL_LINES = [
     '{"tag": "two_object",  "prompt": "a photo of a cat and a dog", "include": []}',
 ]
 DPG_PROMPTS = {"partiprompts12": "A red bicycle leaning on a wall.", "whoops7": "A snowman on a beach.", "a3": "Sky."}
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llava")
-
-
-@pytest.fixture(scope="module")
-def decoder_export(pretrained, tmp_path_factory) -> Path:
-    return make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path_factory.mktemp("decoder") / "export")
-
-
-@pytest.fixture(scope="module")
-def bundle(pretrained, decoder_export, tmp_path_factory) -> Path:
-    stage = make_stage(pretrained, decoder_export)
-    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")
 
 
 @pytest.fixture(scope="module")

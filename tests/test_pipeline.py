@@ -15,62 +15,15 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from vugen.nn import DimensionReducer, PixelDecoder
+from tests.fixtures_bundle import IMAGE_SIZE, make_stage
+from tests.fixtures_bundle import make_decoder_export as make_decoder_export  # re-exported: test_distributed.py uses it
 from vugen.pipeline import BundleError, VugenPipeline
-from vugen.stages import DecoderStage
-from vugen.stages.sampler import SamplerStage, load_decoder_export
+from vugen.stages.sampler import load_decoder_export
 from vugen_adapters.llava import LlavaAdapter
 
 PROMPTS = ["a large red circle on the left", "a small blue square"]
 SEEDS = [3, 11]
-IMAGE_SIZE = 16
-TINY_SAMPLER = {"lora_rank": 4, "head_width": 32, "head_depth": 1, "sample_steps": 2, "guidance_scale": 2.0}
 BUNDLE_ENTRIES = ["README.md", "bridge", "decoder", "lora", "reducer", "sampling.json", "vugen.json"]
-
-
-def perturb(parameters, seed: int) -> None:
-    """Add noise to freshly initialised weights, so that zero-initialised layers (LoRA B, adaLN gates, output heads)
-    do something: without it the images would not depend on the latents, nor the latents on the LoRA."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in parameters:
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-
-
-def make_decoder_export(adapter: LlavaAdapter, directory: Path) -> Path:
-    """A decoder-stage export with random weights (the sampler only needs its shapes to be right)."""
-    torch.manual_seed(0)
-    decoder = PixelDecoder(latent_dim=8, patch_size=4, width=32, depth=1, num_heads=2, image_size=IMAGE_SIZE)
-    reducer = DimensionReducer(adapter.feature_dim, 8, hidden_dim=32, num_blocks=1)
-    perturb([*decoder.parameters(), *reducer.parameters()], seed=0)
-    return DecoderStage(adapter, decoder, reducer=reducer).export(directory)
-
-
-def make_stage(pretrained: Path, decoder_export: Path, seed: int = 0, **kwargs) -> SamplerStage:
-    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random."""
-    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **(TINY_SAMPLER | kwargs))
-    perturb([p for p in stage.parameters() if p.requires_grad], seed)
-    return stage.eval()
-
-
-@pytest.fixture(scope="module")
-def pretrained(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llava")
-
-
-@pytest.fixture(scope="module")
-def decoder_export(pretrained, tmp_path_factory) -> Path:
-    return make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path_factory.mktemp("decoder") / "export")
-
-
-@pytest.fixture(scope="module")
-def stage(pretrained, decoder_export) -> SamplerStage:
-    return make_stage(pretrained, decoder_export)
-
-
-@pytest.fixture(scope="module")
-def bundle(stage, tmp_path_factory) -> Path:
-    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")
 
 
 @pytest.fixture
@@ -188,7 +141,7 @@ def test_an_interrupted_save_leaves_the_old_bundle_loadable(stage, pretrained, d
     def disk_full(*args, **kwargs):  # the LoRA weights are written after the reducer, decoder and bridge
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("vugen.pipeline.save_file", disk_full)
+    monkeypatch.setattr("vugen.bundle.save_file", disk_full)
     other = make_stage(pretrained, decoder_export, seed=1)
     with pytest.raises(OSError, match="No space left"):
         VugenPipeline.from_stage(other).save_pretrained(target)

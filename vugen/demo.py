@@ -24,12 +24,12 @@ from rich.table import Table
 from torchvision.utils import make_grid, save_image
 
 from vugen.cli import VugenCLI
+from vugen.commands import export
 from vugen.data.latent_cache import cache_latents
 from vugen.data.shapes import heldout_prompts, heldout_two_object_prompts
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.eval.export import export_geneval
 from vugen.eval.shapeeval import format_report, score_folder
-from vugen.pipeline import export
 from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
 

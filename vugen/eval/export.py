@@ -27,8 +27,9 @@ from rich.progress import track
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from vugen.bundle import CONFIG_FILE
 from vugen.diffusion import Method
-from vugen.pipeline import CONFIG_FILE, VugenPipeline, image_seeds, resolve_device, sampling_overrides, to_pil
+from vugen.pipeline import VugenPipeline, image_seeds, resolve_device, sampling_overrides, to_pil
 
 __all__ = ["SIDECAR_FILE", "export_dpg", "export_geneval", "resolve_rank"]
 

@@ -1,0 +1,72 @@
+"""Fixtures of a trained-looking latent sampler on the tiny LLaVA and its saved bundle, shared by the pipeline and
+command tests (registered in conftest.py via ``pytest_plugins``), with the helpers that build them.
+
+The fixtures are module-scoped: each test module that uses them builds its own stage and bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.pipeline import VugenPipeline
+from vugen.stages import DecoderStage
+from vugen.stages.sampler import SamplerStage
+from vugen_adapters.llava import LlavaAdapter
+
+IMAGE_SIZE = 16
+TINY_SAMPLER = {"lora_rank": 4, "head_width": 32, "head_depth": 1, "sample_steps": 2, "guidance_scale": 2.0}
+
+
+def perturb(parameters: Iterable[nn.Parameter], seed: int) -> None:
+    """Add noise to freshly initialised weights, so that zero-initialised layers (LoRA B, adaLN gates, output heads)
+    do something: without it the images would not depend on the latents, nor the latents on the LoRA."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def make_decoder_export(adapter: LlavaAdapter, directory: Path) -> Path:
+    """A decoder-stage export with random weights (the sampler only needs its shapes to be right)."""
+    torch.manual_seed(0)
+    decoder = PixelDecoder(latent_dim=8, patch_size=4, width=32, depth=1, num_heads=2, image_size=IMAGE_SIZE)
+    reducer = DimensionReducer(adapter.feature_dim, 8, hidden_dim=32, num_blocks=1)
+    perturb([*decoder.parameters(), *reducer.parameters()], seed=0)
+    return DecoderStage(adapter, decoder, reducer=reducer).export(directory)
+
+
+def make_stage(pretrained: Path, decoder_export: Path, seed: int = 0, **kwargs) -> SamplerStage:
+    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random."""
+    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **(TINY_SAMPLER | kwargs))
+    perturb([p for p in stage.parameters() if p.requires_grad], seed)
+    return stage.eval()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_checkpoint) -> Path:
+    """The saved tiny LLaVA."""
+    return tiny_checkpoint("llava")
+
+
+@pytest.fixture(scope="module")
+def decoder_export(pretrained, tmp_path_factory) -> Path:
+    """A random decoder-stage export for the tiny LLaVA (:func:`make_decoder_export`)."""
+    return make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path_factory.mktemp("decoder") / "export")
+
+
+@pytest.fixture(scope="module")
+def stage(pretrained, decoder_export) -> SamplerStage:
+    """A random sampler stage in eval mode (:func:`make_stage` with seed 0)."""
+    return make_stage(pretrained, decoder_export)
+
+
+@pytest.fixture(scope="module")
+def bundle(stage, tmp_path_factory) -> Path:
+    """The bundle of ``stage``, saved once per module (copy it before changing it)."""
+    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")

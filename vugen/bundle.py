@@ -1,0 +1,295 @@
+"""The bundle format of :class:`~vugen.pipeline.VugenPipeline`: writing, validating and loading it.
+
+A bundle is one folder, written atomically by :func:`save_bundle` (``VugenPipeline.save_pretrained``)::
+
+    reducer/  decoder/  sampling.json   the decoder-stage export, as DecoderStage.export writes it
+    bridge/                             the latent bridge (LatentBridge.save_pretrained)
+    lora/                               a peft adapter folder of the language model's LoRA
+    vugen.json                          format version, base VLM (adapter class_path + init args), sampler settings,
+                                        sha256 of every weight file
+    README.md                           model card
+
+The VLM itself is not copied: it is rebuilt from its recorded ``pretrained`` (and ``revision``). Loading
+(:func:`load_bundle`) checks every weight file's tensor names and shapes against its config (safetensors headers,
+never pickle) before reading it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils.sha import sha_fileobj
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file
+from torch import Tensor, nn
+
+import vugen
+from vugen.atomic import atomic_directory
+from vugen.nn.latent_bridge import LatentBridge
+from vugen.nn.pixel_decoder import PixelDecoder
+from vugen.nn.reducer import DimensionReducer
+from vugen.registry import get_adapter_class
+from vugen.stages.base import argument_config, full_copy, is_global_zero
+from vugen.stages.decoder import SAMPLING_FILE, write_decoder_export
+from vugen.stages.sampler import LORA_ADAPTER_NAME, SamplerStage
+from vugen_adapters.base import VLMAdapter
+
+__all__ = [
+    "CONFIG_FILE",
+    "BundleError",
+    "bundle_config",
+    "check_weights",
+    "load_bundle",
+    "read_config",
+    "save_bundle",
+]
+
+CONFIG_FILE = "vugen.json"
+FORMAT, FORMAT_VERSION = "vugen.pipeline", 1
+WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
+LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name (LoraConfig.save_pretrained writes adapter_config.json)
+PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare model (PeftModel -> LoraModel -> model)
+_MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge": LatentBridge}
+_BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
+
+
+class BundleError(ValueError):
+    """A bundle folder is incomplete or its weights do not match its configuration."""
+
+
+def bundle_config(stage: SamplerStage) -> dict[str, Any]:
+    """The ``vugen.json`` record of ``stage`` (without the weight hashes): base VLM and sampler settings."""
+    head = stage.bridge.config
+    lora, sampling = stage.lora_config, stage.sampling
+    settings = {
+        "image_size": stage.image_size,
+        "lora_rank": lora.r,
+        "lora_alpha": lora.lora_alpha,
+        "lora_dropout": lora.lora_dropout,
+        "lora_scope": stage.lora_scope,
+        "image_attention": stage.image_attention,
+        "head": head["head"],
+        "head_width": head["head_width"],
+        "head_depth": head["head_depth"],
+        "sampler": sampling["sampler"],
+        "sample_steps": sampling["steps"],
+        "guidance_scale": sampling["guidance_scale"],
+        "guidance_interval": sampling["guidance_interval"],
+        "time_shift": sampling["time_shift"],
+    }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vugen_version": vugen.__version__,
+        "adapter": argument_config(stage.adapter),
+        "sampler": settings,
+    }
+
+
+def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
+    """Write the bundle of ``stage`` to ``directory`` atomically (an existing bundle there is replaced whole, or kept
+    on error).
+
+    Under FSDP2 call it on every rank (the bridge and LoRA shards are gathered); only global rank 0 writes.
+
+    Args:
+        stage: The trained latent-sampler stage.
+        directory: The bundle folder.
+
+    Returns:
+        The folder on the rank that wrote it, else None.
+    """
+    bridge, lora = full_copy(stage.bridge), _lora_state(stage.adapter.language_model)  # collectives under FSDP2
+    if bridge is None or not is_global_zero():
+        return None
+    record = bundle_config(stage)
+    with atomic_directory(directory) as staging:
+        # frozen, never sharded by the sampler stage
+        write_decoder_export(staging, stage.reducer, stage.decoder, stage.decoder_sampling)
+        bridge.save_pretrained(staging / "bridge")
+        _save_lora(staging / "lora", stage, lora)
+        record["sha256"] = {
+            str(path.relative_to(staging)): _sha256(path) for path in sorted(staging.rglob("*.safetensors"))
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _model_card(record).save(staging / "README.md")
+    return Path(directory)
+
+
+def load_bundle(
+    directory: str | Path, adapter_overrides: Mapping[str, Any] | None = None, trust_remote_code: bool = False
+) -> SamplerStage:
+    """The sampler stage of a bundle written by :func:`save_bundle`, as ``VugenPipeline.from_pretrained`` loads it.
+
+    The VLM is rebuilt from its recorded ``pretrained``. Every weight file's tensor names and shapes (its
+    safetensors header) are checked against its config before any weight is read.
+
+    Args:
+        directory: The bundle folder.
+        adapter_overrides: Adapter arguments that replace the recorded ones (not ``trust_remote_code``).
+        trust_remote_code: Passed to the adapter when it accepts it; never taken from the bundle.
+
+    Raises:
+        BundleError: Naming each missing, unexpected and mis-shaped tensor, or a missing part of the bundle.
+        FileNotFoundError: A missing ``vugen.json``, config or weight file.
+    """
+    directory = Path(directory)
+    record = read_config(directory)
+    missing = [name for name in _BUNDLE_ENTRIES if not (directory / name).exists()]
+    if missing:
+        raise BundleError(f"{directory} is an incomplete vugen bundle: missing {', '.join(missing)}")
+    for name, module_cls in _MODULE_FOLDERS.items():
+        check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
+    adapter = _build_adapter(record["adapter"], adapter_overrides or {}, trust_remote_code)
+    stage = SamplerStage(adapter, decoder_export=str(directory), **record["sampler"])
+    _load_bridge(stage.bridge, directory / "bridge")
+    _load_lora(stage.adapter.language_model, directory / "lora")
+    return stage
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """The bundle's ``vugen.json``, checked for its format and version."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a vugen bundle (VugenPipeline.save_pretrained)")
+    record = _read_json(path)
+    if record.get("format") != FORMAT or not isinstance(record.get("format_version"), int):
+        raise BundleError(f"{path}: not a vugen bundle config (expected format {FORMAT!r} and a format_version)")
+    if record["format_version"] > FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {record['format_version']} is newer than this vugen reads ({FORMAT_VERSION})"
+        )
+    absent = [key for key in ("adapter", "sampler") if key not in record]
+    if absent:
+        raise BundleError(f"{path}: missing {', '.join(absent)}")
+    return record
+
+
+def check_weights(file: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Compare a safetensors file's tensor names and shapes (its header only) with the expected ones.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        BundleError: Naming every missing and unexpected tensor and every shape mismatch.
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing")
+    with safe_open(file, "pt") as handle:
+        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    problems = []
+    if missing := sorted(expected.keys() - found.keys()):
+        problems.append(f"missing tensors {missing}")
+    if unexpected := sorted(found.keys() - expected.keys()):
+        problems.append(f"unexpected tensors {unexpected}")
+    shapes = [
+        f"{key}: {list(found[key])} in the file, {list(expected[key])} expected"
+        for key in sorted(expected.keys() & found.keys())
+        if found[key] != expected[key]
+    ]
+    if shapes:
+        problems.append(f"shape mismatches [{'; '.join(shapes)}]")
+    if problems:
+        raise BundleError(f"{file} does not match its configuration: {', '.join(problems)}")
+
+
+def _expected_shapes(folder: Path, module_cls: type[nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of ``module_cls`` built from ``folder/config.json`` (on the meta device: no memory)."""
+    config = _read_json(folder / "config.json")
+    try:
+        with torch.device("meta"):
+            module = module_cls(**config)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{folder / 'config.json'}: not a {module_cls.__name__} config: {error}") from error
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def _build_adapter(record: Mapping[str, Any], overrides: Mapping[str, Any], trust_remote_code: bool) -> VLMAdapter:
+    adapter_cls = get_adapter_class(record["class_path"])
+    accepted = inspect.signature(adapter_cls).parameters
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown or "trust_remote_code" in overrides:
+        raise ValueError(
+            f"adapter_overrides: {unknown or ['trust_remote_code']} not accepted ({adapter_cls.__name__} takes "
+            f"{sorted(set(accepted) - {'trust_remote_code'})}; pass trust_remote_code= to from_pretrained)"
+        )
+    init_args = {**record.get("init_args", {}), **overrides}
+    if "trust_remote_code" in accepted:
+        init_args["trust_remote_code"] = trust_remote_code  # never the bundle's say
+    return adapter_cls(**init_args)
+
+
+def _load_bridge(bridge: LatentBridge, folder: Path) -> None:
+    config = _read_json(folder / "config.json")
+    if config != bridge.config:
+        raise BundleError(
+            f"{folder / 'config.json'} is {config}, but vugen.json and the VLM give the latent bridge {bridge.config}"
+        )
+    load_model(bridge, folder / WEIGHTS_FILE, strict=True)  # already checked: cannot fail on names or shapes
+
+
+def _save_lora(folder: Path, stage: SamplerStage, state: dict[str, Tensor]) -> None:
+    """A peft adapter folder: ``PeftModel.from_pretrained(language_model, folder)`` loads it."""
+    config = copy.deepcopy(stage.lora_config)
+    init_args = argument_config(stage.adapter)["init_args"]
+    config.base_model_name_or_path, config.revision = init_args.get("pretrained"), init_args.get("revision")
+    config.save_pretrained(folder)
+    save_file({PEFT_PREFIX + key: value for key, value in state.items()}, folder / LORA_WEIGHTS, {"format": "pt"})
+
+
+def _load_lora(language_model: nn.Module, folder: Path) -> None:
+    expected = get_peft_model_state_dict(language_model, adapter_name=LORA_ADAPTER_NAME)
+    check_weights(folder / LORA_WEIGHTS, {PEFT_PREFIX + key: tuple(value.shape) for key, value in expected.items()})
+    state = {key.removeprefix(PEFT_PREFIX): value for key, value in load_file(folder / LORA_WEIGHTS).items()}
+    set_peft_model_state_dict(language_model, state, adapter_name=LORA_ADAPTER_NAME)
+
+
+def _model_card(record: Mapping[str, Any]) -> ModelCard:
+    init_args = record["adapter"]["init_args"]
+    data = ModelCardData(
+        base_model=init_args.get("pretrained"),
+        library_name="vugen",
+        pipeline_tag="text-to-image",
+        tags=["vugen", "text-to-image", "image-generation", "lora"],
+    )
+    settings = "\n".join(f"| {key} | {value} |" for key, value in record["sampler"].items())
+    return ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n"
+        f"# vugen text-to-image bundle\n\n"
+        f"Image generation for the VLM `{init_args.get('pretrained')}` (adapter `{record['adapter']['class_path']}`, "
+        f"revision `{init_args.get('revision')}`), trained with [vugen](https://arxiv.org/abs/2510.06529): LoRA on "
+        f"its language model samples reduced vision latents, a pixel diffusion decoder renders them.\n\n"
+        f"```python\nfrom vugen.pipeline import VugenPipeline\n\npipe = VugenPipeline.from_pretrained(BUNDLE)\n"
+        f'images = pipe("a large red circle on the left", seed=0)\n```\n\n'
+        f"| setting | value |\n|---|---|\n{settings}\n"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path} is not valid JSON: {error}") from error
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return sha_fileobj(handle).hex()  # read in chunks: weight files can be large
+
+
+def _lora_state(language_model: nn.Module) -> dict[str, Tensor]:
+    """The LoRA weights by peft name, whole (FSDP2 shards are gathered: a collective) and on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    state = get_peft_model_state_dict(language_model, adapter_name=LORA_ADAPTER_NAME)
+    state = {key: value.full_tensor() if isinstance(value, DTensor) else value for key, value in state.items()}
+    return {key: value.detach().cpu().contiguous() for key, value in state.items()}

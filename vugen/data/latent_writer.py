@@ -1,0 +1,246 @@
+"""Writing a latent cache: :func:`write_latent_cache` and the ``vugen cache-latents`` command :func:`cache_latents`.
+
+Encodes a dataset split once into ``reducer.encode(adapter.encode_images(images))`` and writes sharded safetensors
+files plus ``index.json`` atomically, one process or one DDP rank's part at a time. The cache layout is described in
+:mod:`vugen.data.latent_cache`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from rich.progress import track
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from vugen.atomic import atomic_directory
+from vugen.data.image_io import collate_skipping_none
+from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
+from vugen.data.shapes_datamodule import check_positive
+from vugen.nn.reducer import DimensionReducer
+from vugen.stages.base import batch_images
+from vugen_adapters.base import VLMAdapter
+
+
+class _ShardWriter:
+    """Buffers latents and captions and writes them as ``{prefix}-{i:05d}.safetensors`` of ``shard_size`` each."""
+
+    def __init__(self, directory: Path, prefix: str, shard_size: int, dtype: torch.dtype) -> None:
+        self.directory, self.prefix, self.shard_size, self.dtype = directory, prefix, shard_size, dtype
+        self.latents: list[Tensor] = []
+        self.captions: list[str] = []
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, latents: Tensor, captions: list[str]) -> None:
+        """Buffer a batch; write every full shard."""
+        self.latents.extend(latents.detach().to("cpu", self.dtype).unbind(0))
+        self.captions.extend(captions)
+        while len(self.captions) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Write the last, partial shard; the ``{"file", "count"}`` record of every shard."""
+        if self.captions:
+            self._write(len(self.captions))
+        return self.shards
+
+    def _write(self, count: int) -> None:
+        name = f"{self.prefix}-{len(self.shards):05d}.safetensors"
+        captions = json.dumps(self.captions[:count])
+        try:
+            save_file({"latents": torch.stack(self.latents[:count])}, self.directory / name, {"captions": captions})
+        except SafetensorError as error:
+            raise ValueError(
+                f"cannot write shard {name}: its {count} captions take {len(captions)} bytes of safetensors "
+                f"header (at most 100 MB); lower shard_size ({error})"
+            ) from error
+        del self.latents[:count], self.captions[:count]
+        self.shards.append({"file": name, "count": count})
+
+
+def write_latent_cache(
+    data: LightningDataModule | Iterable[dict[str, Any]],
+    adapter: VLMAdapter,
+    reducer: DimensionReducer,
+    out_dir: str | Path,
+    split: str = "train",
+    shard_size: int = 4096,
+    batch_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Encode a dataset split into reducer latents and write them as a sharded cache, atomically.
+
+    Latents are ``reducer.encode(adapter.encode_images(images))`` with the reducer in eval mode (no noise; its mode
+    is restored afterwards), under ``no_grad``; features are cast to the reducer's dtype as the stages do. An
+    error midway (or an interrupt) leaves no cache and no staging folder behind.
+
+    Args:
+        data: A datamodule with ``dataset(split)`` (``ShapesDataModule``, ``ImageTextDataModule``), read in
+            order, without shuffling or dropping, by a loader built here; or any iterable of batches
+            ``{"images": [B, 3, H, W] in [0, 1], "captions": list[str]}`` (a DataLoader), used as it is (for
+            several ranks it must already be this rank's share).
+        adapter: The frozen VLM; images are moved to its device.
+        reducer: The trained reducer (stage 1 or 3), on the device the features should be reduced on.
+        out_dir: The cache folder, replaced whole if it exists. With ``world_size > 1``: the folder shared by all
+            ranks, of which this call writes (and replaces) ``rank-{rank}/``.
+        split: The datamodule split to encode (``train``, ``val``, ...); recorded in the index.
+        shard_size: Samples per shard file (the last shard holds the rest).
+        batch_size: Images per encoder batch; None: the datamodule's ``batch_size``. Only with a datamodule.
+        dtype: Storage dtype of the latents; None: the reducer's.
+        rank: This process's rank among ``world_size`` writers.
+        world_size: Number of processes writing parts of the cache (1: a single-process cache).
+        progress: Show a rich progress bar over batches (on rank 0 only).
+
+    Returns:
+        The folder written: ``out_dir``, or ``out_dir/rank-{rank}`` for one rank's part.
+
+    Raises:
+        ValueError: Bad arguments, a reducer whose ``feature_dim`` is not the adapter's, malformed batches,
+            images of more than one size, or no samples at all.
+    """
+    for name, value in (("shard_size", shard_size), ("world_size", world_size)):
+        check_positive(name, value)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+    if reducer.feature_dim != adapter.feature_dim:
+        raise ValueError(
+            f"reducer feature_dim {reducer.feature_dim} != adapter feature_dim {adapter.feature_dim} "
+            f"({adapter.describe()}): the reducer was trained on another VLM or feature_source"
+        )
+    out_dir = Path(out_dir)
+    if world_size > 1 and (out_dir / INDEX_FILE).exists():
+        raise ValueError(f"{out_dir} holds a single-process latent cache: remove it or write the ranks elsewhere")
+    target, prefix = (out_dir, "latents") if world_size == 1 else (out_dir / f"rank-{rank}", f"latents-r{rank}")
+    dtype = dtype or next(reducer.parameters()).dtype
+    batches = _batches(data, split, batch_size, rank, world_size)
+    was_training = reducer.training
+    reducer.eval()
+    try:
+        with atomic_directory(target) as staging:
+            writer = _ShardWriter(staging, prefix, shard_size, dtype)
+            bar = {"description": f"caching {split} latents", "disable": not progress or rank != 0}
+            image_size = _encode_batches(track(batches, **bar), adapter, reducer, writer)
+            shards = writer.finish()
+            if not shards:
+                raise ValueError(f"no samples to cache: the {split} data of rank {rank} is empty")
+            index = {
+                "format": FORMAT,
+                "version": VERSION,
+                "split": split,
+                "num_samples": sum(shard["count"] for shard in shards),
+                "shards": shards,
+                "token_grid": list(adapter.token_grid(*image_size)),
+                "latent_dim": reducer.latent_dim,
+                "image_size": image_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "rank": rank,
+                "world_size": world_size,
+                "fingerprint": fingerprint(adapter, reducer),
+            }
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    finally:
+        reducer.train(was_training)
+    return target
+
+
+def _encode_batches(
+    batches: Iterable[Any], adapter: VLMAdapter, reducer: DimensionReducer, writer: _ShardWriter
+) -> list[int] | None:
+    """Encode every batch into ``writer``; the ``[H, W]`` all images share (None without batches)."""
+    weight = next(reducer.parameters())  # features go to the reducer's device and dtype, as in the stages
+    image_size = None
+    for step, batch in enumerate(batches):
+        images, captions = _checked_batch(batch, step)
+        if image_size is not None and list(images.shape[-2:]) != image_size:
+            raise ValueError(
+                f"batch {step} has {list(images.shape[-2:])} images, the first had {image_size}: "
+                "a latent cache holds one image size (one token grid)"
+            )
+        image_size = list(images.shape[-2:])
+        with torch.no_grad():
+            features = adapter.encode_images(images.to(adapter.device))
+            writer.add(reducer.encode(features.to(weight.device, weight.dtype)), captions)
+    return image_size
+
+
+def _batches(
+    data: LightningDataModule | Iterable[dict[str, Any]], split: str, batch_size: int | None, rank: int, world: int
+) -> Iterable[dict[str, Any]]:
+    """This rank's batches of ``split``: an in-order loader over every ``world``-th sample of the dataset."""
+    if not isinstance(data, LightningDataModule):
+        if batch_size is not None:
+            raise ValueError("batch_size applies to a datamodule; a DataLoader has its own")
+        return data
+    if not callable(getattr(data, "dataset", None)):
+        raise ValueError(
+            f"{type(data).__name__} has no dataset(split) method (ShapesDataModule and ImageTextDataModule have "
+            "one): pass a DataLoader over the split instead"
+        )
+    dataset = data.dataset(split)
+    if world > 1 and not isinstance(dataset, IterableDataset):  # iterable datasets split by rank themselves
+        dataset = Subset(dataset, range(rank, len(dataset), world))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or data.batch_size,
+        shuffle=False,
+        num_workers=getattr(data, "num_workers", 0),
+        collate_fn=collate_skipping_none,
+    )
+
+
+def _checked_batch(batch: Any, step: int) -> tuple[Tensor, list[str]]:
+    images = batch_images(batch, "write_latent_cache")
+    captions = batch.get("captions")
+    if (
+        not isinstance(captions, (list, tuple))
+        or len(captions) != len(images)
+        or not all(isinstance(caption, str) for caption in captions)
+    ):
+        raise ValueError(
+            f"batch {step}: expected 'captions' as a list of {len(images)} strings (one per image), got {captions!r}"
+        )
+    return images, list(captions)
+
+
+def cache_latents(
+    *,  # keyword-only: jsonargparse then takes every argument as an option (`--adapter.class_path ...`)
+    adapter: VLMAdapter,
+    reducer_path: str,
+    data: LightningDataModule,
+    out_dir: str,
+    split: str = "train",
+    shard_size: int = 4096,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> Path:
+    """`vugen cache-latents`: encode a dataset split once into the reducer latents the latent sampler trains on.
+
+    Args:
+        adapter: The frozen VLM the reducer was trained on, e.g. ``--adapter.class_path
+            vugen_adapters.llava.LlavaAdapter --adapter.init_args.pretrained llava-hf/llava-1.5-7b-hf``.
+        reducer_path: The trained reducer: a folder exported by stage 1 or stage 3 (its ``reducer/``) or a Hub id.
+        data: The image-text datamodule, e.g. ``--data.class_path vugen.data.shapes_datamodule.ShapesDataModule``.
+        out_dir: The cache folder to write (replaced whole if it exists).
+        split: The split of ``data`` to encode: ``train``, ``val``, ``test``.
+        shard_size: Samples per shard file.
+        batch_size: Images per encoder batch; None: the datamodule's ``batch_size``.
+        device: Device to encode on; None: ``cuda`` when available, else ``cpu``.
+
+    Returns:
+        The cache folder.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reducer = DimensionReducer.from_pretrained(reducer_path)
+    return write_latent_cache(
+        data, adapter.to(device), reducer.to(device), out_dir, split, shard_size=shard_size, batch_size=batch_size
+    )
