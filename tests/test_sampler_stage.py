@@ -222,3 +222,35 @@ def test_a_stale_latent_cache_is_refused(tiny_llava, decoder_export, tmp_path):
     )
     with pytest.raises(StaleCacheError, match="reducer"):
         Trainer(max_steps=1, **QUIET).fit(stage, datamodule=LatentCacheDataModule(tmp_path / "c", batch_size=8))
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(trained, tiny_llava, decoder_export):
+    """Checkpointed LM blocks run twice per step (forward + recomputation) and give the same loss and gradients, LoRA
+    included: the recomputation restores its call's LoRA mask (with none, LoRA's gradients would vanish)."""
+    trained_state = trained[0].state_dict()
+    latents = torch.randn(4, 64, LATENT_DIM, generator=torch.Generator().manual_seed(0))
+    data = {"latents": latents, "captions": PROMPTS * 2}
+    results = []
+    for checkpointing in (False, True):
+        stage = make_stage(tiny_llava, decoder_export, activation_checkpointing=checkpointing, prompt_dropout=0.0)
+        stage.load_state_dict(trained_state)
+        stage.configure_model()
+        stage.configure_model()  # idempotent
+        # Runs of the first block's MLP: a pre-hook, since a recomputation stops once its last saved tensor is back
+        # (before the MLP returns), and a hook on the block itself sees only the outer call.
+        calls = []
+        stage.adapter.language_model.layers[0].mlp.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
+        torch.manual_seed(0)
+        loss = stage.loss(data, drop_prompts=False)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in stage.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, len(calls)))
+        calls.clear()
+        stage.generate_latents(PROMPTS[:1], [0])  # no gradients: plain blocks with the prompt cache
+        assert len(calls) == 1 + 2  # the prompts once, then one call per step (guided and empty prompt batched)
+    (loss, grads, calls), (ac_loss, ac_grads, ac_calls) = results
+    assert (calls, ac_calls) == (1, 2)
+    assert torch.equal(loss, ac_loss)
+    assert any("lora_A" in name and g.abs().max() > 0 for name, g in ac_grads.items())
+    for name, grad in grads.items():
+        torch.testing.assert_close(ac_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -140,8 +140,11 @@ class LatentBridge(
         return self.in_proj(z_t) + self.pos_embed.to(z_t.dtype) + time[:, None]
 
     def begin_image(self, batch: int, dtype: torch.dtype) -> Tensor:
-        """The begin-of-image embedding for a batch: ``[B, 1, hidden_size]``."""
-        return self.boi.to(dtype).expand(batch, 1, -1)
+        """The begin-of-image embedding for a batch: ``[B, 1, hidden_size]``.
+
+        A copy, not a view: under FSDP2 the gathered parameter is freed when this method returns.
+        """
+        return self.boi.to(dtype).expand(batch, 1, -1).clone()
 
     def velocity(self, hidden: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """LM hidden states at the latent tokens ``[B, N, hidden_size]`` -> velocities ``[B, N, d]``.

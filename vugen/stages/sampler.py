@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vugen.diffusion import (
     Method,
@@ -80,6 +81,8 @@ class SamplerStage(AdapterStage):
         guidance_scale: Classifier-free guidance scale (1 = none).
         guidance_interval: Optional ``[t_lo, t_hi]`` where guidance applies.
         optimizer: Builds the optimizer over the LoRA and bridge parameters.
+        activation_checkpointing: Recompute the language model blocks' activations in the backward pass (LoRA
+            gradients flow through every block): less memory for a little more compute.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
     """
 
@@ -105,6 +108,7 @@ class SamplerStage(AdapterStage):
         sample_steps: int = 25,
         guidance_scale: float = 3.0,
         guidance_interval: tuple[float, float] | None = None,
+        activation_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -139,6 +143,7 @@ class SamplerStage(AdapterStage):
         self.time_schedule, self.time_mean, self.time_std = time_schedule, time_mean, time_std
         self.time_shift = time_shift
         self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
+        self.activation_checkpointing = activation_checkpointing
 
     rebuilt_prefixes = ("adapter.", "reducer.", "decoder.")  # checkpoints hold LoRA + bridge only
 
@@ -268,15 +273,60 @@ class SamplerStage(AdapterStage):
         """Logs ``val/loss`` (no prompt dropout)."""
         self.log_metrics("val", {"loss": self.loss(batch, drop_prompts=False)}, batch_size=len(batch["captions"]))
 
+    def configure_model(self) -> None:
+        """Activation checkpointing of the language model's blocks, then FSDP2 sharding (see the base).
+
+        The bridge is called through ``embed``, ``begin_image`` and ``velocity``, never ``forward``: under FSDP2 those
+        methods gather its parameters. Idempotent: Lightning may call it more than once.
+        """
+        if self.activation_checkpointing:
+            block_types = tuple(self.adapter.block_classes)
+            for block in self.adapter.language_model.modules():
+                if block_types and isinstance(block, block_types) and not hasattr(block, "_vugen_checkpointed"):
+                    self._checkpoint(block)
+        super().configure_model()
+        if self.device_mesh is not None:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            for method in ("embed", "begin_image", "velocity"):
+                register_fsdp_forward_method(self.bridge, method)
+
+    def _checkpoint(self, block: nn.Module) -> None:
+        """Make ``block`` recompute its activations in the backward pass whenever gradients are on.
+
+        The recomputation runs after :meth:`_run` has returned, so it restores the LoRA mask of its own call; and it
+        gets no KV cache (training runs whole sequences), so a recomputed block never appends to a cache twice.
+        """
+        forward = block.forward
+
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+            lora_mask = self._lora_mask
+
+            def run(*inputs: Any) -> Any:
+                previous, self._lora_mask = self._lora_mask, lora_mask
+                try:
+                    return forward(*inputs, **kwargs)
+                finally:
+                    self._lora_mask = previous
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        block.forward = checkpointed
+        block._vugen_checkpointed = True
+
     def fsdp_units(self) -> list[nn.Module]:
-        """Each LoRA projection (its own unit, as peft + FSDP2 need) and the bridge's children."""
+        """Each LoRA projection (its own unit, as peft + FSDP2 need), the bridge's children, then the bridge (its own
+        parameters: ``boi``, ``pos_embed``)."""
         lora = [
             m
             for layer in self.adapter.language_model.modules()
             if hasattr(layer, "lora_A")
             for m in (layer.lora_A[LORA_ADAPTER_NAME], layer.lora_B[LORA_ADAPTER_NAME])
         ]
-        return [*lora, *self.bridge.children()]
+        return [*lora, *self.bridge.children(), self.bridge]
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
