@@ -1,20 +1,25 @@
-"""Train the reducer and decoder stages a few steps under one strategy; write what the distributed tests compare.
+"""Train the reducer, decoder and sampler stages a few steps under one strategy; write what the distributed tests
+compare.
 
     python tests/distributed_fit.py {single,ddp,fsdp} OUT_DIR TINY_LLAVA_DIR [--stages ...] [--pca-init] [--resume]
+        [--decoder-export DIR]
 
 A script, not a test module: Lightning's launcher re-runs this command line as rank 1 (under pytest it would re-run
-pytest). Every run trains on the same ``STEPS`` global batches of ``GLOBAL_BATCH`` Shapes images, rank ``r`` taking
-the ``r``-th contiguous half of each, so a 2-rank run must end with the single process's weights. The randomness of
-a step (reducer noise, condition dropout, diffusion noise and times: torch's global RNG) is seeded per
-*micro-batch* of ``RANK_BATCH`` images, so a rank draws exactly what the single process draws for the same images
-where the single process sees the global batch as ``WORLD_SIZE`` accumulated micro-batches (the decoder stage; the
-reducer stage draws nothing and the single process takes each global batch whole).
+pytest). Every run trains on the same ``STEPS`` global batches of ``GLOBAL_BATCH`` examples (Shapes images; for the
+sampler stage, Shapes captions with fixed random latents, so the vision tower never runs), rank ``r`` taking the
+``r``-th contiguous half of each, so a 2-rank run must end with the single process's weights. The randomness of a
+step (reducer noise, condition and prompt dropout, diffusion noise and times: torch's global RNG) is seeded per
+*micro-batch* of ``RANK_BATCH`` examples, so a rank draws exactly what the single process draws for the same examples
+where the single process sees the global batch as ``WORLD_SIZE`` accumulated micro-batches (the decoder and sampler
+stages; the reducer stage draws nothing and the single process takes each global batch whole). The sampler stage is
+built on ``--decoder-export`` (a decoder-stage export folder).
 
 Per stage, each rank writes ``{stage}-rank{r}.json`` (one file per rank: two ranks' stdout interleave): the
-per-image checksums of its batches, the FSDP2 sharding it saw, whether a second ``configure_model`` changed
+per-example checksums of its batches, the FSDP2 sharding it saw, whether a second ``configure_model`` changed
 anything, and the error of the export, if any. Rank 0 writes ``{stage}-initial-weights.pt`` (the trainable weights
 the first optimizer step starts from: after PCA with ``--pca-init``), ``{stage}-weights.pt`` (after training), the
-checkpoint ``{stage}.ckpt`` (a folder under FSDP2) and the ``export_dir`` export ``{stage}-export``. ``--resume``
+checkpoint ``{stage}.ckpt`` (a folder under FSDP2) and the ``export_dir`` export ``{stage}-export`` (stages with an
+``export_dir``). ``--resume``
 then restarts from that checkpoint for one more step: ``{stage}-restored-weights.pt`` and ``{stage}-resumed.json``.
 """
 
@@ -29,18 +34,20 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vugen.data.shapes import ShapesDataset
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage, ReducerStage
 from vugen.stages.base import AdapterStage
+from vugen.stages.sampler import SamplerStage
 from vugen_adapters.llava import LlavaAdapter
 
-STAGES = ("reducer", "decoder")
+STAGES = ("reducer", "decoder", "sampler")
 STRATEGIES = ("single", "ddp", "fsdp")
 WORLD_SIZE = 2
 RANK_BATCH = 8
@@ -59,14 +66,40 @@ def training_images() -> ShapesDataset:
     return ShapesDataset("train", STEPS * GLOBAL_BATCH, image_size=IMAGE_SIZE, seed=SEED)
 
 
+class CaptionedLatents(Dataset):
+    """The sampler stage's examples: the Shapes captions with fixed random ``[num_tokens, LATENT_DIM]`` latents.
+
+    Args:
+        num_tokens: Latent tokens per example (the sampler's ``bridge.num_tokens``).
+    """
+
+    def __init__(self, num_tokens: int) -> None:
+        images = training_images()
+        self.captions = [images[index]["captions"] for index in range(len(images))]
+        self.num_tokens = num_tokens
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        generator = torch.Generator().manual_seed(SEED + index)  # the example's latents, whatever loads it
+        latents = torch.randn(self.num_tokens, LATENT_DIM, generator=generator)
+        return {"latents": latents, "captions": self.captions[index]}
+
+
+def training_data(stage: AdapterStage) -> Dataset:
+    """The examples of every run of ``stage``, in global order."""
+    return CaptionedLatents(stage.bridge.num_tokens) if isinstance(stage, SamplerStage) else training_images()
+
+
 class GlobalBatches(LightningDataModule):
-    """``STEPS`` global batches of ``GLOBAL_BATCH`` Shapes images; each rank loads its contiguous slice of each.
+    """``STEPS`` global batches of ``GLOBAL_BATCH`` examples; each rank loads its contiguous slice of each.
 
     Explicit slices rather than Lightning's ``DistributedSampler``, which Lightning always shuffles for training
     (whatever the loader's ``shuffle``): the Trainer runs with ``use_distributed_sampler=False``.
 
     Args:
-        batch_size: Images per rank and step (per micro-batch where the single process accumulates).
+        batch_size: Examples per rank and step (per micro-batch where the single process accumulates).
     """
 
     def __init__(self, batch_size: int) -> None:
@@ -74,18 +107,37 @@ class GlobalBatches(LightningDataModule):
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
-        """Rank ``r`` of ``w``: images ``[k*b*w + r*b, k*b*w + (r+1)*b)`` at step ``k``, for batch size ``b``."""
-        images = training_images()
+        """Rank ``r`` of ``w``: examples ``[k*b*w + r*b, k*b*w + (r+1)*b)`` at step ``k``, for batch size ``b``."""
+        examples = training_data(self.trainer.lightning_module)
         rank, span = self.trainer.global_rank, self.batch_size * self.trainer.world_size
-        starts = range(rank * self.batch_size, len(images), span)
+        starts = range(rank * self.batch_size, len(examples), span)
         indices = [start + i for start in starts for i in range(self.batch_size)]
-        return DataLoader(Subset(images, indices), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(Subset(examples, indices), batch_size=self.batch_size, shuffle=False)
 
 
-def build_stage(name: str, checkpoint: str, pca_init: bool = False) -> AdapterStage:
-    """A small stage of ``name``, with the same initial weights in every process."""
+def build_stage(name: str, checkpoint: str, pca_init: bool = False, decoder_export: str | None = None) -> AdapterStage:
+    """A small stage of ``name`` (the sampler on ``decoder_export``), with the same initial weights in every process."""
     seed_everything(SEED, verbose=False)
     adapter = LlavaAdapter(checkpoint)
+    if name == "sampler":
+        if decoder_export is None:
+            raise ValueError("the sampler stage needs --decoder-export")
+        stage = SamplerStage(
+            adapter,
+            decoder_export,
+            lora_rank=4,
+            head_width=32,
+            head_depth=1,
+            prompt_dropout=0.25,
+            optimizer=functools.partial(torch.optim.SGD, lr=0.5),  # its gradients are ~10x smaller than the others'
+        )
+        # LoRA B and the flow head's output start at zero: no gradient would reach the LM (nor LoRA A) in the first
+        # step. Noise makes every trainable weight move from step one, so the comparison covers all of them.
+        with torch.no_grad():
+            for parameter in stage.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        return stage
     if name == "reducer":  # no latent noise: the single process takes a whole global batch, not micro-batches
         return ReducerStage(
             adapter, LATENT_DIM, hidden_dim=32, num_blocks=1, noise_gamma=0.0, pca_init=pca_init, optimizer=SGD
@@ -125,6 +177,11 @@ def sharding_report(stage: AdapterStage, block_names: list[str]) -> dict[str, An
 
     adapter_params = list(stage.adapter.parameters())
     return {
+        "units": sorted(name for name, m in stage.named_modules() if isinstance(m, FSDPModule)),
+        # Trainable weights outside FSDP2 (plain tensors): nothing averages their gradients across ranks.
+        "trainable_plain": sorted(
+            n for n, p in stage.named_parameters() if p.requires_grad and not isinstance(p, DTensor)
+        ),
         "block_classes": block_names,
         # FSDP2 swaps a sharded module's class for a subclass named FSDP<class>.
         "adapter_unit_classes": sorted({type(m).__name__.removeprefix("FSDP") for m in adapter_units}),
@@ -146,12 +203,16 @@ class Probe(Callback):
 
     def __init__(self, out_dir: Path, stage_name: str) -> None:
         self.out_dir, self.stage_name = out_dir, stage_name
-        self.report: dict[str, Any] = {"image_sums": []}
+        self.report: dict[str, Any] = {"checksums": []}
         self.block_names: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Before configure_model: sharding renames the classes that `block_classes` looks for.
         self.block_names = sorted(c.__name__ for c in pl_module.adapter.block_classes)
+        self.report["lora_layers"] = sorted(n for n, m in pl_module.named_modules() if hasattr(m, "lora_A"))
+        self.report["bridge_children"] = [
+            f"bridge.{n}" for n, _ in getattr(pl_module, "bridge", nn.Module()).named_children()
+        ]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if isinstance(trainer.strategy, ModelParallelStrategy):
@@ -162,7 +223,8 @@ class Probe(Callback):
             self.report["configure_model_twice_same_params"] = before == after
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.report["image_sums"].append(batch["images"].flatten(1).sum(1).tolist())
+        examples = batch["latents" if "latents" in batch else "images"]
+        self.report["checksums"].append(examples.flatten(1).sum(1).tolist())
         if batch_idx == 0 and isinstance(trainer.strategy, ModelParallelStrategy):
             self.report["sharding"] = sharding_report(pl_module, self.block_names)
 
@@ -220,16 +282,24 @@ def export_error(stage: AdapterStage, directory: Path) -> str | None:
     return None
 
 
-def fit(stage_name: str, strategy: str, out_dir: Path, checkpoint: str, pca_init: bool = False) -> Path:
+def fit(
+    stage_name: str,
+    strategy: str,
+    out_dir: Path,
+    checkpoint: str,
+    pca_init: bool = False,
+    decoder_export: str | None = None,
+) -> Path:
     """Train one stage under ``strategy`` and write its files to ``out_dir``; returns the checkpoint path."""
-    stage = build_stage(stage_name, checkpoint, pca_init)
+    stage = build_stage(stage_name, checkpoint, pca_init, decoder_export)
     probe = Probe(out_dir, stage_name)
     trainer = make_trainer(strategy, stage_name, [probe])
     trainer.fit(stage, GlobalBatches(batch_size(strategy, stage_name)))
     save_on_rank_zero(trainer, full_trainable_weights(stage), out_dir / f"{stage_name}-weights.pt")
     path = out_dir / f"{stage_name}.ckpt"
     trainer.save_checkpoint(path)
-    probe.report["export_error"] = export_error(stage, out_dir / f"{stage_name}-export")
+    if hasattr(stage, "export_dir"):
+        probe.report["export_error"] = export_error(stage, out_dir / f"{stage_name}-export")
     (out_dir / f"{stage_name}-rank{trainer.global_rank}.json").write_text(json.dumps(probe.report))
     return path
 
@@ -244,9 +314,11 @@ class RestoredWeights(Callback):
         save_on_rank_zero(trainer, full_trainable_weights(pl_module), self.path)
 
 
-def resume(stage_name: str, strategy: str, out_dir: Path, checkpoint: str, path: Path) -> None:
+def resume(
+    stage_name: str, strategy: str, out_dir: Path, checkpoint: str, path: Path, decoder_export: str | None = None
+) -> None:
     """Restart a fresh stage from ``path`` under ``strategy`` for one more step."""
-    stage = build_stage(stage_name, checkpoint)
+    stage = build_stage(stage_name, checkpoint, decoder_export=decoder_export)
     restored = RestoredWeights(out_dir / f"{stage_name}-restored-weights.pt")
     trainer = make_trainer(strategy, stage_name, [restored], max_steps=STEPS + 1)
     trainer.fit(stage, GlobalBatches(batch_size(strategy, stage_name)), ckpt_path=path)
@@ -261,14 +333,15 @@ def run(
     stages: tuple[str, ...] = STAGES,
     pca_init: bool = False,
     resume_too: bool = False,
+    decoder_export: str | None = None,
 ) -> None:
     """Train each stage in turn under ``strategy`` (and resume it with ``resume_too``), writing to ``out_dir``."""
     torch.set_num_threads(1)  # tiny models: a second thread per process only adds contention
     out_dir.mkdir(parents=True, exist_ok=True)
     for stage_name in stages:
-        path = fit(stage_name, strategy, out_dir, checkpoint, pca_init)
+        path = fit(stage_name, strategy, out_dir, checkpoint, pca_init, decoder_export)
         if resume_too:
-            resume(stage_name, strategy, out_dir, checkpoint, path)
+            resume(stage_name, strategy, out_dir, checkpoint, path, decoder_export)
 
 
 def main() -> None:
@@ -280,8 +353,19 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--pca-init", action="store_true", help="initialise the reducers by PCA")
     parser.add_argument("--resume", action="store_true", help="then resume each stage from its checkpoint")
+    parser.add_argument("--decoder-export", help="a decoder-stage export folder, to build the sampler stage on")
     args = parser.parse_args()
-    run(args.strategy, args.out_dir, args.checkpoint, tuple(args.stages), args.pca_init, args.resume)
+    if "sampler" in args.stages and args.decoder_export is None:
+        parser.error("the sampler stage needs --decoder-export")
+    run(
+        args.strategy,
+        args.out_dir,
+        args.checkpoint,
+        tuple(args.stages),
+        args.pca_init,
+        args.resume,
+        args.decoder_export,
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Distributed training on CPU: DDP and FSDP2 (ModelParallelStrategy, gloo) on 2 processes train the reducer and
-decoder stages exactly as one process does on the same global batches; FSDP2 shards what it should, its checkpoint
-loads into a single-process stage, runs resume; the multi-node launch scripts are valid and the torchrun one trains.
+"""Distributed training on CPU: DDP and FSDP2 (ModelParallelStrategy, gloo) on 2 processes train the reducer,
+decoder and sampler stages exactly as one process does on the same global batches; FSDP2 shards what it should, the
+checkpoints hold no VLM weights and load into a single-process stage, runs resume; the multi-node launch scripts are
+valid and the torchrun one trains; `vugen export-geneval` on 2 torchrun processes writes one process's bytes.
 
 The distributed runs are subprocesses of ``tests/distributed_fit.py`` (Lightning's launcher re-runs the command
-line as rank 1: under pytest it would re-run pytest), one launch per strategy training both stages (each process
+line as rank 1: under pytest it would re-run pytest), one launch per strategy training every stage (each process
 pays ~10 s of imports); the single-process reference runs the same code in this process.
 """
 
@@ -24,18 +25,27 @@ import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests import distributed_fit as fit
+from tests.test_generate_cli import GENEVAL_LINES, tree
+from tests.test_pipeline import make_decoder_export, make_stage
+from vugen.cli import main as vugen_main
 from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.pipeline import VugenPipeline
 from vugen.stages import DecoderStage, ReducerStage
+from vugen.stages.sampler import SamplerStage
+from vugen_adapters.llava import LlavaAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_fit.py"
 MULTINODE = ROOT / "examples" / "multinode"
-STAGE_CLASSES = {"reducer": ReducerStage, "decoder": DecoderStage}
+STAGE_CLASSES = {"reducer": ReducerStage, "decoder": DecoderStage, "sampler": SamplerStage}
+# What a checkpoint holds besides the trainable weights.
+CHECKPOINT_EXTRAS = {"reducer": {"pca_fitted"}, "decoder": {"pca_fitted"}, "sampler": set()}
 # Final weights after 3 SGD steps (lr 0.05, weights of order 1). The runs differ only in float summation order
 # (a batch of 16 reduced inside one matmul vs two halves of 8 averaged by all-reduce): fp32 rounding, ~1e-7 relative
 # in the gradients, moves the weights by about lr * 1e-7 per step. Measured: 3e-8 for the reducer stage, 0.0 for the
-# decoder stage (its micro-batches are computed identically and halves add exactly). 1e-5 leaves margin for other
-# CPUs and BLAS builds, far below real faults (measured: one wrong batch 3e-3, each rank drawing the same noise 0.13).
+# decoder and sampler stages (their micro-batches are computed identically and halves add exactly). 1e-5 leaves
+# margin for other CPUs and BLAS builds, far below real faults (measured: one wrong batch 3e-3, each rank drawing the
+# same noise 0.13).
 TOLERANCE = 1e-5
 # Environment a launched run must not inherit: a leaked LOCAL_RANK makes Lightning think it was launched already.
 LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -43,6 +53,7 @@ LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MAS
 
 # The main run of each strategy; the single and DDP runs also resume (cheap), the FSDP2 resume is a run of its own.
 MAIN_FLAGS = {"single": ("--resume",), "ddp": ("--resume",), "fsdp": ()}
+FSDP_RESUME_FLAGS = ("--stages", "reducer", "sampler", "--resume")
 
 
 class Run(NamedTuple):
@@ -75,7 +86,13 @@ def tiny_llava(tiny_checkpoint) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llava, tmp_path_factory) -> Callable[..., Run]:
+def decoder_export(tiny_llava, tmp_path_factory) -> str:
+    """The decoder-stage export (random weights, 16 px, 8-dim latents) the sampler stage is built on."""
+    return str(make_decoder_export(LlavaAdapter(tiny_llava), tmp_path_factory.mktemp("decoder") / "export"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llava, decoder_export, tmp_path_factory) -> Callable[..., Run]:
     """``runs(strategy, *flags) -> Run``: each distinct run once per module (single: in this process)."""
     done: dict[tuple[str, ...], Run] = {}
 
@@ -84,10 +101,11 @@ def runs(tiny_llava, tmp_path_factory) -> Callable[..., Run]:
         if key not in done:
             out = tmp_path_factory.mktemp("-".join(key).replace("--", ""))
             if strategy == "single":
-                fit.run("single", out, tiny_llava, resume_too="--resume" in flags)
+                fit.run("single", out, tiny_llava, resume_too="--resume" in flags, decoder_export=decoder_export)
                 done[key] = Run(out)
             else:
                 command = [sys.executable, str(SCRIPT), strategy, str(out), tiny_llava, *flags]
+                command += ["--decoder-export", decoder_export]
                 result = subprocess.run(command, cwd=out, env=launch_env(), capture_output=True, text=True, timeout=300)
                 done[key] = Run(out, result.returncode, result.stderr)
         return done[key]
@@ -131,10 +149,10 @@ def test_the_trainer_configs_name_what_the_launchers_override():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_train_exactly_as_one_on_the_same_global_batches(runs, strategy, stage):
     single, parallel = runs("single", *MAIN_FLAGS["single"]), runs(strategy, *MAIN_FLAGS[strategy])
-    # Same data: per step, rank 0's images then rank 1's are the single process's global batch (per-image sums).
-    reference = single.rank_report(stage, 0)["image_sums"]
-    ranks = [parallel.rank_report(stage, r)["image_sums"] for r in range(fit.WORLD_SIZE)]
-    if stage == "decoder":  # the single process accumulates the global batch as micro-batches of the ranks' size
+    # Same data: per step, rank 0's examples then rank 1's are the single process's global batch (per-example sums).
+    reference = single.rank_report(stage, 0)["checksums"]
+    ranks = [parallel.rank_report(stage, r)["checksums"] for r in range(fit.WORLD_SIZE)]
+    if stage != "reducer":  # the single process accumulates the global batch as micro-batches of the ranks' size
         reference = [reference[k] + reference[k + 1] for k in range(0, len(reference), fit.WORLD_SIZE)]
     assert len(reference) == fit.STEPS
     assert [ranks[0][k] + ranks[1][k] for k in range(fit.STEPS)] == reference
@@ -144,12 +162,15 @@ def test_two_processes_train_exactly_as_one_on_the_same_global_batches(runs, str
     assert_same_weights(parallel.weights(f"{stage}-initial-weights.pt"), start, atol=0)
     final = single.weights(f"{stage}-weights.pt")
     assert max(float((final[k] - start[k]).abs().max()) for k in start) > 1000 * TOLERANCE
+    if stage == "sampler":  # every kind of weight trained: LoRA A and B in the LM, and the bridge
+        for part in (".lora_A.", ".lora_B.", "bridge."):
+            assert max(float((final[k] - start[k]).abs().max()) for k in start if part in k) > 1000 * TOLERANCE, part
     assert_same_weights(parallel.weights(f"{stage}-weights.pt"), final, atol=TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", fit.STAGES)
+@pytest.mark.parametrize("stage", ["reducer", "decoder"])
 def test_fsdp2_shards_trainable_weights_and_adapter_blocks_and_configure_model_is_idempotent(runs, stage):
     reports = [runs("fsdp", *MAIN_FLAGS["fsdp"]).rank_report(stage, r) for r in range(fit.WORLD_SIZE)]
     for report in reports:
@@ -167,20 +188,54 @@ def test_fsdp2_shards_trainable_weights_and_adapter_blocks_and_configure_model_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", fit.STAGES)
-def test_fsdp2_checkpoint_loads_into_a_single_process_stage_without_vlm_weights(runs, stage, tmp_path):
-    run = runs("fsdp", *MAIN_FLAGS["fsdp"])
-    folder = run.check() / f"{stage}.ckpt"
-    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+def test_fsdp2_shards_each_lora_layer_and_the_bridge_as_units_of_their_own(runs):
+    reports = [runs("fsdp", *MAIN_FLAGS["fsdp"]).rank_report("sampler", r) for r in range(fit.WORLD_SIZE)]
+    for report in reports:
+        assert report["configure_model_twice_same_params"] is True
+        sharding, units = report["sharding"], set(report["sharding"]["units"])
+        lora_units = {f"{layer}.{kind}.default" for layer in report["lora_layers"] for kind in ("lora_A", "lora_B")}
+        assert report["lora_layers"] and lora_units <= units
+        assert report["bridge_children"] and set(report["bridge_children"]) <= units
+        # Every trainable weight is sharded: FSDP2 averages the gradients of its own parameters only.
+        assert sharding["trainable_plain"] == []
+        trainable = sharding["trainable"]
+        assert trainable["count"] == trainable["dtensors"] == trainable["dim0_shards_of_2"] > 0
+        assert set(sharding["block_classes"]) <= set(sharding["adapter_unit_classes"])  # LoRA: Linear units
+        assert sharding["adapter_units"]["count"] == sharding["adapter_units"]["dtensors"] > 0
+        assert sharding["adapter_rest"]["count"] > 0 and sharding["adapter_rest"]["dtensors"] == 0
+    for kind in ("trainable", "adapter_units"):  # the ranks' shards add up to the whole
+        local = [report["sharding"][kind]["local_numel"] for report in reports]
+        assert sum(local) == reports[0]["sharding"][kind]["global_numel"] and min(local) > 0
+
+
+def consolidated_state(run: Run, stage: str, strategy: str, tmp_path: Path) -> Path:
+    """The run's checkpoint as one single-process file (FSDP2's folder converted); checks the FSDP2 layout."""
+    path = run.check() / f"{stage}.ckpt"
+    if strategy == "ddp":
+        return path
+    assert sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     # torch's public converter: Lightning's consolidate_checkpoint CLI expects FSDPStrategy's "model" key.
-    dcp_to_torch_save(folder, tmp_path / "state.pt")
+    dcp_to_torch_save(path, tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)["state_dict"]
-    assert not [key for key in state if key.startswith("adapter.")]
+    torch.save(torch.load(path / "meta.pt", weights_only=False) | {"state_dict": state}, tmp_path / "single.ckpt")
+    return tmp_path / "single.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", fit.STAGES)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_loads_into_a_single_process_stage_without_vlm_weights(runs, strategy, stage, tmp_path):
+    run = runs(strategy, *MAIN_FLAGS[strategy])
+    path = consolidated_state(run, stage, strategy, tmp_path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    # No frozen weight: of the VLM only the sampler's LoRA layers, nor the sampler's frozen reducer and decoder.
+    assert not [key for key in state if key.startswith("adapter.") and ".lora_A." not in key and ".lora_B." not in key]
+    if stage == "sampler":
+        assert not [key for key in state if key.startswith(("reducer.", "decoder."))]
+        assert sum(key.startswith("bridge.") for key in state) > 0 and sum(".lora_" in key for key in state) > 0
     trained = run.weights(f"{stage}-weights.pt")
-    assert set(state) == set(trained) | {"pca_fitted"}
-    checkpoint = torch.load(folder / "meta.pt", weights_only=False) | {"state_dict": state}
-    torch.save(checkpoint, tmp_path / "single.ckpt")
-    loaded = STAGE_CLASSES[stage].load_from_checkpoint(tmp_path / "single.ckpt")  # adapter rebuilt from hparams
+    assert set(state) == set(trained) | CHECKPOINT_EXTRAS[stage]
+    loaded = STAGE_CLASSES[stage].load_from_checkpoint(path)  # adapter (and decoder export) rebuilt from hparams
     assert_same_weights(fit.full_trainable_weights(loaded), trained, atol=0)
 
 
@@ -223,9 +278,12 @@ def test_export_dir_holds_the_trained_weights(runs, strategy, stage):
     [
         ("single", MAIN_FLAGS["single"], "reducer"),
         ("single", MAIN_FLAGS["single"], "decoder"),
+        ("single", MAIN_FLAGS["single"], "sampler"),
         ("ddp", MAIN_FLAGS["ddp"], "reducer"),
         ("ddp", MAIN_FLAGS["ddp"], "decoder"),
-        ("fsdp", ("--stages", "reducer", "--resume"), "reducer"),
+        ("ddp", MAIN_FLAGS["ddp"], "sampler"),
+        ("fsdp", FSDP_RESUME_FLAGS, "reducer"),
+        ("fsdp", FSDP_RESUME_FLAGS, "sampler"),
     ],
 )
 def test_a_run_resumes_from_its_checkpoint(runs, strategy, flags, stage):
@@ -291,3 +349,36 @@ def test_the_torchrun_example_trains_a_stage_with_fsdp2(tiny_llava, tmp_path):
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert torch.load(checkpoint / "meta.pt", weights_only=False)["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+@pytest.mark.slow
+def test_export_geneval_on_two_torchrun_processes_writes_the_bytes_of_one_process(
+    tiny_llava, decoder_export, tmp_path, monkeypatch
+):
+    """`vugen export-geneval` under torchrun: each process takes its prompts (RANK / WORLD_SIZE from torchrun)."""
+    bundle = VugenPipeline.from_stage(make_stage(tiny_llava, decoder_export)).save_pretrained(tmp_path / "bundle")
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
+    options = ["--n", "2", "--seed", "5"]
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "logs")]
+    # "--": else torchrun's parser takes --n for an abbreviation of its own options
+    command += ["--redirects", "3", "--no-python", "--", str(bin_dir / "vugen"), "export-geneval"]
+    command += [str(bundle), str(metadata), str(tmp_path / "two"), *options]
+    launch = subprocess.Popen(command, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the one-process reference meanwhile, through the same CLI in this process
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        vugen_main(["export-geneval", str(bundle), str(metadata), str(tmp_path / "one"), *options])
+        output, _ = launch.communicate(timeout=300)
+    finally:
+        launch.kill()
+    assert launch.returncode == 0, output[-4000:]
+
+    one = tree(tmp_path / "one")
+    assert len(one) == 1 + 3 * 4  # the sidecar, then per prompt its metadata, 2 samples and the grid
+    assert tree(tmp_path / "two") == one
+    # Each process generated its own prompts: prompt i on rank i % 2 (its progress line names its shard).
+    logs = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"{rank}/*.log")) for rank in (0, 1)}
+    assert "rank 0/2" in logs[0] and "rank 1/2" in logs[1], logs
