@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils import flop_counter
+from torch.utils.data import DataLoader
 
 __all__ = [
     "Benchmark",
@@ -35,6 +36,7 @@ __all__ = [
     "environment",
     "interleaved",
     "intervals_after",
+    "lightning_steps",
     "matmul_flops_per_second",
     "print_report",
     "progress",
@@ -302,3 +304,37 @@ def print_report(rows: Sequence[Row], env: dict[str, Any], console: Console | No
             row.detail,
         )
     console.print(table)
+
+
+class StepClock(lightning.Callback):
+    """Reads the clock at the end of every optimizer step, after the device has finished it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, *args: Any) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+
+def lightning_steps(
+    stage: lightning.LightningModule, batch: dict[str, Any], warmup_steps: int, train_steps: int, settings: Settings
+) -> list[float]:
+    """Seconds per optimizer step of ``Trainer.fit`` on ``batch`` repeated, after ``warmup_steps`` untimed steps."""
+    clock = StepClock(settings.device)
+    trainer = lightning.Trainer(
+        accelerator=settings.device.type,
+        devices=1,
+        precision=settings.precision,
+        max_epochs=1,
+        callbacks=[clock],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    # batch_size=None: the loader yields the prepared batch itself, already on the device.
+    trainer.fit(stage, DataLoader([batch] * (warmup_steps + train_steps), batch_size=None))
+    return intervals_after(clock.stamps, warmup_steps)

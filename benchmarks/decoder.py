@@ -22,12 +22,9 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer
 from torch import Tensor
-from torch.utils.data import DataLoader
 from transformers.utils import logging as transformers_logging
 
 from benchmarks.common import (
@@ -39,6 +36,7 @@ from benchmarks.common import (
     count_flops,
     interleaved,
     intervals_after,
+    lightning_steps,
     matmul_flops_per_second,
     progress,
     synchronize,
@@ -181,39 +179,6 @@ def _check_same_loss(stage: DecoderStage, batch: dict[str, Tensor], settings: Se
         )
 
 
-class _StepClock(Callback):
-    """Reads the clock at the end of every optimizer step, after the device has finished it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stamps: list[float] = []
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-
-
-def _lightning_steps(
-    stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
-) -> list[float]:
-    clock = _StepClock(settings.device)
-    trainer = Trainer(
-        accelerator=settings.device.type,
-        devices=1,
-        precision=settings.precision,
-        max_epochs=1,
-        callbacks=[clock],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
-    # batch_size=None: the loader yields the prepared batch itself, already on the device.
-    trainer.fit(stage, DataLoader([batch] * (config.warmup_steps + config.train_steps), batch_size=None))
-    return intervals_after(clock.stamps, config.warmup_steps)
-
-
 def _plain_backward(stage: DecoderStage, batch: dict[str, Tensor], settings: Settings) -> None:
     """Forward (autocast as Lightning's precision plugin does) and backward of the plain loss."""
     with settings.autocast():
@@ -243,7 +208,7 @@ def _training_row(
     progress(f"decoder: training steps, Lightning vs plain loop ({config.repeats} runs each)")
     times = interleaved(
         {
-            "lightning": lambda: _lightning_steps(stage, batch, config, settings),
+            "lightning": lambda: lightning_steps(stage, batch, config.warmup_steps, config.train_steps, settings),
             "plain": lambda: _plain_steps(stage, batch, config, settings),
         },
         config.repeats,

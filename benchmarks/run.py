@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decoder
+from benchmarks import decoder, sampler
 from benchmarks.common import PRECISIONS, Benchmark, Settings, environment, print_report
 
 # One line per benchmark module: name -> module with add_arguments / configure / rows (see common.Benchmark).
 BENCHMARKS: dict[str, Benchmark] = {
     "decoder": decoder,
+    "sampler": sampler,
 }
 
 

@@ -1,5 +1,6 @@
 """`python -m benchmarks.run --quick`: it runs end to end, prints the environment and table, and writes rows whose
-numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly."""
+numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly. The sampler
+benchmark's uncached reference generates the latents that `SamplerStage.generate_latents` does."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.common import Row, intervals_after
 from benchmarks.run import main
+from benchmarks.sampler import PRESETS as SAMPLER_PRESETS
+from benchmarks.sampler import build_stage, make_prompts, uncached_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_SAMPLING = [f"decoder/sample/{method}/{steps}" for method in ("euler", "heun") for steps in (2, 4)]
+QUICK_SAMPLER = ["sampler/generate/euler/2", "sampler/generate/ideal", "sampler/train_step", "sampler/train_throughput"]
 
 
 def run_benchmarks(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -25,7 +30,7 @@ def run_benchmarks(*args: str, timeout: float = 120) -> subprocess.CompletedProc
 
 def test_quick_run_writes_consistent_rows(tmp_path):
     out = tmp_path / "out.json"
-    result = run_benchmarks("--quick", "--device", "cpu", "--threads", "1", "--json", str(out), timeout=60)
+    result = run_benchmarks("--quick", "--device", "cpu", "--threads", "1", "--json", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     env = report["environment"]
@@ -34,7 +39,7 @@ def test_quick_run_writes_consistent_rows(tmp_path):
     for value in (env["device"], f"torch: {env['torch']}", "threads: 1", "vugen benchmarks", "decoder/train_step"):
         assert value in result.stdout
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["decoder/train_step", "decoder/mfu", *QUICK_SAMPLING]
+    assert list(rows) == ["decoder/train_step", "decoder/mfu", *QUICK_SAMPLING, *QUICK_SAMPLER]
     for row in rows.values():
         for key in ("measured", "reference", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
@@ -45,6 +50,15 @@ def test_quick_run_writes_consistent_rows(tmp_path):
     assert (train["unit"], train["target"]) == ("ms/step", 1.05)
     # MFU: the achieved FLOP/s of a training step cannot exceed the machine's matmul peak by much.
     assert rows["decoder/mfu"]["unit"] == "GFLOP/s" and 0 < rows["decoder/mfu"]["ratio"] < 1.5
+    # Sampler: P is the quick preset's 24-token prompt, N the tiny LLaVA's 8 x 8 latent tokens.
+    generate, ideal = rows["sampler/generate/euler/2"], rows["sampler/generate/ideal"]
+    assert (generate["unit"], generate["target"]) == ("ms/image", 1.05) and "P=24+BOI N=64" in generate["detail"]
+    # The ideal ratio T_img / (T_prompt + T_img) is below 1 and its inverse is the speedup in the detail.
+    assert ideal["unit"] == "ms/forward" and 0 < ideal["ratio"] < 1
+    assert f"= {1 / ideal['ratio']:.2f}x" in ideal["detail"]
+    assert (rows["sampler/train_step"]["unit"], rows["sampler/train_step"]["target"]) == ("ms/step", 1.05)
+    throughput = rows["sampler/train_throughput"]
+    assert throughput["unit"] == "samples/s" and throughput["compares"].startswith("latent cache / images")
 
 
 @pytest.mark.parametrize(
@@ -55,6 +69,10 @@ def test_quick_run_writes_consistent_rows(tmp_path):
         (["--decoder-sample-steps", "5", "0"], "--decoder-sample-steps must be >= 1, got (5, 0)"),
         (["--decoder-samplers", "sde"], "argument --decoder-samplers: invalid choice: 'sde'"),
         (["--only", "nothing"], "argument --only: invalid choice: 'nothing'"),
+        (["--sampler-lm-heads", "3"], "--sampler-lm-heads (3) must be even and divide --sampler-lm-width (64)"),
+        (["--sampler-latent-dim", "32"], "--sampler-latent-dim (32) must be below --sampler-vision-width (32)"),
+        (["--sampler-prompt-tokens", "0"], "--sampler-prompt-tokens must be >= 1, got 0"),
+        (["--sampler-method", "sde"], "argument --sampler-method: invalid choice: 'sde'"),
     ],
 )
 def test_bad_flags_fail_before_measuring_and_name_the_flag(args, message, capsys):
@@ -63,7 +81,33 @@ def test_bad_flags_fail_before_measuring_and_name_the_flag(args, message, capsys
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert message in stderr
-    assert "decoder:" not in stderr  # nothing was measured
+    assert "decoder:" not in stderr and "sampler:" not in stderr  # nothing was measured
+
+
+@pytest.fixture(scope="module")
+def sampler_stage(tmp_path_factory):
+    return build_stage(tmp_path_factory.mktemp("sampler-bench"), SAMPLER_PRESETS["quick"]).eval()
+
+
+def test_the_uncached_reference_generates_the_latents_of_the_prompt_cache(sampler_stage):
+    prompts = make_prompts(sampler_stage.adapter, 2, 24)
+    with torch.no_grad():
+        cached = sampler_stage.generate_latents(prompts, [0, 1])
+        uncached = uncached_latents(sampler_stage, prompts, [0, 1])
+        other_prompts = uncached_latents(sampler_stage, prompts[::-1], [0, 1])
+    torch.testing.assert_close(uncached, cached, atol=1e-5, rtol=1e-4)
+    # Not equal by accident: the latents depend on the prompt (the perturbed LoRA and bridge read it).
+    assert (other_prompts - cached).abs().max() > 1e-2
+
+
+def test_prompts_are_the_shortest_of_at_least_the_asked_tokens(sampler_stage):
+    adapter = sampler_stage.adapter
+    prompts = make_prompts(adapter, 3, 40)
+    assert len(set(prompts)) == 3
+    for prompt in prompts:
+        assert adapter.tokenize([prompt])["input_ids"].shape[1] >= 40
+        shorter = prompt.rsplit(" ", 1)[0]
+        assert adapter.tokenize([shorter])["input_ids"].shape[1] < 40
 
 
 def test_row_ratio_and_spread_come_from_the_samples():

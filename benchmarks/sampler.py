@@ -1,0 +1,473 @@
+"""Stage 2 (``SamplerStage``): the prompt KV cache, the latent cache, and Lightning against plain PyTorch, each
+against its reference in the same run.
+
+Rows:
+
+- ``sampler/generate/<method>/<steps>``: ms per image of ``SamplerStage.generate_latents``, which runs the prompt
+  once and reuses its KV cache at every flow step, vs :func:`uncached_latents`: the same sampler loop and guidance
+  re-running the whole ``[prompt][BOI][latents]`` sequence through ``SamplerStage.velocity`` at every step (the
+  latents of both are checked equal first). Classifier-free guidance doubles the batch of both.
+- ``sampler/generate/ideal``: the lowest ratio the cache can give, ``T_img / (T_prompt + T_img)``, from forward times
+  measured now: ``T_prompt`` the ``[prompt][BOI]`` pass, ``T_img`` one cached latent step (with its cache copy). Its
+  inverse ``(T_prompt + T_img) / T_img`` is the ideal speedup, in the detail column.
+- ``sampler/train_step``: ms per optimizer step of ``Trainer.fit`` vs a hand-written loop (prompt dropout, flow-
+  matching inputs, ``velocity``, loss, backward, AdamW step, zero_grad) on one in-memory latent-cache batch; the
+  loop's loss is first checked equal to ``training_step``'s.
+- ``sampler/train_throughput``: samples/s of ``Trainer.fit`` on latent-cache batches (``latents``) vs on image
+  batches (``images``: the frozen vision tower and reducer run every step); the ratio is the latent cache's speedup.
+  The two batches hold the same samples (their losses are checked equal first).
+
+The VLM is the tiny offline LLaVA (``vugen_adapters.tiny``) with its language model and vision tower widened to the
+preset's sizes (random weights); the LoRA and bridge are perturbed from their zero initialisation so that the
+latents depend on them. Prompts are Shapes-style captions grown to ``prompt_tokens`` chat-templated tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import functools
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers.utils import logging as transformers_logging
+
+from benchmarks.common import (
+    Row,
+    Settings,
+    add_config_arguments,
+    check_positive,
+    config_from_args,
+    interleaved,
+    intervals_after,
+    lightning_steps,
+    progress,
+    synchronize,
+    timed,
+)
+from vugen.diffusion import (
+    METHODS,
+    classifier_free_guidance,
+    flow_matching_inputs,
+    flow_matching_loss,
+    sample,
+    sample_timesteps,
+)
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.stages import DecoderStage
+from vugen.stages.sampler import SamplerStage
+from vugen_adapters.base import positions_from_mask
+from vugen_adapters.llava import LlavaAdapter
+from vugen_adapters.tiny import build_tiny_vlm
+
+__all__ = [
+    "SamplerBenchConfig",
+    "add_arguments",
+    "build_stage",
+    "configure",
+    "make_prompts",
+    "plain_loss",
+    "rows",
+    "uncached_latents",
+]
+
+NAME = "sampler"
+LEARNING_RATE = 1e-4
+TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
+GUIDANCE_SCALE = 3.0  # SamplerStage's default: the CFG batch is twice the prompts
+PERTURBATION = 0.05  # std of the noise added to the trainable weights (LoRA B and the head's output start at zero)
+# Caption words of the Shapes data set, cycled to build prompts of a given token length.
+_WORDS = (
+    "a large red circle on the left of a small blue square at the top and a green triangle below the yellow "
+    "square to the right of a magenta circle in the center with a cyan triangle above a white square"
+).split()
+
+
+@dataclass(frozen=True)
+class SamplerBenchConfig:
+    """Sizes and repeat counts of the sampler benchmark (each field is a ``--sampler-<field>`` flag)."""
+
+    lm_width: int = field(metadata={"help": "language model hidden size"})
+    lm_depth: int = field(metadata={"help": "language model layers"})
+    lm_heads: int = field(metadata={"help": "language model attention heads (half as many key/value heads)"})
+    vision_width: int = field(metadata={"help": "vision tower hidden size"})
+    vision_depth: int = field(metadata={"help": "vision tower layers"})
+    latent_dim: int = field(metadata={"help": "latent channels, below the vision tower's width"})
+    head_width: int = field(metadata={"help": "width of the bridge's MLP flow head (reducer hidden width too)"})
+    lora_rank: int = field(metadata={"help": "LoRA rank"})
+    prompt_tokens: int = field(metadata={"help": "chat-templated prompt length in tokens (at least)"})
+    prompts: int = field(metadata={"help": "prompts per generation call"})
+    sample_steps: int = field(metadata={"help": "flow steps per generation"})
+    method: str = field(metadata={"help": "sampling method of generation", "choices": METHODS[:2]})
+    forward_calls: int = field(metadata={"help": "timed forwards of each part per run, for the ideal ratio"})
+    batch_size: int = field(metadata={"help": "training batch"})
+    train_steps: int = field(metadata={"help": "timed optimizer steps per run"})
+    warmup_steps: int = field(metadata={"help": "untimed optimizer steps first in each run"})
+    repeats: int = field(metadata={"help": "interleaved runs of each side"})
+
+    def __post_init__(self) -> None:
+        check_positive(self, NAME)
+        if self.lm_heads % 2 or self.lm_width % self.lm_heads:
+            raise ValueError(
+                f"--sampler-lm-heads ({self.lm_heads}) must be even and divide --sampler-lm-width ({self.lm_width})"
+            )
+        if self.vision_width % 4:
+            raise ValueError(f"--sampler-vision-width ({self.vision_width}) must be a multiple of 4 (4 heads)")
+        if self.latent_dim >= self.vision_width:
+            raise ValueError(
+                f"--sampler-latent-dim ({self.latent_dim}) must be below --sampler-vision-width ({self.vision_width})"
+            )
+
+
+PRESETS = {
+    "quick": SamplerBenchConfig(64, 2, 4, 32, 2, 8, 32, 4, 24, 1, 2, "euler", 2, 2, 2, 1, 1),
+    "cpu": SamplerBenchConfig(256, 4, 8, 256, 4, 16, 256, 16, 96, 1, 20, "euler", 5, 4, 8, 2, 5),
+    "cuda": SamplerBenchConfig(1024, 12, 16, 512, 12, 32, 512, 16, 96, 8, 25, "euler", 10, 32, 20, 5, 3),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--sampler-*`` flags."""
+    add_config_arguments(parser, NAME, SamplerBenchConfig)
+
+
+def configure(settings: Settings, args: argparse.Namespace) -> SamplerBenchConfig:
+    """The preset of ``settings`` with the given ``--sampler-*`` flags; ValueError naming a bad flag."""
+    return config_from_args(args, NAME, PRESETS[settings.preset])
+
+
+def rows(settings: Settings, config: SamplerBenchConfig) -> list[Row]:
+    """Measure generation with and without the prompt cache, and training steps (see the module docstring)."""
+    transformers_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Lightning's advice that does not apply here: in-memory batches need no loader workers, validation is
+        # not benchmarked, and the frozen VLM, reducer and decoder stay in eval mode on purpose.
+        for message in ("does not have many workers", "no `val_dataloader`", "module\\(s\\) in eval mode"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        progress(f"sampler: building the LLaVA (LM w{config.lm_width} d{config.lm_depth}) and the stage")
+        stage = build_stage(Path(tmp), config).to(settings.device)
+        prompts = make_prompts(stage.adapter, config.prompts, config.prompt_tokens)
+        generation = _generation_rows(stage, prompts, config, settings)
+        batches = _training_batches(stage, config, settings)
+        _check_same_loss(stage, batches, settings)
+        return [*generation, *_training_rows(stage, batches, config, settings)]
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def build_stage(directory: Path, config: SamplerBenchConfig) -> SamplerStage:
+    """A ``SamplerStage`` on the tiny LLaVA widened to ``config``, with a random decoder export, in ``directory``.
+
+    The trainable LoRA and bridge weights are perturbed from their initialisation (seeded), so that sampled latents
+    depend on the LoRA, the bridge and the prompt.
+    """
+    pretrained = build_tiny_vlm("llava", directory / "vlm")
+    vlm_config = LlavaConfig.from_pretrained(pretrained)
+    width, heads = config.lm_width, config.lm_heads
+    text = {"hidden_size": width, "intermediate_size": 3 * width, "num_hidden_layers": config.lm_depth}
+    text |= {"num_attention_heads": heads, "num_key_value_heads": heads // 2, "head_dim": width // heads}
+    vision = {"hidden_size": config.vision_width, "intermediate_size": 4 * config.vision_width}
+    vision |= {"num_hidden_layers": config.vision_depth}
+    vlm_config.text_config.update(text)
+    vlm_config.vision_config.update(vision)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(vlm_config).save_pretrained(pretrained)  # the tokenizer and processor stay
+    adapter = LlavaAdapter(str(pretrained))
+    reducer = DimensionReducer(adapter.feature_dim, config.latent_dim, hidden_dim=config.head_width, num_blocks=1)
+    decoder = PixelDecoder(config.latent_dim, patch_size=8, width=32, depth=1, num_heads=2, image_size=32)
+    export = DecoderStage(adapter, decoder, reducer=reducer).export(directory / "decoder-export")
+    optimizer = functools.partial(torch.optim.AdamW, lr=LEARNING_RATE)
+    stage = SamplerStage(
+        adapter,
+        str(export),
+        lora_rank=config.lora_rank,
+        head_width=config.head_width,
+        sampler=config.method,
+        sample_steps=config.sample_steps,
+        guidance_scale=GUIDANCE_SCALE,
+        optimizer=optimizer,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in stage.parameters():
+            if parameter.requires_grad:
+                parameter.add_(PERTURBATION * torch.randn(parameter.shape, generator=generator))
+    return stage
+
+
+def make_prompts(adapter: LlavaAdapter, count: int, tokens: int) -> list[str]:
+    """``count`` different Shapes-style captions, each the shortest of at least ``tokens`` chat-templated tokens."""
+    if tokens > adapter.max_prompt_tokens:
+        raise ValueError(f"prompts of {tokens} tokens: the adapter truncates at {adapter.max_prompt_tokens}")
+    result = []
+    for start in range(count):
+        words: list[str] = []
+        while len(words) < 10 * tokens:  # the tiny BPE never needs more than a few tokens per word
+            words.append(_WORDS[(5 * start + len(words)) % len(_WORDS)])
+            prompt = " ".join(words)
+            if adapter.tokenize([prompt])["input_ids"].shape[1] >= tokens:
+                break
+        result.append(prompt)
+    return result
+
+
+def _describe(stage: SamplerStage, prompt_tokens: int) -> str:
+    lm = stage.adapter.vlm.config.text_config
+    vision = stage.adapter.vlm.config.vision_config
+    return (
+        f"LM w{lm.hidden_size} d{lm.num_hidden_layers}, ViT w{vision.hidden_size} d{vision.num_hidden_layers}; "
+        f"P={prompt_tokens}+BOI N={stage.bridge.num_tokens}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+def uncached_latents(stage: SamplerStage, prompts: list[str], seeds: list[int]) -> Tensor:
+    """What ``stage.generate_latents(prompts, seeds)`` computes, without the prompt cache.
+
+    The same noise, sampler loop and classifier-free guidance, but every flow step runs the whole
+    ``[prompt][BOI][latents]`` sequence through ``SamplerStage.velocity``.
+
+    Returns:
+        Latents ``[B, N, d]``.
+    """
+    settings = stage.sampling
+    b, scale = len(prompts), float(settings["guidance_scale"])
+    all_prompts = prompts + [""] * b if scale != 1.0 else prompts
+    prefix_embeds, prefix_mask = stage.prefix(all_prompts)
+    shape = (stage.bridge.num_tokens, stage.bridge.latent_dim)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    noise = noise.to(device=prefix_embeds.device, dtype=stage.bridge.in_proj.weight.dtype)
+
+    def model_fn(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+        return stage.velocity(z_t, t, prefix_embeds[rows], prefix_mask[rows])
+
+    rows = torch.arange(len(all_prompts), device=noise.device)
+    interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
+    guided = classifier_free_guidance(model_fn, rows[:b], rows[b:] if scale != 1.0 else None, scale, interval)
+    shift = settings["time_shift"] if settings["time_shift"] is not None else stage.shift()
+    return sample(guided, noise, steps=int(settings["steps"]), method=settings["sampler"], shift=float(shift))
+
+
+def _generation_rows(
+    stage: SamplerStage, prompts: list[str], config: SamplerBenchConfig, settings: Settings
+) -> list[Row]:
+    stage.eval()
+    seeds = list(range(len(prompts)))
+    prompt_tokens = stage.adapter.tokenize(prompts)["input_ids"].shape[1]
+
+    @torch.no_grad()
+    def cached() -> Tensor:
+        with settings.autocast():
+            return stage.generate_latents(prompts, seeds)
+
+    @torch.no_grad()
+    def uncached() -> Tensor:
+        with settings.autocast():
+            return uncached_latents(stage, prompts, seeds)
+
+    progress(f"sampler: generation with and without the prompt cache ({config.repeats} runs each)")
+    with torch.no_grad():  # in full precision: bf16 rounds the cached and the full sequence differently
+        _check_same_latents(stage.generate_latents(prompts, seeds), uncached_latents(stage, prompts, seeds))
+    cached()  # warm-up of both sides: first-call allocations and kernel selection
+    uncached()
+    times = interleaved(
+        {
+            "cached": lambda: [timed(cached, settings.device)],
+            "uncached": lambda: [timed(uncached, settings.device)],
+        },
+        config.repeats,
+    )
+    count, steps, method = len(prompts), config.sample_steps, config.method
+    calls = 2 * steps - 1 if method == "heun" else steps
+    generate = Row.from_samples(
+        f"sampler/generate/{method}/{steps}",
+        "ms/image",
+        [1e3 * t / count for t in times["cached"]],
+        [1e3 * t / count for t in times["uncached"]],
+        compares="generate_latents (prompt KV cache) / full sequence every step",
+        target=TARGET_RATIO,  # the cache must never cost time
+        detail=(
+            f"{_describe(stage, prompt_tokens)}; {count} prompt(s) x CFG {GUIDANCE_SCALE:g}; {calls} LM calls x "
+            f"{config.repeats} runs"
+        ),
+    )
+    return [generate, _ideal_row(stage, prompts, prompt_tokens, config, settings)]
+
+
+def _check_same_latents(cached: Tensor, uncached: Tensor) -> None:
+    error = (cached - uncached).abs().max().item()
+    if error > 1e-3 * max(1.0, uncached.abs().max().item()):
+        raise RuntimeError(
+            f"the uncached reference no longer matches SamplerStage.generate_latents (max abs difference {error:.3g});"
+            " update benchmarks/sampler.py:uncached_latents"
+        )
+
+
+@torch.no_grad()
+def _ideal_row(
+    stage: SamplerStage, prompts: list[str], prompt_tokens: int, config: SamplerBenchConfig, settings: Settings
+) -> Row:
+    """Forward times of the two parts of a sequence, on the CFG batch as ``generate_latents`` runs them."""
+    all_prompts = prompts + [""] * len(prompts)
+    prefix_embeds, prefix_mask = stage.prefix(all_prompts)
+    positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
+    image_from = stage._image_from(prefix_mask)
+
+    def prompt_pass() -> tuple[Tensor, Any]:
+        with settings.autocast():
+            return stage._run(prefix_embeds, prefix_mask, positions, image_from)
+
+    hidden, cache = prompt_pass()
+    rows = torch.arange(len(all_prompts), device=prefix_embeds.device)
+    shape = (len(all_prompts), stage.bridge.num_tokens, stage.bridge.latent_dim)
+    z_t = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(prefix_embeds)
+    t = torch.full((len(all_prompts),), 0.5, device=z_t.device)
+
+    def latent_step() -> Tensor:
+        with settings.autocast():
+            return stage._cached_velocity(z_t, t, rows, cache, prefix_mask, hidden[:, -1])
+
+    latent_step()  # warm-up: first-call allocations
+    progress(f"sampler: forward times of the prompt and of a cached latent step ({config.repeats} runs each)")
+    times = interleaved(
+        {
+            "prompt": lambda: [timed(prompt_pass, settings.device) for _ in range(config.forward_calls)],
+            "image": lambda: [timed(latent_step, settings.device) for _ in range(config.forward_calls)],
+            "copy": lambda: [timed(lambda: copy.deepcopy(cache), settings.device) for _ in range(config.forward_calls)],
+        },
+        config.repeats,
+    )
+    # Pair the k-th sample of each part: T_prompt + T_img from the same repeat.
+    image = [1e3 * t for t in times["image"]]
+    both = [1e3 * p + i for p, i in zip(times["prompt"], image, strict=True)]
+    row = Row.from_samples(
+        "sampler/generate/ideal",
+        "ms/forward",
+        image,
+        both,
+        compares="ideal cache / no cache: T_img / (T_prompt + T_img), measured forwards",
+    )
+    copy_ms = 1e3 * float(torch.tensor(times["copy"]).median())
+    detail = (
+        f"ideal speedup (T_prompt + T_img) / T_img = {1 / row.ratio:.2f}x; T_prompt: the prompt + BOI pass, "
+        f"T_img: 1 cached latent step (its cache copy: {copy_ms:.2g} ms); batch {len(all_prompts)} (CFG)"
+    )
+    return dataclasses.replace(row, detail=detail)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _training_batches(stage: SamplerStage, config: SamplerBenchConfig, settings: Settings) -> dict[str, dict[str, Any]]:
+    """The same samples as images and as latent-cache latents (what ``write_latent_cache`` stores)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(config.batch_size, 3, stage.image_size, stage.image_size, generator=generator)
+    images = images.to(settings.device)
+    captions = make_prompts(stage.adapter, config.batch_size, config.prompt_tokens)
+    with torch.no_grad():
+        latents = stage.reducer.eval().encode(stage.adapter.encode_images(images))
+    return {"images": {"images": images, "captions": captions}, "latents": {"latents": latents, "captions": captions}}
+
+
+def plain_loss(stage: SamplerStage, latents: Tensor, captions: list[str]) -> Tensor:
+    """The stage's training loss on cached latents, by hand from its parts, drawing the same random numbers."""
+    z = latents.to(stage.bridge.in_proj.weight.dtype)
+    if stage.prompt_dropout > 0:
+        dropped = (torch.rand(len(captions)) < stage.prompt_dropout).tolist()
+        captions = ["" if drop else caption for caption, drop in zip(captions, dropped, strict=True)]
+    eps = torch.randn_like(z)
+    t = sample_timesteps(len(z), stage.time_schedule, stage.time_mean, stage.time_std, stage.shift(), device=z.device)
+    z_t, _ = flow_matching_inputs(z, eps, t, "v")
+    prefix_embeds, prefix_mask = stage.prefix(captions)
+    prediction = stage.velocity(z_t, t, prefix_embeds, prefix_mask)
+    return flow_matching_loss(prediction.float(), z.float(), eps.float(), t, "v", loss_space="v")
+
+
+def _check_same_loss(stage: SamplerStage, batches: dict[str, dict[str, Any]], settings: Settings) -> None:
+    """Fail unless the plain loop and the image batch give ``training_step``'s loss on the latent batch.
+
+    Same seed, same loss: the plain loop under the precision's autocast, as it runs; the image batch in full
+    precision, where its on-the-fly latents equal the cached ones.
+    """
+    stage.train()
+
+    def loss(name: str, autocast: bool) -> Tensor:
+        torch.manual_seed(0)
+        with torch.no_grad(), settings.autocast() if autocast else contextlib.nullcontext():
+            if name == "plain":
+                return plain_loss(stage, batches["latents"]["latents"], batches["latents"]["captions"])
+            return stage.training_step(batches[name], 0)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer attached: logging is skipped
+        pairs = {
+            "plain": (loss("plain", autocast=True), loss("latents", autocast=True)),
+            "images": (loss("images", autocast=False), loss("latents", autocast=False)),
+        }
+    for name, (got, expected) in pairs.items():
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-6):
+            raise RuntimeError(
+                f"the {name} side no longer does the work of SamplerStage.training_step on cached latents: loss "
+                f"{got.item()} vs {expected.item()}; update benchmarks/sampler.py"
+            )
+
+
+def _plain_steps(
+    stage: SamplerStage, batch: dict[str, Any], config: SamplerBenchConfig, settings: Settings
+) -> list[float]:
+    stage.to(settings.device).train()  # Lightning's teardown moves the module back to the CPU
+    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    stamps = []
+    for _ in range(config.warmup_steps + config.train_steps):
+        with settings.autocast():
+            loss = plain_loss(stage, batch["latents"], batch["captions"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        synchronize(settings.device)
+        stamps.append(time.perf_counter())
+    return intervals_after(stamps, config.warmup_steps)
+
+
+def _training_rows(
+    stage: SamplerStage, batches: dict[str, dict[str, Any]], config: SamplerBenchConfig, settings: Settings
+) -> list[Row]:
+    progress(f"sampler: training steps, Lightning on latents and on images vs plain loop ({config.repeats} runs each)")
+    fit_steps = functools.partial(
+        lightning_steps, stage, warmup_steps=config.warmup_steps, train_steps=config.train_steps, settings=settings
+    )
+    times = interleaved(
+        {
+            "latents": lambda: fit_steps(batches["latents"]),
+            "plain": lambda: _plain_steps(stage, batches["latents"], config, settings),
+            "images": lambda: fit_steps(batches["images"]),
+        },
+        config.repeats,
+    )
+    prompt_tokens = stage.adapter.tokenize(batches["latents"]["captions"])["input_ids"].shape[1]
+    runs = f"{config.train_steps} steps x {config.repeats} runs"
+    sizes = f"{_describe(stage, prompt_tokens)}; B={config.batch_size}; {runs}"
+    step = Row.from_samples(
+        "sampler/train_step",
+        "ms/step",
+        [1e3 * t for t in times["latents"]],
+        [1e3 * t for t in times["plain"]],
+        compares="Lightning fit / plain loop (latent batches)",
+        target=TARGET_RATIO,
+        detail=sizes,
+    )
+    throughput = Row.from_samples(
+        "sampler/train_throughput",
+        "samples/s",
+        [config.batch_size / t for t in times["latents"]],
+        [config.batch_size / t for t in times["images"]],
+        compares="latent cache / images (speedup; Lightning fit both)",
+        detail=f"{sizes}; images: {stage.image_size}px through the ViT + reducer each step",
+    )
+    return [step, throughput]
