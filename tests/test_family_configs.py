@@ -1,21 +1,30 @@
-"""The real-checkpoint stage-3 configs (`configs/<family>/decoder.yaml`): each parses with the `vugen` parser, its
-geometry is consistent, its reducer reads as many channels as the family's vision features have, its adapter is the
-one in `configs/<family>/adapter.yaml`, and every family trains with the same recipe."""
+"""The real-checkpoint configs of every family.
+
+Stage 3 (`configs/<family>/decoder.yaml`): each parses with the `vugen` parser, its geometry is consistent, its
+reducer reads as many channels as the family's vision features have, its adapter is the one in
+`configs/<family>/adapter.yaml`, and every family trains with the same recipe.
+
+Stage 2 (`configs/<family>/sampler.yaml`) and its latent cache (`configs/<family>/cache.yaml`): each parses (the
+`vugen` parser; `vugen cache-latents`' function parser), both use the family's adapter, the sampler reads the decoder
+stage's export and the caches the cache config writes, the cache encodes with that export's reducer at the decoder's
+image size, and every family's sampler trains with the same recipe."""
 
 from __future__ import annotations
 
 import copy
 import importlib
 from functools import cache
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from transformers import AutoConfig
 
 from tests.test_configs import ROOT, ParseOnlyCLI
+from vugen.data.latent_cache import cache_latents
 from vugen.registry import get_adapter_class
 
 FAMILIES = sorted(p.parent.name for p in ROOT.glob("configs/*/adapter.yaml"))
@@ -54,7 +63,8 @@ WIDTHS = {
     # (gemma-3-4b-it config.json: vision_config.hidden_size 1152, image_size 896, patch_size 14).
     "gemma3": VisionWidth("gemma3", "hidden_size", 1152, "gemma3"),
 }
-# Family-specific settings; everything else is the one recipe every family shares.
+# Family-specific settings of each config; everything else is the one recipe every family shares.
+SAMPLER_FAMILY_KEYS = {"model.init_args.adapter"}
 FAMILY_KEYS = {
     "model.init_args.adapter",
     "model.init_args.reducer.init_args.feature_dim",
@@ -75,20 +85,35 @@ class CapturingCLI(ParseOnlyCLI):
         raise _Parsed(self.config.fit)
 
 
-@cache
-def fit_config(family: str) -> Namespace:
-    """`configs/<family>/decoder.yaml` as `vugen fit` parses it (defaults filled in, types checked)."""
-    path = ROOT / "configs" / family / "decoder.yaml"
+def parse_fit(*paths: Path) -> Namespace:
+    """`vugen fit --config PATH ...` as the `vugen` parser reads it (defaults filled in, types checked)."""
     try:
-        CapturingCLI(args=["fit", "--config", str(path)])
+        CapturingCLI(args=["fit", *(arg for path in paths for arg in ("--config", str(path)))])
     except _Parsed as parsed:
         return parsed.args[0]
-    raise AssertionError(f"the vugen parser never reached instantiation for {path}")
+    raise AssertionError(f"the vugen parser never reached instantiation for {paths}")
+
+
+@cache
+def fit_config(family: str, config: str = "decoder.yaml") -> Namespace:
+    """`configs/<family>/<config>` as `vugen fit` parses it."""
+    return parse_fit(ROOT / "configs" / family / config)
+
+
+@cache
+def cache_config(family: str) -> Namespace:
+    """`configs/<family>/cache.yaml` as `vugen cache-latents` parses it (defaults filled in, types checked)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(cache_latents)
+    parser.add_argument("--config", action="config")
+    return parser.parse_args(["--config", str(ROOT / "configs" / family / "cache.yaml")])
 
 
 def adapter_node(family: str, config: str) -> dict[str, Any]:
-    """The `model.init_args.adapter` node of `configs/<family>/<config>` as written."""
-    return yaml.safe_load((ROOT / "configs" / family / config).read_text())["model"]["init_args"]["adapter"]
+    """The adapter node of `configs/<family>/<config>` as written: `model.init_args.adapter`, or the top-level
+    `adapter` of a command config (`cache.yaml`)."""
+    written = yaml.safe_load((ROOT / "configs" / family / config).read_text())
+    return written["adapter"] if config == "cache.yaml" else written["model"]["init_args"]["adapter"]
 
 
 def real_width(spec: VisionWidth) -> int:
@@ -102,10 +127,11 @@ def build(class_path: str, *args: Any, **init_args: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args, **init_args)
 
 
-def recipe(family: str) -> dict[str, Any]:
+def recipe(family: str, config_name: str = "decoder.yaml") -> dict[str, Any]:
     """The parsed config without its family-specific settings, the family's name replaced in every path."""
-    config = copy.deepcopy(fit_config(family))
-    for key in {*FAMILY_KEYS, "config"}:  # `config`: the file's own path
+    family_keys = SAMPLER_FAMILY_KEYS if config_name == "sampler.yaml" else FAMILY_KEYS
+    config = copy.deepcopy(fit_config(family, config_name))
+    for key in {*family_keys, "config"}:  # `config`: the file's own path
         del config[key]
     text = yaml.safe_dump(config.as_dict(), sort_keys=True).replace(f"outputs/{family}/", "outputs/<family>/")
     return yaml.safe_load(text)
@@ -163,8 +189,9 @@ def test_every_family_trains_with_the_same_recipe(family):
     assert recipe(family) == recipe("llava")
 
 
-def test_lr_schedule_warms_up_to_max_lr_over_a_1e_6_floor():
-    config = fit_config("llava")
+@pytest.mark.parametrize("config_name", ["decoder.yaml", "sampler.yaml"])
+def test_lr_schedule_warms_up_to_max_lr_over_a_1e_6_floor(config_name):
+    config = fit_config("llava", config_name)
     model = config.model.init_args
     optimizer = build(model.optimizer.class_path, [torch.nn.Parameter(torch.zeros(1))], **model.optimizer.init_args)
     scheduler = build(model.lr_scheduler.class_path, optimizer, **model.lr_scheduler.init_args)
@@ -172,9 +199,81 @@ def test_lr_schedule_warms_up_to_max_lr_over_a_1e_6_floor():
     assert model.lr_scheduler.init_args.total_steps == config.trainer.max_steps
     assert group["lr"] == pytest.approx(1e-6)
     assert group["min_lr"] == pytest.approx(1e-6)
-    for _ in range(int(0.025 * config.trainer.max_steps)):
+    for _ in range(5000):  # both stages warm up over 5k steps (2.5% of 200k, 5% of 100k)
         optimizer.step()
         scheduler.step()
     assert group["lr"] == pytest.approx(1e-4)
     assert tuple(group["betas"]) == (0.9, 0.95)  # AdamW's betas are not cycled
     assert group["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- stage 2: the sampler
+def test_every_family_has_sampler_and_cache_configs():
+    for family in FAMILIES:
+        assert (ROOT / "configs" / family / "sampler.yaml").is_file(), family
+        assert (ROOT / "configs" / family / "cache.yaml").is_file(), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampler_config_reads_the_family_adapter_decoder_export_and_cache(family):
+    sampler, decoder = fit_config(family, "sampler.yaml"), fit_config(family, "decoder.yaml")
+    model, data = sampler.model.init_args, sampler.data.init_args
+    assert sampler.model.class_path == "vugen.stages.SamplerStage"
+    assert adapter_node(family, "sampler.yaml") == adapter_node(family, "adapter.yaml")
+    assert model.adapter == decoder.model.init_args.adapter  # so the cache's fingerprint matches the sampler's
+    assert model.decoder_export == decoder.model.init_args.export_dir == f"outputs/{family}/decoder-stage"
+    assert model.lr_scheduler.init_args.total_steps == sampler.trainer.max_steps
+    assert sampler.data.class_path == "vugen.data.latent_cache.LatentCacheDataModule"
+    assert data.cache_dir == cache_config(family).out_dir == f"outputs/{family}/latents/train"
+    assert data.val_cache_dir == f"outputs/{family}/latents/val"  # the cache header's --split val --out_dir
+    assert f"--out_dir {data.val_cache_dir}" in (ROOT / "configs" / family / "cache.yaml").read_text()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_config_encodes_with_the_decoder_export_at_the_decoder_size(family):
+    cached, decoder = cache_config(family), fit_config(family, "decoder.yaml")
+    assert adapter_node(family, "cache.yaml") == adapter_node(family, "adapter.yaml")
+    assert cached.reducer_path == f"{decoder.model.init_args.export_dir}/reducer"
+    assert cached.data.class_path == "vugen.data.image_text.ImageTextDataModule"
+    data = cached.data.init_args
+    assert data.image_size == decoder.data.init_args.image_size == decoder.model.init_args.decoder.init_args.image_size
+    assert data.shards and data.caption_key  # stage 2 trains on captions (stage 3's data has caption_key null)
+    assert (cached.split, cached.device) == ("train", None)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_every_family_samples_with_the_same_recipe(family):
+    assert recipe(family, "sampler.yaml") == recipe("llava", "sampler.yaml")
+
+
+def test_sampler_recipe():
+    """The shared stage-2 recipe (checked on one family; the test above makes it every family's)."""
+    config = fit_config("llava", "sampler.yaml")
+    model, trainer = config.model.init_args, config.trainer
+    assert (trainer.accelerator, trainer.strategy, trainer.precision) == ("gpu", "ddp", "bf16-mixed")
+    assert "attn_implementation" not in adapter_node("llava", "sampler.yaml")["init_args"]  # sdpa: honours 4-D masks
+    lora = (model.lora_rank, model.lora_alpha, model.lora_dropout, model.lora_scope)
+    assert lora == (64, 64.0, 0.0, "image_tokens")
+    assert model.image_attention == "bidirectional"
+    assert (model.head, model.head_width, model.head_depth) == ("mlp", 1024, 3)
+    assert model.prompt_dropout == 0.1
+    assert (model.time_schedule, model.time_mean, model.time_std, model.time_shift) == ("logit_normal", 0.0, 1.0, None)
+    assert (model.sampler, model.sample_steps, model.guidance_scale) == ("euler", 50, 4.0)
+    assert model.image_size is None  # the decoder export's: the cache's token grid
+    assert model.activation_checkpointing is True
+    callbacks = {c.class_path: c.init_args for c in trainer.callbacks}
+    assert callbacks["vugen.callbacks.EMA"].decay == 0.9999
+    checkpoint = callbacks["lightning.pytorch.callbacks.ModelCheckpoint"]
+    assert checkpoint.every_n_train_steps > 0 and checkpoint.save_last is True and checkpoint.save_top_k == -1
+    # not the decoder stage's folder: its last.ckpt would be overwritten
+    decoder_checkpoints = {c.class_path: c.init_args for c in fit_config("llava").trainer.callbacks}
+    assert checkpoint.dirpath != decoder_checkpoints["lightning.pytorch.callbacks.ModelCheckpoint"].dirpath
+    assert trainer.logger.class_path == "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+def test_sampler_config_switches_to_fsdp2_with_the_trainer_config():
+    config = parse_fit(ROOT / "configs/llava/sampler.yaml", ROOT / "configs/trainer/fsdp.yaml")
+    strategy = config.trainer.strategy
+    assert strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy.init_args.data_parallel_size == config.trainer.devices
+    assert config.model.init_args == fit_config("llava", "sampler.yaml").model.init_args  # only the trainer changes
