@@ -25,8 +25,8 @@ import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests import distributed_fit as fit
+from tests.fixtures_bundle import make_decoder_export, make_stage
 from tests.test_generate_cli import GENEVAL_LINES, tree
-from tests.test_pipeline import make_decoder_export, make_stage
 from vugen.cli import main as vugen_main
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.pipeline import VugenPipeline

@@ -14,8 +14,11 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch import Trainer
 from PIL import Image
+from safetensors.torch import load_file
 
 from tests.fixtures_bundle import IMAGE_SIZE, make_stage
+from tests.helpers import QUIET_TRAINER
+from vugen.callbacks import EMA
 from vugen.commands import export, generate
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.eval.export import export_dpg, export_geneval, resolve_rank
@@ -116,6 +119,33 @@ def test_export_turns_a_sampler_checkpoint_into_a_bundle(pretrained, decoder_exp
     expected = reloaded.generate(["a red circle"], [0])
     assert torch.equal(VugenPipeline.from_pretrained(tmp_path / "bundle").sample(["a red circle"], [0]), expected)
     assert torch.equal(stage.eval().generate(["a red circle"], [0]), expected)  # the weights as trained
+
+
+def test_export_takes_the_ema_averages_when_the_checkpoint_has_them(pretrained, decoder_export, tmp_path):
+    """The bundle gets the EMA callback's averages (``auto`` and ``ema``) or the training weights (``training``)."""
+    stage = make_stage(pretrained, decoder_export)
+    ema = EMA(decay=0.5, warmup=False, apply_at_end=False)  # the model keeps its training weights after fit
+    data = ShapesDataModule(image_size=IMAGE_SIZE, train_size=6, val_size=2, batch_size=2)
+    trainer = Trainer(max_steps=3, callbacks=[ema], **QUIET_TRAINER | {"limit_val_batches": 0})
+    trainer.fit(stage, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    averages = {name[len("bridge.") :]: value for name, value in ema.averages.items() if name.startswith("bridge.")}
+    trained = {name: p.detach() for name, p in stage.bridge.named_parameters()}
+    assert not torch.equal(averages["in_proj.weight"], trained["in_proj.weight"])
+
+    for weights, expected in (("auto", averages), ("ema", averages), ("training", trained)):
+        bundle = export(str(tmp_path / "ema.ckpt"), str(tmp_path / weights), weights=weights)
+        saved = load_file(bundle / "bridge" / "model.safetensors")
+        assert saved.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(saved[name], value), (weights, name)
+
+    trainer = Trainer(max_steps=1, **QUIET_TRAINER | {"limit_val_batches": 0})
+    trainer.fit(make_stage(pretrained, decoder_export), datamodule=data)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="plain.ckpt holds no EMA averages"):
+        export(str(tmp_path / "plain.ckpt"), str(tmp_path / "none"), weights="ema")
+    assert not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- GenEval

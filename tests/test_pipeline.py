@@ -16,7 +16,6 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_bundle import IMAGE_SIZE, make_stage
-from tests.fixtures_bundle import make_decoder_export as make_decoder_export  # re-exported: test_distributed.py uses it
 from vugen.pipeline import BundleError, VugenPipeline
 from vugen.stages.sampler import load_decoder_export
 from vugen_adapters.llava import LlavaAdapter

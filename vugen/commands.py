@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from rich.progress import track
 from torchvision.utils import make_grid
 
+from vugen.callbacks import EMA
 from vugen.diffusion import Method
 from vugen.pipeline import VugenPipeline, image_seeds, resolve_device, to_pil
 from vugen.stages.sampler import SamplerStage
@@ -98,7 +100,7 @@ def generate(
     return files
 
 
-def export(checkpoint: str, out: str) -> Path | None:
+def export(checkpoint: str, out: str, weights: Literal["auto", "ema", "training"] = "auto") -> Path | None:
     """`vugen export CKPT OUT`: turn a latent-sampler (SamplerStage) Lightning checkpoint into a bundle.
 
     The VLM and the decoder export are rebuilt from the configuration recorded in the checkpoint, so they must be
@@ -107,9 +109,17 @@ def export(checkpoint: str, out: str) -> Path | None:
     Args:
         checkpoint: A ``.ckpt`` written while training ``SamplerStage``.
         out: The bundle folder (replaced atomically).
+        weights: ``ema``: the averages of the run's ``vugen.callbacks.EMA`` (an error if it had none); ``training``:
+            the checkpoint's training weights; ``auto``: the averages when the checkpoint has them.
 
     Returns:
         The bundle folder.
     """
+    if weights not in ("auto", "ema", "training"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'training', got {weights!r}")
     stage = SamplerStage.load_from_checkpoint(checkpoint, map_location="cpu")
+    if weights != "training":
+        updates = EMA.apply_checkpoint(stage, torch.load(checkpoint, map_location="cpu", weights_only=True))
+        if updates is None and weights == "ema":
+            raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
     return VugenPipeline.from_stage(stage).save_pretrained(out)

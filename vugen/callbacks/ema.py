@@ -210,6 +210,29 @@ class EMA(Callback):
             average.copy_(_like(saved[name], average))
         self._num_updates = int(state["num_updates"])
 
+    @classmethod
+    def apply_checkpoint(cls, pl_module: LightningModule, checkpoint: Mapping[str, Any]) -> int | None:
+        """Copy the averages saved in a Lightning checkpoint dict into ``pl_module``'s trainable parameters.
+
+        For exports: a checkpoint's ``state_dict`` holds the training weights, the averages sit in this callback's
+        state. Returns the number of averaging updates, or None when the checkpoint has no EMA state (the weights are
+        left alone). Several EMA states (callbacks with different decays) are an error naming their keys.
+        """
+        states = {
+            key: state
+            for key, state in checkpoint.get("callbacks", {}).items()
+            if key.startswith(cls.__qualname__ + "{") and state
+        }
+        if not states:
+            return None
+        if len(states) > 1:
+            raise ValueError(f"the checkpoint holds {len(states)} EMA states, {sorted(states)}: keep one EMA callback")
+        ema = cls()
+        ema.load_state_dict(next(iter(states.values())))
+        ema._prepare(pl_module)
+        ema._copy(ema._averages, ema._tracked(pl_module))
+        return ema.num_updates
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _tracked(pl_module: LightningModule) -> dict[str, Tensor]:
