@@ -1,12 +1,18 @@
 """Latent cache for stage 2 with the tiny LLaVA: exact latents and captions, shards, the datamodule, stale caches
-refused, atomic writes, per-rank parts, and the `cache-latents` command built by jsonargparse."""
+refused, atomic writes, per-rank parts, and the `cache-latents` command built by jsonargparse, on one process and on
+two (rank / world_size given, or RANK / WORLD_SIZE from the environment or torchrun)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +20,9 @@ from jsonargparse import CLI
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
+from tests.test_image_text_data import write_shards
+from vugen.cli import main as vugen_main
+from vugen.data.image_text import ImageTextDataModule
 from vugen.data.latent_cache import (
     LatentCacheDataModule,
     LatentCacheDataset,
@@ -226,3 +235,108 @@ def test_cache_latents_command(adapter, reducer, reference, tmp_path):
     check_fingerprint(out, adapter, reducer)  # the reducer reloaded from disk has the same weights hash
     dataset = LatentCacheDataset(out)
     assert torch.equal(torch.stack([dataset[i]["latents"] for i in range(SAMPLES)]), reference[0])
+
+
+# ---------------------------------------------------------------------------------------------------- several ranks
+def samples(cache_dir: Path) -> list[tuple[str, bytes]]:
+    """(caption, latent bytes) of every sample the reader serves, in its order."""
+    dataset = LatentCacheDataset(cache_dir)
+    return [(dataset[i]["captions"], dataset[i]["latents"].numpy().tobytes()) for i in range(len(dataset))]
+
+
+def contents(cache_dir: Path) -> Counter:
+    """A cache's samples as a multiset of (caption, latent bytes), whatever the order of its parts."""
+    return Counter(samples(cache_dir))
+
+
+def command_args(adapter, reducer_dir: Path, out: Path) -> list[str]:
+    """`vugen cache-latents` options for the Shapes train split, one image per encoder batch: a sample's latents
+    then do not depend on which samples share its batch, so caches written by any number of ranks agree bitwise."""
+    args = ["--adapter.class_path", "vugen_adapters.llava.LlavaAdapter", "--adapter.init_args.pretrained"]
+    args += [adapter.pretrained, "--reducer_path", str(reducer_dir), "--out_dir", str(out), "--shard_size", "2"]
+    args += ["--data.class_path", "vugen.data.shapes_datamodule.ShapesDataModule", "--data.init_args.seed", "3"]
+    return args + ["--data.init_args.train_size", str(SAMPLES), "--data.init_args.batch_size", "4", "--batch_size", "1"]
+
+
+@pytest.fixture
+def reducer_dir(reducer, tmp_path) -> Path:
+    reducer.save_pretrained(tmp_path / "reducer")
+    return tmp_path / "reducer"
+
+
+def test_cache_latents_ranks_write_parts_whose_union_is_the_single_cache(adapter, reducer_dir, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    single = CLI(cache_latents, args=command_args(adapter, reducer_dir, tmp_path / "one"))
+    assert single == tmp_path / "one" and read_index(single)["world_size"] == 1
+    out = tmp_path / "two"
+    part0 = CLI(cache_latents, args=[*command_args(adapter, reducer_dir, out), "--rank", "0", "--world_size", "2"])
+    monkeypatch.setenv("RANK", "1")  # rank / world_size left out: torchrun's environment decides
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    part1 = CLI(cache_latents, args=command_args(adapter, reducer_dir, out))
+    assert (part0, part1) == (out / "rank-0", out / "rank-1")
+    assert sorted(p.name for p in out.iterdir()) == ["rank-0", "rank-1"]
+    assert [read_index(part)["num_samples"] for part in (part0, part1)] == [5, 5]
+    assert sorted(p.name for p in part1.iterdir()) == ["index.json"] + [
+        f"latents-r1-{i:05d}.safetensors" for i in range(3)
+    ]
+    union, reference = contents(out), contents(single)
+    assert sum(union.values()) == SAMPLES and union == reference  # every sample exactly once, the same bytes
+    one = samples(single)
+    assert samples(out) == [one[i] for i in [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]]  # rank 0's every second sample first
+    loader = LatentCacheDataModule(str(out), batch_size=4, shuffle=False).train_dataloader()
+    assert sum(len(batch["captions"]) for batch in loader) == SAMPLES
+
+
+def test_sharded_data_is_split_by_the_environment_rank_and_must_match_the_given_rank(
+    adapter, reducer, tmp_path, monkeypatch
+):
+    """ImageTextShards splits its shards by RANK / WORLD_SIZE itself: the parts of two ranks hold every sample once,
+    and a rank passed alone (with no environment to match) is refused rather than caching every shard twice."""
+    pattern = write_shards(tmp_path, num_shards=2, per_shard=3)
+    options = {"shards": pattern, "image_size": 32, "batch_size": 1, "num_workers": 0, "shuffle_buffer": 0}
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    single = write_latent_cache(ImageTextDataModule(**options), adapter, reducer, tmp_path / "one", progress=False)
+    with pytest.raises(ValueError, match="reads the share of rank 0 of 1 .*not of rank 1 of 2: launch one process"):
+        write_latent_cache(ImageTextDataModule(**options), adapter, reducer, tmp_path / "x", rank=1, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        write_latent_cache(
+            ImageTextDataModule(**options), adapter, reducer, tmp_path / "two", rank=rank, world_size=2, progress=False
+        )
+    with pytest.raises(ValueError, match="reads the share of rank 1 of 2 .*not of rank 0 of 1"):
+        write_latent_cache(ImageTextDataModule(**options), adapter, reducer, tmp_path / "y", progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert [read_index(tmp_path / "two" / f"rank-{r}")["num_samples"] for r in (0, 1)] == [3, 3]
+    assert sum(contents(single).values()) == 6 and contents(tmp_path / "two") == contents(single)
+
+
+def test_cache_latents_on_two_torchrun_processes_writes_the_single_process_cache(
+    adapter, reducer_dir, tmp_path, monkeypatch
+):
+    """`torchrun --nproc_per_node 2 -- vugen cache-latents`: each process writes its rank's part (RANK / WORLD_SIZE
+    from torchrun, on the CPU here); read together they are the one-process cache."""
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", "--"]
+    command += [str(bin_dir / "vugen"), "cache-latents", *command_args(adapter, reducer_dir, tmp_path / "two")]
+    launched = {"LOCAL_RANK", "RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {key: value for key, value in os.environ.items() if key not in launched} | {"OMP_NUM_THREADS": "1"}
+    launch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the one-process reference meanwhile, through the same CLI in this process
+        for name in launched:
+            monkeypatch.delenv(name, raising=False)
+        vugen_main(["cache-latents", *command_args(adapter, reducer_dir, tmp_path / "one")])
+        output, _ = launch.communicate(timeout=300)
+    finally:
+        launch.kill()
+    assert launch.returncode == 0, output[-4000:]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == ["rank-0", "rank-1"]
+    index = read_index(two)
+    assert (index["world_size"], index["num_samples"]) == (2, SAMPLES)
+    assert contents(two) == contents(tmp_path / "one")
+    datamodule = LatentCacheDataModule(str(two), batch_size=4, shuffle=False)
+    datamodule.setup("fit")
+    assert datamodule.index["fingerprint"] == read_index(tmp_path / "one")["fingerprint"]

@@ -16,7 +16,8 @@ from torchvision.utils import make_grid
 
 from vugen.callbacks import EMA
 from vugen.diffusion import Method
-from vugen.pipeline import VugenPipeline, image_seeds, resolve_device, to_pil
+from vugen.pipeline import VugenPipeline, image_seeds, to_pil
+from vugen.placement import resolve_device
 from vugen.stages.sampler import SamplerStage
 
 __all__ = ["export", "generate"]

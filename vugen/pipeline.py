@@ -10,7 +10,6 @@ call, ``vugen generate``, the benchmark exporters), so an image does not depend 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ __all__ = [
     "check_weights",
     "image_seeds",
     "read_config",
-    "resolve_device",
     "sampling_overrides",
     "to_pil",
 ]
@@ -185,12 +183,3 @@ def sampling_overrides(
 def to_pil(images: Tensor) -> list[Image.Image]:
     """``[B, 3, H, W]`` in ``[0, 1]`` -> RGB images (torchvision's float -> uint8 scaling)."""
     return [to_pil_image(to_dtype(image.detach().cpu(), torch.uint8, scale=True)) for image in images]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device``, or the local rank's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")

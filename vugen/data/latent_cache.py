@@ -24,8 +24,9 @@ dim, the image size, the storage dtype and the **fingerprint**: the adapter's ``
 reducer's class, config and sha256 of its weights. :func:`check_fingerprint` compares it with the adapter and
 reducer at hand and refuses a stale cache with a :class:`StaleCacheError` naming what differs.
 
-Several processes (DDP ranks) write one cache together: rank ``r`` of ``W`` encodes every ``W``-th sample (an
-iterable dataset must split itself by rank, as ``ImageTextShards`` does) into its own folder
+Several processes (DDP ranks; ``vugen cache-latents`` under torchrun, rank and world size from ``RANK`` /
+``WORLD_SIZE``) write one cache together: rank ``r`` of ``W`` encodes every ``W``-th sample (an iterable dataset
+must split itself by rank, as ``ImageTextShards`` does) into its own folder
 ``out_dir/rank-{r}/`` (shards ``latents-r{r}-{i}.safetensors`` and the rank's ``index.json``), each written
 atomically. Nothing needs merging: the reader of ``out_dir`` reads every rank's part, once all ``W`` parts exist
 and agree (same world size, fingerprint, grid), and refuses the folder otherwise, naming the missing or

@@ -25,6 +25,7 @@ from vugen.data.image_io import collate_skipping_none
 from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
 from vugen.data.shapes_datamodule import check_positive
 from vugen.nn.reducer import DimensionReducer
+from vugen.placement import resolve_device, resolve_rank
 from vugen.stages.base import batch_images
 from vugen_adapters.base import VLMAdapter
 
@@ -86,7 +87,9 @@ def write_latent_cache(
 
     Args:
         data: A datamodule with ``dataset(split)`` (``ShapesDataModule``, ``ImageTextDataModule``), read in
-            order, without shuffling or dropping, by a loader built here; or any iterable of batches
+            order, without shuffling or dropping, by a loader built here (rank ``r`` of several takes every
+            ``world_size``-th sample from ``r``; an iterable dataset, ``ImageTextShards``, splits itself by rank and
+            must do so for this ``rank`` and ``world_size``); or any iterable of batches
             ``{"images": [B, 3, H, W] in [0, 1], "captions": list[str]}`` (a DataLoader), used as it is (for
             several ranks it must already be this rank's share).
         adapter: The frozen VLM; images are moved to its device.
@@ -105,8 +108,9 @@ def write_latent_cache(
         The folder written: ``out_dir``, or ``out_dir/rank-{rank}`` for one rank's part.
 
     Raises:
-        ValueError: Bad arguments, a reducer whose ``feature_dim`` is not the adapter's, malformed batches,
-            images of more than one size, or no samples at all.
+        ValueError: Bad arguments, a reducer whose ``feature_dim`` is not the adapter's, an iterable dataset
+            split for another rank or world size, malformed batches, images of more than one size, or no samples
+            at all.
     """
     for name, value in (("shard_size", shard_size), ("world_size", world_size)):
         check_positive(name, value)
@@ -187,7 +191,15 @@ def _batches(
             "one): pass a DataLoader over the split instead"
         )
     dataset = data.dataset(split)
-    if world > 1 and not isinstance(dataset, IterableDataset):  # iterable datasets split by rank themselves
+    if isinstance(dataset, IterableDataset):  # splits itself by rank: its split must be this call's
+        own = (getattr(dataset, "rank", rank), getattr(dataset, "world_size", world))
+        if own != (rank, world):
+            raise ValueError(
+                f"the {split} data of {type(data).__name__} reads the share of rank {own[0]} of {own[1]} (from "
+                f"RANK / WORLD_SIZE or torch.distributed), not of rank {rank} of {world}: launch one process per "
+                "rank with torchrun (or set RANK and WORLD_SIZE) rather than passing rank / world_size alone"
+            )
+    elif world > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(
         dataset,
@@ -222,25 +234,48 @@ def cache_latents(
     shard_size: int = 4096,
     batch_size: int | None = None,
     device: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Path:
     """`vugen cache-latents`: encode a dataset split once into the reducer latents the latent sampler trains on.
+
+    On several GPUs, launch one process per GPU with torchrun, e.g. ``torchrun --standalone --nproc_per_node 8
+    --no-python -- vugen cache-latents --config ...`` (``--``: else torchrun takes vugen's options for its own):
+    rank ``r`` of ``W`` encodes every ``W``-th sample (of a sharded dataset: every ``W``-th shard) on
+    ``cuda:LOCAL_RANK`` into ``out_dir/rank-{r}/``, and :class:`~vugen.data.latent_cache.LatentCacheDataModule`
+    reads the ``W`` parts of ``out_dir`` as one cache. The processes do not communicate (no process group).
 
     Args:
         adapter: The frozen VLM the reducer was trained on, e.g. ``--adapter.class_path
             vugen_adapters.llava.LlavaAdapter --adapter.init_args.pretrained llava-hf/llava-1.5-7b-hf``.
         reducer_path: The trained reducer: a folder exported by stage 1 or stage 3 (its ``reducer/``) or a Hub id.
         data: The image-text datamodule, e.g. ``--data.class_path vugen.data.shapes_datamodule.ShapesDataModule``.
-        out_dir: The cache folder to write (replaced whole if it exists).
+        out_dir: The cache folder to write (replaced whole if it exists; with several ranks, each replaces its
+            ``rank-{r}/``).
         split: The split of ``data`` to encode: ``train``, ``val``, ``test``.
         shard_size: Samples per shard file.
         batch_size: Images per encoder batch; None: the datamodule's ``batch_size``.
-        device: Device to encode on; None: ``cuda`` when available, else ``cpu``.
+        device: Device to encode on; None: the local rank's GPU (``cuda:LOCAL_RANK``) when there is one, else
+            ``cpu``.
+        rank: This process's rank among the writers; None: ``RANK`` from the environment (as torchrun sets it),
+            else 0.
+        world_size: Number of writer processes; None: ``WORLD_SIZE`` from the environment, else 1 (a
+            single-process cache in ``out_dir`` itself).
 
     Returns:
-        The cache folder.
+        The folder this process wrote: ``out_dir``, or ``out_dir/rank-{rank}`` for one rank's part.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size = resolve_rank(rank, world_size)
+    device = resolve_device(device)
     reducer = DimensionReducer.from_pretrained(reducer_path)
     return write_latent_cache(
-        data, adapter.to(device), reducer.to(device), out_dir, split, shard_size=shard_size, batch_size=batch_size
+        data,
+        adapter.to(device),
+        reducer.to(device),
+        out_dir,
+        split,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
     )

@@ -17,7 +17,6 @@ the bundle and the sha256 of its ``vugen.json``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,13 @@ from torchvision.utils import make_grid
 
 from vugen.bundle import CONFIG_FILE
 from vugen.diffusion import Method
-from vugen.pipeline import VugenPipeline, image_seeds, resolve_device, sampling_overrides, to_pil
+from vugen.pipeline import VugenPipeline, image_seeds, sampling_overrides, to_pil
+from vugen.placement import resolve_device, resolve_rank
 
-__all__ = ["SIDECAR_FILE", "export_dpg", "export_geneval", "resolve_rank"]
+__all__ = ["SIDECAR_FILE", "export_dpg", "export_geneval"]
 
 SIDECAR_FILE = "vugen_sampling.json"
 DPG_IMAGES = 4  # the DPG-Bench scorer's --pic-num, tiled 2x2
-
-
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)``: the given values, else ``RANK`` / ``WORLD_SIZE`` from the environment, else 0 and 1."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
 
 
 def export_geneval(
