@@ -59,7 +59,8 @@ def test_generate_writes_one_png_per_image_and_a_grid(bundle, pipe, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("A red circle!\n\n  two  words \n")
 
-    files = generate(str(bundle), str(tmp_path / "out"), prompts=str(prompt_file), seed=7, num_images_per_prompt=2)
+    out = str(tmp_path / "out")
+    files = generate(bundle=str(bundle), out=out, prompts=str(prompt_file), seed=7, num_images_per_prompt=2)
 
     names = ["00000-a-red-circle-0.png", "00000-a-red-circle-1.png", "00001-two-words-0.png", "00001-two-words-1.png"]
     assert [f.name for f in files] == [*names, "grid.png"]
@@ -79,15 +80,15 @@ def test_generate_writes_one_png_per_image_and_a_grid(bundle, pipe, tmp_path):
 def test_generate_needs_exactly_one_prompt_source(bundle, tmp_path):
     for given in ({}, {"prompt": "a cat", "prompts": str(tmp_path / "p.txt")}):
         with pytest.raises(ValueError, match="give exactly one of --prompt .* and --prompts"):
-            generate(str(bundle), str(tmp_path / "out"), **given)
+            generate(bundle=str(bundle), out=str(tmp_path / "out"), **given)
     with pytest.raises(FileNotFoundError, match="--prompts: no such file"):
-        generate(str(bundle), str(tmp_path / "out"), prompts=str(tmp_path / "missing.txt"))
+        generate(bundle=str(bundle), out=str(tmp_path / "out"), prompts=str(tmp_path / "missing.txt"))
 
 
 def test_generate_parses_its_command_line(bundle, pipe, tmp_path):
     out = tmp_path / "out"
-    args = [str(bundle), str(out), "--prompt", "a blue square", "--steps", "1", "--cfg", "1.0", "--seed", "4"]
-    args += ["--sampler", "heun", "--batch_size", "1"]
+    args = ["--bundle", str(bundle), "--out", str(out), "--prompt", "a blue square", "--steps", "1", "--cfg", "1.0"]
+    args += ["--seed", "4", "--sampler", "heun", "--batch_size", "1"]
 
     CLI(generate, args=args)
 

@@ -45,6 +45,7 @@ def _read_prompts(prompt: str | None, prompts: str | None) -> list[str]:
 
 
 def generate(
+    *,
     bundle: str,
     out: str,
     prompt: str | None = None,
@@ -57,7 +58,7 @@ def generate(
     batch_size: int = 8,
     device: str | None = None,
 ) -> list[Path]:
-    """`vugen generate BUNDLE OUT --prompt TEXT`: write PNGs of generated images.
+    """`vugen generate --bundle DIR --prompt TEXT | --prompts FILE --out DIR`: write PNGs of generated images.
 
     Writes ``OUT/<index:05d>-<slug>-<k>.png`` (image ``k`` of prompt ``index``, seed ``seed + index * n + k``) and
     ``OUT/grid.png`` (one row per prompt when ``num_images_per_prompt > 1``, else rows of 8).
