@@ -56,10 +56,8 @@ from benchmarks.common import (
 )
 from vugen.diffusion import (
     METHODS,
-    classifier_free_guidance,
     flow_matching_inputs,
     flow_matching_loss,
-    sample,
     sample_timesteps,
 )
 from vugen.nn import DimensionReducer, PixelDecoder
@@ -239,21 +237,12 @@ def uncached_latents(stage: SamplerStage, prompts: list[str], seeds: list[int]) 
         Latents ``[B, N, d]``.
     """
     settings = stage.sampling
-    b, scale = len(prompts), float(settings["guidance_scale"])
-    all_prompts = prompts + [""] * b if scale != 1.0 else prompts
-    prefix_embeds, prefix_mask = stage.prefix(all_prompts)
-    shape = (stage.bridge.num_tokens, stage.bridge.latent_dim)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-    noise = noise.to(device=prefix_embeds.device, dtype=stage.bridge.in_proj.weight.dtype)
+    prefix_embeds, prefix_mask = stage.prefix(stage.guided_prompts(prompts, settings))
 
-    def model_fn(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+    def velocity(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
         return stage.velocity(z_t, t, prefix_embeds[rows], prefix_mask[rows])
 
-    rows = torch.arange(len(all_prompts), device=noise.device)
-    interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
-    guided = classifier_free_guidance(model_fn, rows[:b], rows[b:] if scale != 1.0 else None, scale, interval)
-    shift = settings["time_shift"] if settings["time_shift"] is not None else stage.shift()
-    return sample(guided, noise, steps=int(settings["steps"]), method=settings["sampler"], shift=float(shift))
+    return stage.integrate(velocity, seeds, settings)
 
 
 def _generation_rows(

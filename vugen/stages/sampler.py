@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -345,29 +346,40 @@ class SamplerStage(AdapterStage):
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
         settings = {**self.sampling, **overrides}
-        b, scale = len(prompts), float(settings["guidance_scale"])
-        all_prompts = prompts + [""] * b if scale != 1.0 else prompts
-        prefix_embeds, prefix_mask = self.prefix(all_prompts)
+        prefix_embeds, prefix_mask = self.prefix(self.guided_prompts(prompts, settings))
         positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
         prefix_hidden, cache = self._run(prefix_embeds, prefix_mask, positions, self._image_from(prefix_mask))
         context = prefix_hidden[:, -1]  # the BOI token's state
-        dtype = self.bridge.in_proj.weight.dtype
-        noise = torch.stack(
-            [
-                torch.randn(
-                    self.bridge.num_tokens, self.bridge.latent_dim, generator=torch.Generator().manual_seed(int(s))
-                )
-                for s in seeds
-            ]
-        )
-        noise = noise.to(device=prefix_embeds.device, dtype=dtype)
 
-        def model_fn(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+        def velocity(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
             return self._cached_velocity(z_t, t, rows, cache, prefix_mask, context)
 
-        rows = torch.arange(len(all_prompts), device=noise.device)
+        return self.integrate(velocity, seeds, settings)
+
+    @staticmethod
+    def guided_prompts(prompts: list[str], settings: dict[str, Any]) -> list[str]:
+        """The prompts, then as many empty prompts when the settings' guidance is on (the rows of :meth:`integrate`)."""
+        return prompts + [""] * len(prompts) if float(settings["guidance_scale"]) != 1.0 else prompts
+
+    def integrate(
+        self, velocity: Callable[[Tensor, Tensor, Tensor], Tensor], seeds: list[int], settings: dict[str, Any]
+    ) -> Tensor:
+        """Latents ``[B, N, d]`` integrated from each seed's noise with the settings' sampler and guidance.
+
+        Args:
+            velocity: ``velocity(z_t, t, rows)`` for the rows of :meth:`guided_prompts` (prompt ``i`` is row ``i``, its
+                empty prompt row ``B + i``).
+            seeds: One seed per prompt: prompt ``i`` starts from ``randn`` seeded with ``seeds[i]``.
+            settings: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift``.
+        """
+        b, scale = len(seeds), float(settings["guidance_scale"])
+        weight = self.bridge.in_proj.weight
+        shape = (self.bridge.num_tokens, self.bridge.latent_dim)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = noise.to(device=weight.device, dtype=weight.dtype)
+        rows = torch.arange(2 * b if scale != 1.0 else b, device=noise.device)
         interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
-        guided = classifier_free_guidance(model_fn, rows[:b], rows[b:] if scale != 1.0 else None, scale, interval)
+        guided = classifier_free_guidance(velocity, rows[:b], rows[b:] if scale != 1.0 else None, scale, interval)
         shift = settings["time_shift"] if settings["time_shift"] is not None else self.shift()
         return sample(guided, noise, steps=int(settings["steps"]), method=settings["sampler"], shift=float(shift))
 
