@@ -9,7 +9,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from vugen.cli import VugenCLI
-from vugen.data.latent_cache import cache_latents
+from vugen.data.latent_writer import cache_latents
 from vugen.registry import get_adapter_class
 from vugen_adapters.base import VLMAdapter
 

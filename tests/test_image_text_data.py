@@ -15,17 +15,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vugen.data.image_text import (
-    ImageTextDataModule,
-    ImageTextFolder,
-    ImageTextShards,
-    UnreadableImageWarning,
-    collate_skipping_none,
-    expand_shards,
-    folder_items,
-    shards_for,
-    split_items,
-)
+from vugen.data.image_folder import ImageTextFolder, folder_items, split_items
+from vugen.data.image_io import UnreadableImageWarning, collate_skipping_none
+from vugen.data.image_shards import ImageTextShards, expand_shards, shards_for
+from vugen.data.image_text import ImageTextDataModule
 
 # Distinct colours: an image's colour tells which item it is, so caption alignment can be checked.
 COLORS = [(20 * i, 255 - 20 * i, (57 * i) % 256) for i in range(12)]

@@ -23,16 +23,9 @@ from torch.utils.data import DataLoader
 from tests.test_image_text_data import write_shards
 from vugen.cli import main as vugen_main
 from vugen.data.image_text import ImageTextDataModule
-from vugen.data.latent_cache import (
-    LatentCacheDataModule,
-    LatentCacheDataset,
-    StaleCacheError,
-    cache_latents,
-    check_fingerprint,
-    read_index,
-    reducer_sha256,
-    write_latent_cache,
-)
+from vugen.data.latent_cache import LatentCacheDataModule, LatentCacheDataset
+from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index, reducer_sha256
+from vugen.data.latent_writer import cache_latents, write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
 from vugen_adapters.llava import LlavaAdapter

@@ -11,7 +11,9 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from tests.helpers import QUIET_TRAINER
-from vugen.data.latent_cache import LatentCacheDataModule, StaleCacheError, write_latent_cache
+from vugen.data.latent_cache import LatentCacheDataModule
+from vugen.data.latent_index import StaleCacheError
+from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage

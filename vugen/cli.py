@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vugen.commands import export, generate
-from vugen.data.latent_cache import cache_latents
+from vugen.data.latent_writer import cache_latents
 from vugen.eval.export import export_dpg, export_geneval
 from vugen.registry import adapter_sources, get_adapter_class, list_adapters
 from vugen_adapters.tiny import build_tiny_vlm

@@ -25,7 +25,7 @@ from torchvision.utils import make_grid, save_image
 
 from vugen.cli import VugenCLI
 from vugen.commands import export
-from vugen.data.latent_cache import cache_latents
+from vugen.data.latent_writer import cache_latents
 from vugen.data.shapes import heldout_prompts, heldout_two_object_prompts
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.eval.export import export_geneval

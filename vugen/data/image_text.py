@@ -4,7 +4,7 @@ Batches are those of :class:`~vugen.data.shapes_datamodule.ShapesDataModule`: ``
 in [0, 1], "captions": list[str]}``. Every image is converted to RGB (palette, L, RGBA: alpha is dropped), its
 shorter side resized to ``S`` (antialiased) and centre-cropped to ``S x S``.
 
-Two sources, one module each (their names are re-exported here):
+Two sources, one module each:
 
 * **Folder** (:class:`~vugen.data.image_folder.ImageTextFolder`, map-style): a metadata file in the Hugging Face
   ``imagefolder`` convention, JSONL (one object per line) or CSV (header row), naming each image relative to the
@@ -28,40 +28,15 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from vugen.data.image_folder import METADATA_NAMES, ImageTextFolder, folder_items, read_metadata, split_items
+from vugen.data.image_folder import ImageTextFolder, folder_items, split_items
 from vugen.data.image_io import (
-    IMAGE_EXTENSIONS,
-    Sample,
-    SkipLog,
-    UnreadableImageWarning,
     check_side,
     collate_skipping_none,
-    image_transform,
-    load_rgb,
 )
-from vugen.data.image_shards import ImageTextShards, expand_shards, shards_for
+from vugen.data.image_shards import ImageTextShards
 from vugen.data.shapes_datamodule import check_positive
 
-# The sources' names stay importable from here, where they were defined before the split into modules.
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "METADATA_NAMES",
-    "ImageTextDataModule",
-    "ImageTextFolder",
-    "ImageTextShards",
-    "Sample",
-    "SkipLog",
-    "UnreadableImageWarning",
-    "check_side",
-    "collate_skipping_none",
-    "expand_shards",
-    "folder_items",
-    "image_transform",
-    "load_rgb",
-    "read_metadata",
-    "shards_for",
-    "split_items",
-]
+__all__ = ["ImageTextDataModule"]
 
 
 @dataclass(frozen=True)

@@ -47,30 +47,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vugen.data.latent_index import (
-    INDEX_FILE,
-    StaleCacheError,
     check_fingerprint,
-    fingerprint,
     read_index,
-    reducer_sha256,
 )
-from vugen.data.latent_writer import cache_latents, write_latent_cache
 from vugen.data.shapes_datamodule import check_positive
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
 
-__all__ = [
-    "INDEX_FILE",
-    "LatentCacheDataModule",
-    "LatentCacheDataset",
-    "StaleCacheError",
-    "cache_latents",
-    "check_fingerprint",
-    "fingerprint",
-    "read_index",
-    "reducer_sha256",
-    "write_latent_cache",
-]
+__all__ = ["LatentCacheDataModule", "LatentCacheDataset"]
 
 
 class LatentCacheDataset(Dataset):
