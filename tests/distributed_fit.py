@@ -66,6 +66,15 @@ def training_images() -> ShapesDataset:
     return ShapesDataset("train", STEPS * GLOBAL_BATCH, image_size=IMAGE_SIZE, seed=SEED)
 
 
+BRIDGE_METHODS = ("embed", "begin_image", "velocity")
+
+
+def bridge_methods(stage: LightningModule) -> dict[str, int]:
+    """Identity of the functions behind the sampler bridge's forward methods (empty for other stages)."""
+    bridge = getattr(stage, "bridge", None)
+    return {name: id(getattr(bridge, name).__func__) for name in BRIDGE_METHODS} if bridge is not None else {}
+
+
 class CaptionedLatents(Dataset):
     """The sampler stage's examples: the Shapes captions with fixed random ``[num_tokens, LATENT_DIM]`` latents.
 
@@ -218,9 +227,14 @@ class Probe(Callback):
         if isinstance(trainer.strategy, ModelParallelStrategy):
             # Lightning has called configure_model: a second call must neither fail nor re-wrap anything.
             before = {name: id(p) for name, p in pl_module.named_parameters()}
+            methods = bridge_methods(pl_module)
             pl_module.configure_model()
             after = {name: id(p) for name, p in pl_module.named_parameters()}
             self.report["configure_model_twice_same_params"] = before == after
+            self.report["configure_model_twice_same_bridge_methods"] = methods == bridge_methods(pl_module)
+            # FSDP2 gathers the bridge's parameters in its registered methods: they are wrapped (instance attributes).
+            bridge = getattr(pl_module, "bridge", None)
+            self.report["bridge_methods_wrapped"] = sorted(m for m in BRIDGE_METHODS if bridge and m in vars(bridge))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         examples = batch["latents" if "latents" in batch else "images"]

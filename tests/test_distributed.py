@@ -192,6 +192,8 @@ def test_fsdp2_shards_each_lora_layer_and_the_bridge_as_units_of_their_own(runs)
     reports = [runs("fsdp", *MAIN_FLAGS["fsdp"]).rank_report("sampler", r) for r in range(fit.WORLD_SIZE)]
     for report in reports:
         assert report["configure_model_twice_same_params"] is True
+        assert report["configure_model_twice_same_bridge_methods"] is True  # not wrapped a second time
+        assert report["bridge_methods_wrapped"] == sorted(fit.BRIDGE_METHODS)
         sharding, units = report["sharding"], set(report["sharding"]["units"])
         lora_units = {f"{layer}.{kind}.default" for layer in report["lora_layers"] for kind in ("lora_A", "lora_B")}
         assert report["lora_layers"] and lora_units <= units

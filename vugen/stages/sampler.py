@@ -285,12 +285,13 @@ class SamplerStage(AdapterStage):
             for block in self.adapter.language_model.modules():
                 if block_types and isinstance(block, block_types) and not hasattr(block, "_vugen_checkpointed"):
                     self._checkpoint(block)
-        super().configure_model()
-        if self.device_mesh is not None:
-            from torch.distributed.fsdp import register_fsdp_forward_method
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
+        sharded_before = isinstance(self.bridge, FSDPModule)
+        super().configure_model()
+        if not sharded_before:  # registering twice would wrap the methods twice
             for method in ("embed", "begin_image", "velocity"):
-                register_fsdp_forward_method(self.bridge, method)
+                register_fsdp_forward_method(self.bridge, method)  # a no-op unless the bridge is now sharded
 
     def _checkpoint(self, block: nn.Module) -> None:
         """Make ``block`` recompute its activations in the backward pass whenever gradients are on.
