@@ -121,7 +121,9 @@ def export(checkpoint: str, out: str, weights: Literal["auto", "ema", "training"
         raise ValueError(f"weights must be 'auto', 'ema' or 'training', got {weights!r}")
     stage = SamplerStage.load_from_checkpoint(checkpoint, map_location="cpu")
     if weights != "training":
-        updates = EMA.apply_checkpoint(stage, torch.load(checkpoint, map_location="cpu", weights_only=True))
+        # mmap: only the EMA averages are read; the stage above has read the weights already
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        updates = EMA.apply_checkpoint(stage, saved)
         if updates is None and weights == "ema":
             raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
     return VugenPipeline.from_stage(stage).save_pretrained(out)
