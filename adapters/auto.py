@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from vugen.errors import VugenError
 from vugen_adapters.base import DType, FeatureSource, VLMAdapter, positions_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -40,7 +41,7 @@ _PROCESSOR_OVERRIDES = {
 }
 
 
-class RemoteCodeRefused(ValueError):
+class RemoteCodeRefused(VugenError, ValueError):
     """A checkpoint needs code from its repository while `trust_remote_code` is off."""
 
 

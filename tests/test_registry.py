@@ -96,3 +96,17 @@ def test_cli_progress_bar(extra, expected, tmp_path):
     cli = VugenCLI(args=[*BORING, f"--trainer.default_root_dir={tmp_path}", *extra], run=False)
     bars = [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
     assert [type(b) for b in bars] == ([expected] if expected else [])
+
+
+def test_a_config_names_an_adapter_by_its_registered_name(tiny_checkpoint):
+    args = [
+        "--model=vugen.stages.ReducerStage",
+        "--model.adapter=llava",
+        f"--model.adapter.pretrained={tiny_checkpoint('llava')}",
+        "--model.latent_dim=4",
+        "--data=vugen.data.shapes_datamodule.ShapesDataModule",
+        "--trainer.logger=false",
+    ]
+    cli = VugenCLI(args=args, run=False)
+    assert type(cli.model.adapter) is LlavaAdapter
+    assert cli.config["model"]["init_args"]["adapter"]["class_path"] == "vugen_adapters.llava.LlavaAdapter"

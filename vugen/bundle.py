@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 import vugen
 from vugen.atomic import atomic_directory
+from vugen.errors import VugenError
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
@@ -61,7 +62,7 @@ _MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge
 _BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
 
 
-class BundleError(ValueError):
+class BundleError(VugenError, ValueError):
     """A bundle folder is incomplete or its weights do not match its configuration."""
 
 

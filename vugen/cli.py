@@ -6,6 +6,7 @@ vugen adapters | tiny | cache-latents | generate | export | export-geneval | exp
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -16,8 +17,9 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vugen.commands import export, generate
 from vugen.data.latent_writer import cache_latents
+from vugen.errors import TRACEBACK_ENV, known_error_message
 from vugen.eval.export import export_dpg, export_geneval
-from vugen.registry import adapter_sources, get_adapter_class, list_adapters
+from vugen.registry import adapter_class_path, adapter_sources, get_adapter_class, list_adapters
 from vugen_adapters.tiny import build_tiny_vlm
 
 DESCRIPTION = (
@@ -25,7 +27,8 @@ DESCRIPTION = (
     "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen tiny FAMILY DIR` (write a tiny "
     "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
     "(text -> PNGs from a bundle), `vugen export` (sampler checkpoint -> bundle), `vugen export-geneval` / "
-    "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each."
+    "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each. A known error (bad config, missing or "
+    f"corrupt file, ...) prints one line; `vugen --traceback COMMAND ...` or {TRACEBACK_ENV}=1 shows its traceback."
 )
 
 
@@ -34,13 +37,15 @@ class VugenCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
         import_registered_adapters()  # so YAML can name adapters by class name, not only by class path
+        accept_registered_adapter_names()
         super().__init__(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION},
+            # a bad config raises, so `main` reports it in one line instead of argparse's usage dump
+            parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
             args=args,
             run=run,
             **kwargs,
@@ -64,6 +69,43 @@ def import_registered_adapters() -> None:
             get_adapter_class(name)
         except Exception as error:  # a broken third-party plug-in must not take the CLI down
             warnings.warn(f"adapter {name!r} could not be imported: {error}", stacklevel=2)
+
+
+def accept_registered_adapter_names() -> None:
+    """Let a config name an adapter by its registered name (``class_path: llava``) wherever a class path is accepted.
+
+    jsonargparse resolves a ``class_path`` without dots by the class's ``__name__`` among the subclasses of the
+    expected type; a registry name ("llava", "qwen2_vl") is not a class name, so it is mapped to the registered
+    class path first, for parameters typed as a ``VLMAdapter`` only.
+    """
+    from jsonargparse import _typehints
+
+    resolve = _typehints.resolve_class_path_by_name
+    if getattr(resolve, "accepts_adapter_names", False):
+        return
+
+    def resolve_adapter_names(cls: type | tuple[type, ...], name: str) -> str:
+        if not (isinstance(name, str) and "." not in name and _expects_adapter(cls)):
+            return resolve(cls, name)
+        if name in list_adapters():
+            return adapter_class_path(name)
+        class_path = resolve(cls, name)  # an adapter's class name, e.g. LlavaAdapter
+        if "." not in class_path:
+            raise ValueError(
+                f"unknown adapter {name!r}: give a registered name ({', '.join(list_adapters())}) or a class path "
+                "such as my_package.my_module.MyAdapter"
+            )
+        return class_path
+
+    resolve_adapter_names.accepts_adapter_names = True
+    _typehints.resolve_class_path_by_name = resolve_adapter_names
+
+
+def _expects_adapter(cls: type | tuple[type, ...]) -> bool:
+    from vugen_adapters.base import VLMAdapter
+
+    types = cls if isinstance(cls, tuple) else (cls,)
+    return any(isinstance(t, type) and issubclass(t, VLMAdapter) for t in types)
 
 
 def print_adapters() -> None:
@@ -96,14 +138,45 @@ COMMANDS = {
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `vugen` console script."""
+    """Entry point of the `vugen` console script: runs a command, reporting a known error in one line.
+
+    A known error (see :mod:`vugen.errors`) prints ``vugen COMMAND: error: MESSAGE`` on stderr and exits with
+    status 2 for a bad command line or config, 1 otherwise; ``--traceback`` (anywhere on the command line) or
+    ``VUGEN_TRACEBACK=1`` re-raises it with its traceback. Other exceptions keep their traceback.
+    """
     argv = sys.argv[1:] if args is None else list(args)
+    if "--traceback" in argv:
+        argv = [arg for arg in argv if arg != "--traceback"]
+        os.environ[TRACEBACK_ENV] = "1"  # for the processes a DDP launcher starts with this command line
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads (and DDP relaunches) sys.argv: passing args would warn
+    show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    try:
+        _run(argv, from_sys_argv=args is None)
+    except Exception as error:
+        message = None if show_traceback else known_error_message(error)
+        if message is None:
+            raise
+        print(f"vugen{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+        sys.exit(2 if _is_usage_error(error) else 1)
+
+
+def _run(argv: list[str], from_sys_argv: bool) -> None:
     if argv and argv[0] in COMMANDS:
-        result = CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}")
+        result = CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}", exit_on_error=False)
         if result is not None:
             print(result)
         return
-    VugenCLI(args=args)
+    VugenCLI(args=None if from_sys_argv else argv)
+
+
+def _is_usage_error(error: BaseException) -> bool:
+    from argparse import ArgumentError
+
+    from jsonargparse import ArgumentError as ParserError
+
+    return isinstance(error, ArgumentError | ParserError)
 
 
 if __name__ == "__main__":

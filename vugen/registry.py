@@ -58,6 +58,18 @@ def adapter_sources() -> dict[str, str]:
     return sources | {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in _registered.items()}
 
 
+def adapter_class_path(name: str) -> str:
+    """The dotted class path (``package.module.Class``) of a registered adapter name, without importing it.
+
+    Raises:
+        KeyError: ``name`` is not registered.
+    """
+    source = adapter_sources().get(name)
+    if source is None:
+        raise KeyError(f"unknown adapter {name!r}; registered adapters: {', '.join(list_adapters())}")
+    return source.replace(":", ".")
+
+
 def get_adapter_class(name_or_class_path: str) -> type[VLMAdapter]:
     """Resolve a registered name or a `package.module.Class` path to an adapter class."""
     if name_or_class_path in _registered:

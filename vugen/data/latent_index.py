@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vugen.errors import VugenError
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
 
@@ -25,7 +26,7 @@ _RUNTIME_ONLY = frozenset({"attn_implementation", "trust_remote_code"})
 _SHARED_FIELDS = ("split", "world_size", "token_grid", "latent_dim", "image_size", "dtype", "fingerprint")
 
 
-class StaleCacheError(ValueError):
+class StaleCacheError(VugenError, ValueError):
     """A latent cache was made by another adapter or reducer than the ones it is used with."""
 
 
