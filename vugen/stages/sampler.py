@@ -296,15 +296,15 @@ class SamplerStage(AdapterStage):
     def _checkpoint(self, block: nn.Module) -> None:
         """Make ``block`` recompute its activations in the backward pass whenever gradients are on.
 
-        The recomputation runs after :meth:`_run` has returned, so it restores the LoRA mask of its own call; and it
-        gets no KV cache (training runs whole sequences), so a recomputed block never appends to a cache twice.
+        The recomputation runs after :meth:`_run` has returned, so it restores the LoRA mask of its own call; and the
+        block gets no KV cache (training runs whole sequences), so a recomputed block never appends to a cache twice.
         """
         forward = block.forward
 
         def checkpointed(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+            kwargs = without_cache(kwargs)
             lora_mask = self._lora_mask
 
             def run(*inputs: Any) -> Any:
@@ -410,6 +410,23 @@ class SamplerStage(AdapterStage):
                 decode_latents(self.decoder, latent[None], self.latent_grid, size, self.decoder_sampling, generator)
             )
         return torch.cat(images)
+
+
+# The names transformers' decoder layers have taken the KV cache under (``cache`` from 5.24 on); the model hands the
+# layers a cache even in training because the adapters call it with ``use_cache=True``.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block call's keyword arguments with its KV cache set to None and ``use_cache`` to False.
+
+    Only arguments the call carries change: adding one it lacks (``past_key_values`` next to 5.24's ``cache``) would
+    make transformers warn, or fail on a layer without that parameter.
+    """
+    kwargs = {name: None if name in CACHE_ARGUMENTS else value for name, value in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def load_decoder_export(directory: str | Path) -> tuple[DimensionReducer, PixelDecoder, dict[str, Any]]:
