@@ -3,25 +3,51 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Exact versions the test suite passes with (a pip constraints file): `make install` and CI use them, `make lock`
+# refreshes them, `make test-latest` tries the newest versions pyproject.toml's ranges allow.
+LOCK := requirements/lock.txt
+LATEST_VENV ?= .venv-latest
 
-.PHONY: help install test test-fast demo bench lint format clean
+.PHONY: help install lock test test-fast test-latest demo bench lint format clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv and install vugen with its dev extras (idempotent)
+install: $(STAMP)  ## create .venv and install vugen with its dev extras at the locked versions (idempotent)
 
-$(STAMP): pyproject.toml
+# Constraints (-c), not requirements: lock lines for other platforms (nvidia-*, triton) are ignored where unneeded.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# A fresh throwaway venv, so the lock holds exactly what a new install resolves to today (no leftovers of .venv).
+lock:  ## rewrite requirements/lock.txt with the newest versions pyproject.toml allows (fresh temporary venv)
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e ".[dev]"; \
+	{ echo "# Known-good versions of vugen's dependencies: a pip constraints file (make install: pip install -c)."; \
+	  echo "# Made $$(date -u +%Y-%m-%d) by \`make lock\` (the newest versions pyproject.toml allows, in a fresh venv) with"; \
+	  "$$tmp/venv/bin/python" -c 'import platform; print(f"# Python {platform.python_version()} on {platform.system()} {platform.machine()}.")'; \
+	  echo "# Refresh: make lock, then make test; edit pyproject.toml's ranges, not this file."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable; } > "$$tmp/lock.txt"; \
+	mkdir -p $(dir $(LOCK)); mv "$$tmp/lock.txt" $(LOCK); \
+	echo "wrote $(LOCK)"
 
 test: install  ## run the whole test suite (slow tests included)
 	$(PY) -m pytest
 
 test-fast: install  ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
+
+# Not used by CI: warns early when a new release inside pyproject.toml's ranges breaks vugen, before `make lock`.
+test-latest:  ## run the tests on the newest versions pyproject.toml allows, in .venv-latest (PYTEST_ARGS="-k ...")
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: install  ## the three stages on Shapes with a tiny offline VLM, held-out generation and ShapeEval (CPU)
 	$(PY) -m vugen.demo
