@@ -12,6 +12,8 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from tests.helpers import QUIET_TRAINER
+from tests.test_image_text_data import write_folder
+from vugen.data.image_text import ImageTextDataModule
 from vugen.data.latent_cache import LatentCacheDataModule
 from vugen.data.latent_index import StaleCacheError
 from vugen.data.latent_writer import write_latent_cache
@@ -272,3 +274,46 @@ def test_checkpointed_blocks_get_the_cache_they_were_called_with_as_none(name):
     called = {name: object(), "use_cache": True, "attention_mask": mask}
     assert without_cache(called) == {name: None, "use_cache": False, "attention_mask": mask}
     assert without_cache({"attention_mask": mask}) == {"attention_mask": mask}
+
+
+def latent_batch(captions: list[str]) -> dict:
+    return {"latents": torch.randn(len(captions), 64, LATENT_DIM), "captions": captions}
+
+
+def caption_warnings(stage: SamplerStage, steps: int, **fit_data) -> list[str]:
+    """The empty-caption warnings of a fit of ``steps`` steps."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(max_steps=steps, **QUIET).fit(stage, **fit_data)
+    return [str(w.message) for w in caught if "allow_empty_captions" in str(w.message)]
+
+
+def test_a_first_batch_of_empty_captions_stops_the_fit_naming_the_cause(tiny_llava, decoder_export, tmp_path):
+    """An image folder without a metadata file: every caption is "" (as with caption_key: null)."""
+    root = write_folder(tmp_path / "images", 8, metadata=None)
+
+    def data() -> ImageTextDataModule:
+        return ImageTextDataModule(root=str(root), image_size=32, batch_size=4, num_workers=0)
+
+    stage = make_stage(tiny_llava, decoder_export)
+    with pytest.raises(
+        ValueError,
+        match=r"SamplerStage: all 4 captions of the first training batch are empty.*"
+        r"caption_key: null, an image folder without a metadata file",
+    ):
+        Trainer(max_steps=2, **QUIET).fit(stage, datamodule=data())
+    unconditional = make_stage(tiny_llava, decoder_export, allow_empty_captions=True)
+    assert caption_warnings(unconditional, 2, datamodule=data()) == []
+    assert unconditional.trainer.global_step == 2
+
+
+def test_empty_captions_are_warned_about_once_per_fit_before_prompt_dropout(tiny_llava, decoder_export):
+    stage = make_stage(tiny_llava, decoder_export, prompt_dropout=0.9)
+    full, some_empty, all_empty = PROMPTS * 2, [PROMPTS[0], "", " \n", PROMPTS[1]], [""] * 4
+    batches = [full, some_empty, all_empty, some_empty]  # only empty captions after the first batch: a warning
+    loader = DataLoader([latent_batch(captions) for captions in batches], batch_size=None)
+    messages = caption_warnings(stage, len(batches), train_dataloaders=loader)
+    assert len(messages) == 1 and "2 of 4 captions of a training batch are empty" in messages[0]
+    # Prompt dropout empties about 90 % of these captions: not the data's fault, no warning.
+    assert caption_warnings(stage, 2, train_dataloaders=DataLoader([latent_batch(full)] * 2, batch_size=None)) == []
+    assert len(caption_warnings(stage, len(batches), train_dataloaders=loader)) == 1  # the next fit warns again

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -85,6 +86,11 @@ class SamplerStage(AdapterStage):
         activation_checkpointing: Recompute the language model blocks' activations in the backward pass (LoRA
             gradients flow through every block): less memory for a little more compute.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
+        allow_empty_captions: Train on empty (or whitespace-only) captions without a word, e.g. a deliberately
+            unconditional sampler. By default a fit whose first training batch has only empty captions stops with a
+            ``ValueError`` (usually ``caption_key: null`` or an image folder without a metadata file), and empty
+            captions in any later batch are warned about once per fit. Prompt dropout's deliberate empty prompts are
+            never counted: captions are checked before it.
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class SamplerStage(AdapterStage):
         activation_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        allow_empty_captions: bool = False,
     ) -> None:
         super().__init__(adapter, optimizer, lr_scheduler)
         self.record_hyperparameters(adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
@@ -145,6 +152,8 @@ class SamplerStage(AdapterStage):
         self.time_shift = time_shift
         self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
         self.activation_checkpointing = activation_checkpointing
+        self.allow_empty_captions = allow_empty_captions
+        self._captions_seen = self._empty_captions_warned = False  # per fit: see on_fit_start
 
     rebuilt_prefixes = ("adapter.", "reducer.", "decoder.")  # checkpoints hold LoRA + bridge only
 
@@ -264,8 +273,42 @@ class SamplerStage(AdapterStage):
         pred = self.velocity(z_t, t, prefix_embeds, prefix_mask)
         return flow_matching_loss(pred.float(), z.float(), eps.float(), t, "v", loss_space="v")
 
+    def on_fit_start(self) -> None:
+        """Check the captions of this fit's first training batch, and warn about empty ones again once."""
+        self._captions_seen = self._empty_captions_warned = False
+
+    def check_captions(self, captions: list[str]) -> None:
+        """Refuse a fit whose first training batch has only empty captions; warn once per fit about any empty one.
+
+        Called on the data's captions, before prompt dropout empties some on purpose. Nothing with
+        ``allow_empty_captions``.
+
+        Raises:
+            ValueError: Every caption of the fit's first training batch is empty or whitespace.
+        """
+        first, self._captions_seen = not self._captions_seen, True
+        empty = sum(not caption.strip() for caption in captions)
+        if self.allow_empty_captions or not empty:
+            return
+        if first and empty == len(captions):
+            raise ValueError(
+                f"SamplerStage: all {empty} captions of the first training batch are empty, so the sampler would "
+                "learn no text conditioning: the data yields no captions (ImageTextDataModule with caption_key: "
+                "null, an image folder without a metadata file, or a latent cache written from such data). Fix the "
+                "data's caption key or captions, or set allow_empty_captions: true for an unconditional sampler"
+            )
+        if not self._empty_captions_warned:
+            self._empty_captions_warned = True
+            rank_zero_warn(
+                f"SamplerStage: {empty} of {len(captions)} captions of a training batch are empty or whitespace "
+                "(before prompt dropout): those images train as unconditional samples. Check the data's caption key "
+                "and captions, or set allow_empty_captions: true if intended (warned once per fit)"
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Flow-matching loss with prompt dropout; logs ``train/loss``."""
+        """Flow-matching loss with prompt dropout; logs ``train/loss``. Checks the captions first (see
+        :meth:`check_captions`)."""
+        self.check_captions(list(batch["captions"]))
         loss = self.loss(batch, drop_prompts=True)
         self.log_metrics("train", {"loss": loss}, batch_size=len(batch["captions"]))
         return loss
