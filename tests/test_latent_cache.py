@@ -11,6 +11,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jsonargparse import CLI
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from tests.test_image_text_data import write_shards
+from tests.test_image_text_data import write_folder, write_shards
 from vugen.cli import main as vugen_main
 from vugen.data.image_text import ImageTextDataModule
 from vugen.data.latent_cache import LatentCacheDataModule, LatentCacheDataset
@@ -228,6 +229,39 @@ def test_cache_latents_command(adapter, reducer, reference, tmp_path):
     check_fingerprint(out, adapter, reducer)  # the reducer reloaded from disk has the same weights hash
     dataset = LatentCacheDataset(out)
     assert torch.equal(torch.stack([dataset[i]["latents"] for i in range(SAMPLES)]), reference[0])
+
+
+def empty_caption_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "empty captions" in str(w.message)]
+
+
+def test_empty_captions_are_cached_as_they_are_and_counted_in_a_warning(adapter, reducer, tmp_path):
+    images = next(iter(make_data().train_dataloader()))["images"]
+    captions = ["a red circle", "", " \t", "a blue square", "", "a green triangle"]
+    batches = [{"images": images, "captions": captions[:4]}, {"images": images[:2], "captions": captions[4:]}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = write_latent_cache(batches, adapter, reducer, tmp_path / "cache", progress=False)
+        write_latent_cache(make_data(), adapter, reducer, tmp_path / "captioned", progress=False)
+    assert empty_caption_warnings(caught) == [
+        f"{out}: 3 of 6 cached samples have empty captions; SamplerStage trains them unconditioned and refuses a "
+        "first batch of only empty captions (unless allow_empty_captions). If unintended, check the data's caption "
+        "key (caption_key) and captions"
+    ]
+    assert [caption for caption, _ in samples(out)] == captions
+
+
+def test_cache_latents_reports_a_folder_without_captions(adapter, reducer_dir, tmp_path):
+    root = write_folder(tmp_path / "images", 5, metadata=None)  # every caption ""
+    args = command_args(adapter, reducer_dir, tmp_path / "cache")[:8]  # adapter, reducer, out_dir
+    args += ["--data.class_path", "vugen.data.image_text.ImageTextDataModule", "--data.init_args.root", str(root)]
+    args += ["--data.init_args.image_size", "32", "--data.init_args.num_workers", "0"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CLI(cache_latents, args=args)
+    assert [message.split(";")[0] for message in empty_caption_warnings(caught)] == [
+        f"{tmp_path / 'cache'}: 5 of 5 cached samples have empty captions"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- several ranks

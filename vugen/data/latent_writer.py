@@ -8,6 +8,7 @@ files plus ``index.json`` atomically, one process or one DDP rank's part at a ti
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ class _ShardWriter:
         self.latents: list[Tensor] = []
         self.captions: list[str] = []
         self.shards: list[dict[str, Any]] = []
+        self.empty_captions = 0  # empty or whitespace-only captions added
 
     def add(self, latents: Tensor, captions: list[str]) -> None:
         """Buffer a batch; write every full shard."""
         self.latents.extend(latents.detach().to("cpu", self.dtype).unbind(0))
         self.captions.extend(captions)
+        self.empty_captions += sum(not caption.strip() for caption in captions)
         while len(self.captions) >= self.shard_size:
             self._write(self.shard_size)
 
@@ -83,7 +86,8 @@ def write_latent_cache(
 
     Latents are ``reducer.encode(adapter.encode_images(images))`` with the reducer in eval mode (no noise; its mode
     is restored afterwards), under ``no_grad``; features are cast to the reducer's dtype as the stages do. An
-    error midway (or an interrupt) leaves no cache and no staging folder behind.
+    error midway (or an interrupt) leaves no cache and no staging folder behind. Samples with empty (or
+    whitespace-only) captions are cached as they are, and counted in a warning at the end.
 
     Args:
         data: A datamodule with ``dataset(split)`` (``ShapesDataModule``, ``ImageTextDataModule``), read in
@@ -154,6 +158,13 @@ def write_latent_cache(
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
     finally:
         reducer.train(was_training)
+    if writer.empty_captions:
+        warnings.warn(
+            f"{target}: {writer.empty_captions} of {index['num_samples']} cached samples have empty captions; "
+            "SamplerStage trains them unconditioned and refuses a first batch of only empty captions (unless "
+            "allow_empty_captions). If unintended, check the data's caption key (caption_key) and captions",
+            stacklevel=2,
+        )
     return target
 
 
