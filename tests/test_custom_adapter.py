@@ -3,6 +3,7 @@ and loads through every registration route (YAML class path, `register_adapter`)
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,12 @@ from safetensors.torch import load_file
 
 import vugen.registry as registry
 from examples.custom_adapter.adapter import ToyVLMAdapter
-from examples.custom_adapter.toy_vlm import ToyVLM, save_toy_checkpoint
+from examples.custom_adapter.toy_vlm import TOKENIZER_FILE, ToyVLM, save_toy_checkpoint
 from vugen import build_adapter, register_adapter
+from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index
+from vugen.data.latent_writer import write_latent_cache
+from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.nn import DimensionReducer
 from vugen.testing import PROMPTS, AdapterConformance
 from vugen_adapters.base import VLMAdapter
 
@@ -120,3 +125,22 @@ def test_bad_arguments_name_themselves(tmp_path, toy_checkpoint, toy_adapter):
         toy_adapter.run_language_model(torch.zeros(1, 3, toy_adapter.hidden_size), torch.ones(1, 4))
     with pytest.raises(ValueError, match="32x32"):
         ToyVLM()(torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+
+
+def test_a_latent_cache_knows_the_toy_vlm_by_content(toy_checkpoint, tmp_path):
+    """A VLM that is not a transformers checkpoint is still fingerprinted by its folder's files: a copy elsewhere is
+    the same VLM, other weights at the same path are not."""
+    vlm = Path(shutil.copytree(toy_checkpoint, tmp_path / "toy"))
+    adapter = ToyVLMAdapter(str(vlm))
+    reducer = DimensionReducer(adapter.feature_dim, latent_dim=4, hidden_dim=16, num_blocks=1)
+    data = ShapesDataModule(image_size=32, train_size=2, batch_size=2)
+    cache = write_latent_cache(data, adapter, reducer, tmp_path / "cache", progress=False)
+    assert sorted(read_index(cache)["fingerprint"]["vlm"]["files"]) == [
+        "config.json",
+        "model.safetensors",
+        TOKENIZER_FILE,
+    ]
+    check_fingerprint(cache, ToyVLMAdapter(str(shutil.copytree(vlm, tmp_path / "copy"))), reducer)
+    save_toy_checkpoint(vlm, seed=1)
+    with pytest.raises(StaleCacheError, match=r"adapter VLM differs .*model\.safetensors changed contents"):
+        check_fingerprint(cache, ToyVLMAdapter(str(vlm)), reducer)

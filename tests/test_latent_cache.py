@@ -21,6 +21,7 @@ from jsonargparse import CLI
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
+from tests.helpers import replace_vlm_weights
 from tests.test_image_text_data import write_folder, write_shards
 from vugen.cli import main as vugen_main
 from vugen.data.image_text import ImageTextDataModule
@@ -28,6 +29,7 @@ from vugen.data.latent_cache import LatentCacheDataModule, LatentCacheDataset
 from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index, reducer_sha256
 from vugen.data.latent_writer import cache_latents, write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.fingerprint import vlm_fingerprint
 from vugen.nn import DimensionReducer
 from vugen_adapters.llava import LlavaAdapter
 
@@ -88,6 +90,8 @@ def test_cache_holds_the_eval_latents_and_captions_in_order(cache, adapter, redu
     )
     assert index["fingerprint"]["adapter"]["pretrained"] == adapter.pretrained
     assert index["fingerprint"]["adapter"]["feature_source"] == "vision"
+    assert index["fingerprint"]["vlm"] == vlm_fingerprint(adapter.pretrained)  # the VLM's contents, not its path
+    assert "model.safetensors" in index["fingerprint"]["vlm"]["files"]
     assert index["fingerprint"]["reducer"]["sha256"] == reducer_sha256(reducer)
     assert index["fingerprint"]["reducer"]["config"]["latent_dim"] == LATENT_DIM
 
@@ -152,13 +156,67 @@ def test_stale_cache_is_refused_naming_what_differs(cache, adapter, reducer, tin
         check_fingerprint(cache, adapter, wider)
     assert "latent_dim differs: cache 8 vs current reducer 16" in str(error.value)
 
-    moved = shutil.copytree(tiny_checkpoint("llava"), tmp_path / "llava-copy")
-    with pytest.raises(StaleCacheError, match="adapter pretrained differs: cache '.*' vs current '.*llava-copy'"):
-        check_fingerprint(cache, LlavaAdapter(str(moved)), reducer)
     projector = LlavaAdapter(adapter.pretrained, feature_source="projector")
     with pytest.raises(StaleCacheError, match="adapter feature_source differs: cache 'vision' vs current 'projector'"):
         check_fingerprint(cache, projector, reducer)
     assert issubclass(StaleCacheError, ValueError)
+
+
+# -------------------------------------------------------------------------------------------------- the VLM's contents
+@pytest.fixture
+def own_vlm(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of the tiny LLaVA that a test may change."""
+    return Path(shutil.copytree(tiny_checkpoint("llava"), tmp_path / "project" / "tiny-llava"))
+
+
+def test_the_same_vlm_at_another_path_is_accepted(own_vlm, reducer, tmp_path):
+    cache = write_latent_cache(make_data(), LlavaAdapter(str(own_vlm)), reducer, tmp_path / "cache", progress=False)
+    moved = Path(shutil.move(own_vlm.parent, tmp_path / "moved")) / own_vlm.name  # the project folder moved
+    check_fingerprint(cache, LlavaAdapter(str(moved)), reducer)
+    copy = shutil.copytree(moved, tmp_path / "copy")
+    LatentCacheDataModule(str(cache)).check_fingerprint(LlavaAdapter(str(copy)), reducer)
+
+
+def test_other_weights_at_the_same_path_are_refused(own_vlm, reducer, tmp_path):
+    cache = write_latent_cache(make_data(), LlavaAdapter(str(own_vlm)), reducer, tmp_path / "cache", progress=False)
+    replace_vlm_weights(own_vlm)
+    with pytest.raises(StaleCacheError) as error:
+        check_fingerprint(cache, LlavaAdapter(str(own_vlm)), reducer)
+    message = str(error.value)
+    assert f"adapter VLM differs (cache '{own_vlm}' vs current '{own_vlm}'): model.safetensors changed contents" in (
+        message
+    )
+    assert "\n" not in message and message.endswith("Re-run `vugen cache-latents` with the current ones.")
+
+
+def test_another_preprocessing_at_the_same_path_is_refused(own_vlm, reducer, tmp_path):
+    cache = write_latent_cache(make_data(), LlavaAdapter(str(own_vlm)), reducer, tmp_path / "cache", progress=False)
+    config = own_vlm / "processor_config.json"
+    config.write_text(config.read_text().replace("0.5", "0.25"))  # same weights, other image normalisation
+    with pytest.raises(StaleCacheError, match=r"adapter VLM differs .*: processor_config\.json changed contents\."):
+        check_fingerprint(cache, LlavaAdapter(str(own_vlm)), reducer)
+
+
+def test_a_source_without_contents_falls_back_to_its_name(adapter, reducer, tmp_path, monkeypatch):
+    """A custom adapter's ``pretrained`` that is no local path nor a cached Hub snapshot has no content fingerprint:
+    the cache then records and compares that value, as it did before content fingerprints."""
+    monkeypatch.setattr(adapter, "pretrained", "weights-server:tiny-llava")
+    cache = write_latent_cache(make_data(), adapter, reducer, tmp_path / "cache", progress=False)
+    fingerprint = read_index(cache)["fingerprint"]
+    assert fingerprint["vlm"] is None and fingerprint["adapter"]["pretrained"] == "weights-server:tiny-llava"
+    check_fingerprint(cache, adapter, reducer)
+    monkeypatch.setattr(adapter, "pretrained", "weights-server:other")
+    with pytest.raises(StaleCacheError, match="adapter pretrained differs: cache 'weights-server:tiny-llava' vs"):
+        check_fingerprint(cache, adapter, reducer)
+
+
+def test_a_version_1_cache_is_refused_with_what_to_do(cache, tmp_path):
+    old = Path(shutil.copytree(cache, tmp_path / "old"))
+    index = json.loads((old / "index.json").read_text())
+    del index["fingerprint"]["vlm"]
+    (old / "index.json").write_text(json.dumps(index | {"version": 1}))
+    with pytest.raises(StaleCacheError, match=r"index\.json: a version-1 latent cache .* re-run `vugen cache-latents`"):
+        LatentCacheDataset(old)
 
 
 def test_interrupted_write_leaves_nothing(adapter, reducer, tmp_path):

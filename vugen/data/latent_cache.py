@@ -20,9 +20,11 @@ apart, and the reader parses them from the header it reads anyway. The cost is s
 far above ``shard_size`` captions of any real length (4096 captions of 20 KB each).
 
 ``index.json`` holds the number of samples, the shards and their counts, the token grid ``(gh, gw)``, the latent
-dim, the image size, the storage dtype and the **fingerprint**: the adapter's ``describe()`` record and the
-reducer's class, config and sha256 of its weights. :func:`check_fingerprint` compares it with the adapter and
-reducer at hand and refuses a stale cache with a :class:`StaleCacheError` naming what differs.
+dim, the image size, the storage dtype and the **fingerprint**: the adapter's ``describe()`` record, the VLM's
+content fingerprint (:func:`vugen.fingerprint.vlm_fingerprint`) and the reducer's class, config and sha256 of its
+weights. :func:`check_fingerprint` compares it with the adapter and reducer at hand (the VLM by content: a copy at
+another path is accepted, other weights at the same path are not) and refuses a stale cache with a
+:class:`StaleCacheError` naming what differs.
 
 Several processes (DDP ranks; ``vugen cache-latents`` under torchrun, rank and world size from ``RANK`` /
 ``WORLD_SIZE``) write one cache together: rank ``r`` of ``W`` encodes every ``W``-th sample (an iterable dataset

@@ -1,8 +1,13 @@
 """The latent cache's ``index.json``: its format, reading it (every rank's part merged), and the fingerprint.
 
-The fingerprint is the adapter's ``describe()`` record and the reducer's class, config and sha256 of its weights.
+The fingerprint is the adapter's ``describe()`` record, the content fingerprint of its VLM
+(:func:`vugen.fingerprint.vlm_fingerprint`: files' sizes, safetensors headers, sampled blocks and small files'
+sha256, or a Hub snapshot's commit) and the reducer's class, config and sha256 of its weights.
 :func:`check_fingerprint` compares it with the adapter and reducer at hand and refuses a stale cache with a
 :class:`StaleCacheError` naming what differs. The cache layout is described in :mod:`vugen.data.latent_cache`.
+
+Index version 2 added the VLM's content fingerprint. A version-1 cache recorded only the VLM's path, which cannot
+tell whether the weights there changed since: it is refused with a line asking to re-run ``vugen cache-latents``.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from typing import Any
 import torch
 
 from vugen.errors import VugenError
+from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
 
 INDEX_FILE = "index.json"
-FORMAT, VERSION = "vugen.latent_cache", 1
+FORMAT, VERSION = "vugen.latent_cache", 2
 # describe() fields that change how the VLM is loaded or run, not the features it computes.
 _RUNTIME_ONLY = frozenset({"attn_implementation", "trust_remote_code"})
+# describe() fields that say where the VLM is, not what it is: skipped when both VLMs have a content fingerprint.
+_LOCATION = frozenset({"pretrained", "revision"})
 # Fields every rank's part of one cache must share.
 _SHARED_FIELDS = ("split", "world_size", "token_grid", "latent_dim", "image_size", "dtype", "fingerprint")
 
@@ -42,10 +50,13 @@ def reducer_sha256(reducer: DimensionReducer) -> str:
 
 
 def fingerprint(adapter: VLMAdapter, reducer: DimensionReducer) -> dict[str, Any]:
-    """What makes the latents: the adapter's ``describe()`` record and the reducer's class, config and weights hash.
+    """What makes the latents: the adapter's ``describe()`` record, its VLM's content fingerprint and the reducer's
+    class, config and weights hash.
 
-    A local ``pretrained`` folder is recorded as its absolute path, so the same folder matches from any working
-    directory.
+    The VLM's fingerprint is :func:`~vugen.fingerprint.vlm_fingerprint` of the adapter's ``pretrained`` and
+    ``revision``; None when that is neither a local path nor a Hub snapshot in the local cache (a custom adapter's
+    source, say), and the cache then identifies the VLM by its ``pretrained`` value alone. A local ``pretrained``
+    is recorded as its absolute path (for the reader, and for that fallback).
     """
     record = json.loads(json.dumps(adapter.describe()))  # as it reads back from index.json (tuples -> lists)
     local = Path(record.get("pretrained", "")).expanduser()
@@ -54,6 +65,7 @@ def fingerprint(adapter: VLMAdapter, reducer: DimensionReducer) -> dict[str, Any
     cls = type(reducer)
     return {
         "adapter": record,
+        "vlm": vlm_fingerprint(record.get("pretrained"), record.get("revision")),
         "reducer": {
             "class_path": f"{cls.__module__}.{cls.__qualname__}",
             "config": json.loads(json.dumps(reducer.config)),
@@ -65,9 +77,11 @@ def fingerprint(adapter: VLMAdapter, reducer: DimensionReducer) -> dict[str, Any
 def check_fingerprint(cache_dir: str | Path, adapter: VLMAdapter, reducer: DimensionReducer) -> None:
     """Refuse a cache that ``adapter`` and ``reducer`` would not reproduce.
 
-    Compares the cache's fingerprint (every adapter field but the runtime-only ``attn_implementation`` and
-    ``trust_remote_code``; the reducer's class, config and weights), its latent dim and its token grid with the
-    current ones.
+    Compares the cache's fingerprint (the VLM's contents; every other adapter field but the runtime-only
+    ``attn_implementation`` and ``trust_remote_code``; the reducer's class, config and weights), its latent dim and
+    its token grid with the current ones. The VLM is compared by content when both fingerprints have one (the
+    same VLM at another path is accepted, other weights at the same path are not), else by its ``pretrained`` and
+    ``revision`` values.
 
     Args:
         cache_dir: A cache folder written by :func:`~vugen.data.latent_writer.write_latent_cache`.
@@ -76,11 +90,14 @@ def check_fingerprint(cache_dir: str | Path, adapter: VLMAdapter, reducer: Dimen
 
     Raises:
         StaleCacheError: Naming every difference, e.g. ``reducer weights differ: cache sha256 ab12.. vs current
-            cd34..`` or ``adapter pretrained differs: cache 'x' vs current 'y'``.
+            cd34..`` or ``adapter VLM differs: ... model.safetensors changed contents``.
     """
     index = read_index(cache_dir)
     cached, current = index["fingerprint"], fingerprint(adapter, reducer)
-    problems = _differences("adapter", cached["adapter"], current["adapter"], skip=_RUNTIME_ONLY)
+    by_content = cached.get("vlm") is not None and current["vlm"] is not None
+    skip = (_RUNTIME_ONLY | _LOCATION) if by_content else _RUNTIME_ONLY
+    problems = _differences("adapter", cached["adapter"], current["adapter"], skip=skip)
+    problems += _vlm_differences(cached, current)
     cached_reducer, current_reducer = cached["reducer"], current["reducer"]
     problems += _differences("reducer", cached_reducer, current_reducer, skip=frozenset({"config", "sha256"}))
     problems += _differences("reducer config", cached_reducer["config"], current_reducer["config"])
@@ -99,6 +116,21 @@ def check_fingerprint(cache_dir: str | Path, adapter: VLMAdapter, reducer: Dimen
             f"latent cache {cache_dir} was made by another adapter or reducer: {'; '.join(problems)}. "
             "Re-run `vugen cache-latents` with the current ones."
         )
+
+
+def _vlm_differences(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The VLM's content changes, in one phrase naming both ``pretrained`` values (none: same VLM, or no content
+    fingerprint on either side, when ``pretrained`` itself is compared)."""
+    old, new = cached.get("vlm"), current["vlm"]
+    if old is None and new is None:
+        return []
+    where = f"cache {cached['adapter'].get('pretrained')!r} vs current {current['adapter'].get('pretrained')!r}"
+    if old is None or new is None:
+        recorded = "no contents" if old is None else describe_fingerprint(old)
+        found = "no contents" if new is None else describe_fingerprint(new)
+        return [f"adapter VLM cannot be compared by content ({where}: {recorded} vs {found})"]
+    changes = fingerprint_differences(old, new)
+    return [f"adapter VLM differs ({where}): {', '.join(changes)}"] if changes else []
 
 
 def _differences(
@@ -154,6 +186,11 @@ def _load_index(path: Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if isinstance(index, dict) and index.get("format") == FORMAT and index.get("version") == 1:
+        raise StaleCacheError(
+            f"{path}: a version-1 latent cache (an older vugen recorded the VLM's path, not its contents, so it "
+            "cannot tell whether the VLM changed since): re-run `vugen cache-latents`"
+        )
     if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
         found = {k: index.get(k) for k in ("format", "version")} if isinstance(index, dict) else type(index).__name__
         raise ValueError(f"{path}: not a {FORMAT} version {VERSION} index, found {found}")

@@ -131,6 +131,7 @@ def write_latent_cache(
     target, prefix = (out_dir, "latents") if world_size == 1 else (out_dir / f"rank-{rank}", f"latents-r{rank}")
     dtype = dtype or next(reducer.parameters()).dtype
     batches = _batches(data, split, batch_size, rank, world_size)
+    made_by = fingerprint(adapter, reducer)  # the VLM's files as the adapter loaded them, before a long encode
     was_training = reducer.training
     reducer.eval()
     try:
@@ -153,7 +154,7 @@ def write_latent_cache(
                 "dtype": str(dtype).removeprefix("torch."),
                 "rank": rank,
                 "world_size": world_size,
-                "fingerprint": fingerprint(adapter, reducer),
+                "fingerprint": made_by,
             }
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2))
     finally:
