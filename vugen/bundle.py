@@ -5,20 +5,33 @@ A bundle is one folder, written atomically by :func:`save_bundle` (``VugenPipeli
     reducer/  decoder/  sampling.json   the decoder-stage export, as DecoderStage.export writes it
     bridge/                             the latent bridge (LatentBridge.save_pretrained)
     lora/                               a peft adapter folder of the language model's LoRA
-    vugen.json                          format version, base VLM (adapter class_path + init args), sampler settings,
-                                        sha256 of every weight file
+    vugen.json                          format version, base VLM (adapter class_path + init args, and its content
+                                        fingerprint), sampler settings, sha256 of every other file but the card
     README.md                           model card
 
-The VLM itself is not copied: it is rebuilt from its recorded ``pretrained`` (and ``revision``). Loading
-(:func:`load_bundle`) checks every weight file's tensor names and shapes against its config (safetensors headers,
-never pickle) before reading it.
+The VLM itself is not copied: it is rebuilt from its recorded ``pretrained`` (and ``revision``). A Hub id or an
+absolute path is recorded as it was given; a relative local folder is recorded relative to the bundle folder (e.g.
+``../tiny-llava``) and read back against it, so the bundle loads from any working directory and keeps working when
+the bundle and the VLM move together. ``vlm`` holds the VLM's content fingerprint
+(:func:`vugen.fingerprint.vlm_fingerprint`).
+
+Loading (:func:`load_bundle`) first checks every recorded file's sha256 (a changed, truncated or half-copied file is
+named), then every weight file's tensor names and shapes against its config (safetensors headers, never pickle),
+then the VLM's content fingerprint (before loading it, when it is on disk), and only then reads weights.
+
+Format version 2 added the VLM's fingerprint, the bundle-relative ``pretrained`` and the sha256 of the config files;
+version-1 bundles still load (their ``pretrained`` as recorded, from the working directory; their weight files'
+sha256 checked; no VLM check).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,13 +40,14 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils.sha import sha_fileobj
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 from torch import Tensor, nn
 
 import vugen
 from vugen.atomic import atomic_directory
 from vugen.errors import VugenError
+from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
@@ -54,7 +68,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "vugen.json"
-FORMAT, FORMAT_VERSION = "vugen.pipeline", 1
+FORMAT, FORMAT_VERSION = "vugen.pipeline", 2
 WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
 LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name (LoraConfig.save_pretrained writes adapter_config.json)
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare model (PeftModel -> LoraModel -> model)
@@ -111,15 +125,15 @@ def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
     bridge, lora = full_copy(stage.bridge), _lora_state(stage.adapter.language_model)  # collectives under FSDP2
     if bridge is None or not is_global_zero():
         return None
-    record = bundle_config(stage)
+    record = _with_vlm_fingerprint(bundle_config(stage), Path(directory))
     with atomic_directory(directory) as staging:
         # frozen, never sharded by the sampler stage
         write_decoder_export(staging, stage.reducer, stage.decoder, stage.decoder_sampling)
         bridge.save_pretrained(staging / "bridge")
         _save_lora(staging / "lora", stage, lora)
-        record["sha256"] = {
-            str(path.relative_to(staging)): _sha256(path) for path in sorted(staging.rglob("*.safetensors"))
-        }
+        # every file written so far: all but vugen.json (which holds the hashes) and the model card (free to edit)
+        files = sorted(path for path in staging.rglob("*") if path.is_file())
+        record["sha256"] = {str(path.relative_to(staging)): _sha256(path) for path in files}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _model_card(record).save(staging / "README.md")
     return Path(directory)
@@ -130,8 +144,14 @@ def load_bundle(
 ) -> SamplerStage:
     """The sampler stage of a bundle written by :func:`save_bundle`, as ``VugenPipeline.from_pretrained`` loads it.
 
-    The VLM is rebuilt from its recorded ``pretrained``. Every weight file's tensor names and shapes (its
-    safetensors header) are checked against its config before any weight is read.
+    The VLM is rebuilt from its recorded ``pretrained`` (a relative local folder is read relative to the bundle
+    folder). Before any weight is read, every recorded file's sha256 is checked, every weight file's tensor names
+    and shapes (its safetensors header) are checked against its config, and the VLM's content fingerprint is
+    compared with the recorded one (for a Hub id not downloaded yet: right after the adapter downloads it).
+
+    A VLM that differs from the recorded one is an error when it comes from the bundle's own record (other weights
+    now at the recorded path), and a warning when ``adapter_overrides`` names it: that is the caller's explicit
+    choice, and a legitimate one (a converted or re-saved copy of the same model is other bytes).
 
     Args:
         directory: The bundle folder.
@@ -139,7 +159,9 @@ def load_bundle(
         trust_remote_code: Passed to the adapter when it accepts it; never taken from the bundle.
 
     Raises:
-        BundleError: Naming each missing, unexpected and mis-shaped tensor, or a missing part of the bundle.
+        BundleError: Naming each file whose sha256 differs from the record, each missing, unexpected and mis-shaped
+            tensor, an unreadable safetensors file, a missing part of the bundle, or a VLM that differs from the
+            recorded one (naming the recorded and the found ``pretrained``).
         FileNotFoundError: A missing ``vugen.json``, config or weight file.
     """
     directory = Path(directory)
@@ -147,9 +169,10 @@ def load_bundle(
     missing = [name for name in _BUNDLE_ENTRIES if not (directory / name).exists()]
     if missing:
         raise BundleError(f"{directory} is an incomplete vugen bundle: missing {', '.join(missing)}")
+    _check_sha256(directory, record.get("sha256", {}))
     for name, module_cls in _MODULE_FOLDERS.items():
         check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
-    adapter = _build_adapter(record["adapter"], adapter_overrides or {}, trust_remote_code)
+    adapter = _load_checked_vlm(directory, record, adapter_overrides or {}, trust_remote_code)
     stage = SamplerStage(adapter, decoder_export=str(directory), **record["sampler"])
     _load_bridge(stage.bridge, directory / "bridge")
     _load_lora(stage.adapter.language_model, directory / "lora")
@@ -179,12 +202,18 @@ def check_weights(file: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
 
     Raises:
         FileNotFoundError: The file does not exist.
-        BundleError: Naming every missing and unexpected tensor and every shape mismatch.
+        BundleError: Naming every missing and unexpected tensor and every shape mismatch, or a file that is not a
+            readable safetensors file (truncated, damaged).
     """
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing")
-    with safe_open(file, "pt") as handle:
-        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    try:
+        with safe_open(file, "pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except SafetensorError as error:
+        raise BundleError(
+            f"{file} is not a readable safetensors file, truncated or damaged ({error}): copy or export it again"
+        ) from error
     problems = []
     if missing := sorted(expected.keys() - found.keys()):
         problems.append(f"missing tensors {missing}")
@@ -210,6 +239,87 @@ def _expected_shapes(folder: Path, module_cls: type[nn.Module]) -> dict[str, tup
     except (TypeError, ValueError) as error:
         raise BundleError(f"{folder / 'config.json'}: not a {module_cls.__name__} config: {error}") from error
     return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
+def _with_vlm_fingerprint(record: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``record`` with its VLM's content fingerprint (``vlm``), and a relative local ``pretrained`` rewritten
+    relative to the bundle ``directory`` (Hub ids and absolute paths as they are)."""
+    init_args = record["adapter"]["init_args"]
+    pretrained = init_args.get("pretrained")
+    found = vlm_fingerprint(pretrained, init_args.get("revision"))
+    if found is not None and found["kind"] == "local" and not Path(pretrained).expanduser().is_absolute():
+        relative = os.path.relpath(Path(pretrained).resolve(), directory.resolve())
+        record = record | {"adapter": record["adapter"] | {"init_args": init_args | {"pretrained": relative}}}
+    return record | {"vlm": found}
+
+
+def _recorded_adapter(record: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """The recorded adapter config, a bundle-relative local ``pretrained`` (format 2) resolved against
+    ``directory``."""
+    adapter, pretrained = record["adapter"], record["adapter"].get("init_args", {}).get("pretrained")
+    local = (record.get("vlm") or {}).get("kind") == "local"
+    if not local or not pretrained or Path(pretrained).expanduser().is_absolute():
+        return dict(adapter)
+    return adapter | {"init_args": adapter["init_args"] | {"pretrained": str((directory / pretrained).resolve())}}
+
+
+def _load_checked_vlm(
+    directory: Path, record: Mapping[str, Any], overrides: Mapping[str, Any], trust_remote_code: bool
+) -> VLMAdapter:
+    """The adapter, its VLM checked against the recorded fingerprint before it is loaded (when it is on disk) or
+    right after (a Hub id that the adapter downloads first)."""
+    adapter_record = _recorded_adapter(record, directory)
+    if record.get("vlm") is None:  # a version-1 bundle, or a VLM source without a content fingerprint
+        return _build_adapter(adapter_record, overrides, trust_remote_code)
+    init_args = {**adapter_record.get("init_args", {}), **overrides}
+    source = (init_args.get("pretrained"), init_args.get("revision"))
+    check = functools.partial(_check_vlm, directory, record, source[0], overridden="pretrained" in overrides)
+    found = vlm_fingerprint(*source)
+    if found is None and record["vlm"]["kind"] == "hub":  # not downloaded yet: check what the adapter downloads
+        adapter = _build_adapter(adapter_record, overrides, trust_remote_code)
+        check(vlm_fingerprint(*source))
+        return adapter
+    check(found)  # before loading the VLM's weights
+    return _build_adapter(adapter_record, overrides, trust_remote_code)
+
+
+def _check_vlm(
+    directory: Path, record: Mapping[str, Any], pretrained: str, found: dict[str, Any] | None, *, overridden: bool
+) -> None:
+    """Refuse (warn, when ``adapter_overrides`` chose it) a VLM whose fingerprint differs from the recorded one."""
+    expected = record["vlm"]
+    if found is None:
+        changes = ["nothing is there (no such file or folder, nor a Hub snapshot in the local cache)"]
+    else:
+        changes = fingerprint_differences(expected, found)
+    if not changes:
+        return
+    message = (
+        f"{directory / CONFIG_FILE} was made with the VLM {record['adapter']['init_args'].get('pretrained')!r} "
+        f"({describe_fingerprint(expected)}), but the VLM at {pretrained!r} differs: {', '.join(changes)}"
+    )
+    if overridden:
+        # stacklevel: the caller of VugenPipeline.from_pretrained
+        warnings.warn(f"{message}; loading it anyway, as adapter_overrides names it", stacklevel=5)
+        return
+    raise BundleError(
+        f"{message}. Pass adapter_overrides={{'pretrained': PATH}} to VugenPipeline.from_pretrained naming a copy "
+        "of the VLM the bundle was made with, or put that VLM back where vugen.json says"
+    )
+
+
+def _check_sha256(directory: Path, recorded: Mapping[str, str]) -> None:
+    """Every file that ``vugen.json`` records has its recorded sha256 (read whole, before anything else is read)."""
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing ({CONFIG_FILE} records its sha256)")
+        found = _sha256(path)
+        if found != digest:
+            raise BundleError(
+                f"{path} was changed or damaged after the bundle was written (truncated, half-copied?): its sha256 "
+                f"is {found[:12]}.., {CONFIG_FILE} records {digest[:12]}..; copy or export the bundle again"
+            )
 
 
 def _build_adapter(record: Mapping[str, Any], overrides: Mapping[str, Any], trust_remote_code: bool) -> VLMAdapter:

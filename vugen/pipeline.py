@@ -153,15 +153,19 @@ class VugenPipeline:
         adapter_overrides: Mapping[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> VugenPipeline:
-        """Load a bundle written by :meth:`save_pretrained`; the VLM is rebuilt from its recorded ``pretrained``.
+        """Load a bundle written by :meth:`save_pretrained`; the VLM is rebuilt from its recorded ``pretrained`` (a
+        relative local folder is found relative to the bundle folder).
 
-        Every weight file is checked (names and shapes, from the safetensors header) against its config before it is
-        read; a mismatch raises :class:`BundleError` naming each missing, unexpected and mis-shaped tensor.
+        Before any weight is read, every bundle file's sha256 is checked against ``vugen.json``, every weight file's
+        tensor names and shapes (its safetensors header) against its config, and the VLM's content fingerprint
+        against the recorded one; a mismatch raises :class:`BundleError` naming the file, the tensors, or the
+        recorded and found VLM (see :func:`vugen.bundle.load_bundle`).
 
         Args:
             directory: The bundle folder.
             adapter_overrides: Replace recorded adapter arguments, e.g. ``{"pretrained": "/local/copy",
-                "dtype": "bfloat16"}``.
+                "dtype": "bfloat16"}``. A ``pretrained`` named here whose contents differ from the recorded VLM's
+                gives a warning, not an error.
             trust_remote_code: Let the VLM checkpoint run its own code. Never taken from the bundle.
         """
         return cls(load_bundle(directory, adapter_overrides, trust_remote_code))

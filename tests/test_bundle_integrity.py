@@ -1,0 +1,133 @@
+"""A bundle knows its VLM by content and its own files by sha256, with the tiny LLaVA: a relative VLM folder is
+recorded relative to the bundle (it loads from any working directory, and after the bundle and the VLM move
+together); other weights at the recorded path are refused naming both paths; a changed or truncated bundle file is
+named before anything is read; version-1 bundles still load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures_bundle import make_stage
+from tests.helpers import replace_vlm_weights
+from vugen.bundle import check_weights
+from vugen.pipeline import BundleError, VugenPipeline
+
+PROMPTS, SEEDS = ["a large red circle on the left"], [3]
+
+
+@pytest.fixture
+def project(pretrained, decoder_export, tmp_path, monkeypatch) -> tuple[Path, torch.Tensor]:
+    """A project folder as `make demo` leaves it (``tiny-llava/``, ``bundle/``), the bundle saved from inside it with
+    relative paths as a config gives them; and the images the saved stage generates."""
+    root = tmp_path / "project"
+    shutil.copytree(pretrained, root / "tiny-llava")
+    monkeypatch.chdir(root)
+    stage = make_stage(Path("tiny-llava"), decoder_export)
+    VugenPipeline.from_stage(stage).save_pretrained("bundle")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return root, stage.generate(PROMPTS, SEEDS)
+
+
+def flip_byte(file: Path, fraction: float = 0.5) -> None:
+    """Same size, one byte changed at ``fraction`` of the file (in the tensor data for a weights file)."""
+    data = bytearray(file.read_bytes())
+    data[int(len(data) * fraction)] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def test_a_relative_vlm_folder_is_found_from_any_working_directory_and_after_a_move(project, tmp_path):
+    root, expected = project
+    record = json.loads((root / "bundle" / "vugen.json").read_text())
+    assert record["adapter"]["init_args"]["pretrained"] == "../tiny-llava"
+    assert record["vlm"]["kind"] == "local" and "model.safetensors" in record["vlm"]["files"]
+
+    loaded = VugenPipeline.from_pretrained(root / "bundle")  # the working directory is another folder
+    assert loaded.stage.adapter.pretrained == str((root / "tiny-llava").resolve())
+    assert torch.equal(loaded.sample(PROMPTS, SEEDS), expected)
+
+    moved = Path(shutil.move(root, tmp_path / "archive" / "project-2"))  # bundle and VLM move together
+    assert torch.equal(VugenPipeline.from_pretrained(moved / "bundle").sample(PROMPTS, SEEDS), expected)
+
+
+def test_other_weights_at_the_recorded_path_are_refused_naming_both(project, pretrained, tmp_path):
+    root, expected = project
+    vlm = (root / "tiny-llava").resolve()
+    replace_vlm_weights(vlm)
+    with pytest.raises(BundleError) as error:
+        VugenPipeline.from_pretrained(root / "bundle")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "vugen.json was made with the VLM '../tiny-llava' (" in message
+    assert f"but the VLM at '{vlm}' differs: model.safetensors changed contents. Pass adapter_overrides=" in message
+
+    # A copy of the VLM the bundle was made with, wherever it is: silently the same VLM.
+    original = shutil.copytree(pretrained, tmp_path / "vlm-copy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = VugenPipeline.from_pretrained(root / "bundle", adapter_overrides={"pretrained": str(original)})
+    assert torch.equal(pipe.sample(PROMPTS, SEEDS), expected)
+    # Another VLM named explicitly is the caller's choice: a warning, and it loads.
+    with pytest.warns(UserWarning, match="model.safetensors changed contents; loading it anyway"):
+        VugenPipeline.from_pretrained(root / "bundle", adapter_overrides={"pretrained": str(vlm)})
+
+    shutil.rmtree(vlm)
+    with pytest.raises(BundleError, match=r"differs: nothing is there \(no such file or folder"):
+        VugenPipeline.from_pretrained(root / "bundle")
+
+
+@pytest.mark.parametrize(
+    ("damage", "name"),
+    [
+        (flip_byte, "decoder/model.safetensors"),
+        (flip_byte, "lora/adapter_model.safetensors"),
+        (truncate, "bridge/model.safetensors"),
+        (truncate, "reducer/model.safetensors"),
+        (lambda file: file.write_text(file.read_text().replace("1", "2")), "sampling.json"),
+    ],
+    ids=["decoder-flipped", "lora-flipped", "bridge-truncated", "reducer-truncated", "sampling-json"],
+)
+def test_a_damaged_bundle_file_is_named_before_it_is_read(bundle, tmp_path, damage, name):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    damage(copy / name)
+    with pytest.raises(BundleError) as error:
+        VugenPipeline.from_pretrained(copy)
+    message = str(error.value)
+    assert message.startswith(f"{copy / name} was changed or damaged after the bundle was written") and "\n" not in (
+        message
+    )
+
+
+def test_an_unreadable_safetensors_file_is_named(bundle, tmp_path):
+    file = tmp_path / "model.safetensors"
+    shutil.copy(bundle / "bridge" / "model.safetensors", file)
+    truncate(file)
+    with pytest.raises(BundleError, match=rf"^{file} is not a readable safetensors file, truncated or damaged"):
+        check_weights(file, {})
+
+
+def as_version_1(bundle: Path) -> None:
+    """What vugen wrote before format 2: no VLM fingerprint, sha256 of the weight files only."""
+    record = json.loads((bundle / "vugen.json").read_text())
+    del record["vlm"]
+    record["sha256"] = {name: digest for name, digest in record["sha256"].items() if name.endswith(".safetensors")}
+    (bundle / "vugen.json").write_text(json.dumps(record | {"format_version": 1}))
+
+
+def test_a_version_1_bundle_still_loads_and_its_weights_are_checked(bundle, stage, tmp_path):
+    old = Path(shutil.copytree(bundle, tmp_path / "v1"))
+    as_version_1(old)
+    assert torch.equal(VugenPipeline.from_pretrained(old).sample(PROMPTS, SEEDS), stage.generate(PROMPTS, SEEDS))
+    flip_byte(old / "bridge" / "model.safetensors")
+    with pytest.raises(BundleError, match=r"bridge/model\.safetensors was changed or damaged"):
+        VugenPipeline.from_pretrained(old)
