@@ -59,6 +59,9 @@ SEED = 0
 # Plain SGD: the update is linear in the gradient, so rounding differences in the gradient averaging stay at their
 # size in the weights (Adam's normalisation can turn a rounding-level gradient into an lr-sized step).
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
+# The decoder's diffusion loss starts near 1e2: at lr 0.05 it reached 3e17 by step 3 and NaN at the resumed step 4
+# (which NonFiniteGuard stops); at 0.005 it falls steadily (130 -> 19 over those 4 steps).
+DECODER_SGD = functools.partial(torch.optim.SGD, lr=0.005)
 
 
 def training_images() -> ShapesDataset:
@@ -156,7 +159,9 @@ def build_stage(name: str, checkpoint: str, pca_init: bool = False, decoder_expo
     )
     reducer = DimensionReducer(adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1, noise_gamma=0.1)
     # feature_loss_weight > 0: every trainable parameter gets a gradient (DDP refuses unused ones).
-    return DecoderStage(adapter, decoder, reducer=reducer, pca_init=pca_init, feature_loss_weight=0.1, optimizer=SGD)
+    return DecoderStage(
+        adapter, decoder, reducer=reducer, pca_init=pca_init, feature_loss_weight=0.1, optimizer=DECODER_SGD
+    )
 
 
 def full_trainable_weights(stage: AdapterStage) -> dict[str, torch.Tensor]:
