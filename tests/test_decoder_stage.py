@@ -206,7 +206,7 @@ def test_checkpoint_holds_no_vlm_and_reloads_exactly(trained, tmp_path):
 def test_export_round_trips_and_replaces_atomically(trained, tmp_path):
     stage = trained[0]
     directory = stage.export(tmp_path / "export")
-    assert sorted(p.name for p in directory.iterdir()) == ["decoder", "reducer", "sampling.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["decoder", "reducer", "sampling.json", "training.json"]
     assert json.loads((directory / "sampling.json").read_text())["steps"] == 2
     decoder = PixelDecoder.from_pretrained(directory / "decoder")
     reducer = DimensionReducer.from_pretrained(directory / "reducer")
@@ -272,7 +272,14 @@ def test_vugen_fit_then_test_with_the_demo_config(adapter, tiny_checkpoint, tmp_
     assert (log_dir / "config.yaml").is_file()
     events = EventAccumulator(str(log_dir)).Reload()
     assert "reconstructions" in events.Tags()["images"]
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["decoder", "reducer", "sampling.json"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "decoder",
+        "reducer",
+        "sampling.json",
+        "training.json",
+    ]
+    record = json.loads((tmp_path / "export" / "training.json").read_text())
+    assert record["stage"] == "DecoderStage" and record["global_step"] == 2 and "val/loss" in record["metrics"]
 
     with caplog.at_level(logging.INFO):
         test = VugenCLI(

@@ -121,7 +121,16 @@ def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
 
     Returns:
         The folder on the rank that wrote it, else None.
+
+    Raises:
+        NonFiniteError: A weight (LoRA, bridge, reducer, decoder) holds NaN or Inf; nothing is written.
     """
+    weights = {
+        **stage.state_dict(),
+        **stage.reducer.state_dict(prefix="reducer."),
+        **stage.decoder.state_dict(prefix="decoder."),
+    }
+    stage.require_finite_state(weights.items(), f"refusing to write the bundle {directory}")
     bridge, lora = full_copy(stage.bridge), _lora_state(stage.adapter.language_model)  # collectives under FSDP2
     if bridge is None or not is_global_zero():
         return None

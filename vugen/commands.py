@@ -16,6 +16,7 @@ from torchvision.utils import make_grid
 
 from vugen.callbacks import EMA
 from vugen.diffusion import Method
+from vugen.finite import require_finite
 from vugen.pipeline import VugenPipeline, image_seeds, to_pil
 from vugen.placement import resolve_device
 from vugen.stages.sampler import SamplerStage
@@ -116,14 +117,20 @@ def export(checkpoint: str, out: str, weights: Literal["auto", "ema", "training"
 
     Returns:
         The bundle folder.
+
+    Raises:
+        NonFiniteError: The weights to export hold NaN or Inf (a diverged run); nothing is written.
     """
     if weights not in ("auto", "ema", "training"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'training', got {weights!r}")
     stage = SamplerStage.load_from_checkpoint(checkpoint, map_location="cpu")
+    source = "training weights"
     if weights != "training":
         # mmap: only the EMA averages are read; the stage above has read the weights already
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
         updates = EMA.apply_checkpoint(stage, saved)
         if updates is None and weights == "ema":
             raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
+        source = "training weights" if updates is None else "EMA averages"
+    require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
     return VugenPipeline.from_stage(stage).save_pretrained(out)

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from vugen.atomic import atomic_directory
+from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.nn.reducer import DimensionReducer
+from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 from vugen_adapters.base import VLMAdapter
 
 __all__ = ["AdapterStage", "argument_config", "batch_images", "full_copy", "is_global_zero"]
@@ -26,6 +33,7 @@ __all__ = ["AdapterStage", "argument_config", "batch_images", "full_copy", "is_g
 # one of Lightning's allow-listed instantiators.
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 _ADAPTER_PREFIX = "adapter."
+log = logging.getLogger(__name__)
 
 
 class AdapterStage(LightningModule):
@@ -152,6 +160,77 @@ class AdapterStage(LightningModule):
             return optimizer
         scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "step", "monitor": "train/loss"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ==================================================================== non-finite guard and safe exports
+    # A NonFiniteGuard by default, no checkpoint or export with NaN / Inf weights, exports only after a fit that
+    # changed the weights, each with its training.json record.
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`~vugen.callbacks.NonFiniteGuard` that stops at the first NaN / Inf step, unless the trainer has
+        a guard already (returning one then would make Lightning replace the trainer's, and its configured budget)."""
+        from vugen.callbacks.non_finite import NonFiniteGuard  # vugen.callbacks imports the stages: import late
+
+        if any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
+            return []
+        return [NonFiniteGuard()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint whose weights hold NaN or Inf (every rank raises, or none does)."""
+        what = f"refusing to write a checkpoint at step {self.trainer.global_step}"
+        self.require_finite_state(checkpoint["state_dict"].items(), what)
+
+    def ranks_agree(self, decision: bool) -> bool:
+        """``decision`` of all ranks together (true only if true on every rank) when attached to a trainer, else the
+        decision of this process."""
+        return decision if self._trainer is None else self._trainer.strategy.reduce_boolean_decision(decision)
+
+    def divergence_advice(self) -> str:
+        """What to try and, in a run, where to go back to: for the messages about non-finite weights."""
+        if self._trainer is None:
+            return DIVERGENCE_ADVICE
+        return f"last good checkpoint: {last_checkpoint(self._trainer)}; {DIVERGENCE_ADVICE}"
+
+    def require_finite_state(self, tensors: Any, what: str) -> None:
+        """Raise a :class:`~vugen.finite.NonFiniteError` on every rank when one of ``tensors`` (``(name, tensor)``
+        pairs, local shards) holds NaN or Inf on any rank; ``what`` starts the message."""
+        what = f"{type(self).__name__}: {what}"
+        require_finite(tensors, what, agree=self.ranks_agree, advice=self.divergence_advice())
+
+    def export_after_fit(self, directory: str, export: Callable[[str], Path | None], what: str) -> None:
+        """``on_fit_end``: ``export(directory)`` when this fit applied at least one optimizer step.
+
+        A fit that never trained (``Trainer.fit`` stopped: No training batches; ``max_steps`` already reached; every
+        step skipped by the :class:`~vugen.callbacks.NonFiniteGuard`) leaves an earlier export as it was, and says
+        so on rank zero.
+        """
+        from vugen.callbacks.non_finite import NonFiniteGuard
+
+        guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+        if guard is not None and guard.applied_steps(self.trainer) == 0:
+            rank_zero_info(f"{type(self).__name__}: no optimizer step ran in this fit; {directory} left as it was")
+            return
+        if (written := export(directory)) is not None:
+            rank_zero_info(f"{what} exported to {written}")
+
+    def write_export(self, directory: str | Path, write: Callable[[Path], None]) -> Path:
+        """Replace ``directory`` atomically with what ``write(folder)`` puts in ``folder``, plus ``training.json``.
+
+        The record's ``global_step`` is the attached trainer's when its last run was a ``fit`` (None otherwise: a
+        module exported outside training, or after a ``validate``). Says so in one line when the export replaced
+        was trained more or validated better (see :func:`vugen.stages.training_record.replacement_warning`).
+        """
+        trainer = self._trainer
+        fitted = trainer is not None and trainer.state.fn == TrainerFn.FITTING  # not a later validate / test
+        metrics = dict(trainer.callback_metrics) if trainer is not None else {}
+        record = training_record(type(self).__name__, trainer.global_step if fitted else None, metrics)
+        warning = replacement_warning(directory, record)
+        with atomic_directory(directory) as staging:
+            write(staging)
+            write_training_record(staging, record)
+        if warning is not None:
+            log.warning(warning)  # only global rank zero writes exports
+        return Path(directory)
+
+    # ==================================================================== end of non-finite guard and safe exports
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

@@ -22,7 +22,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from vugen.atomic import atomic_directory
 from vugen.diffusion import (
     Method,
     Prediction,
@@ -85,8 +84,9 @@ class DecoderStage(AdapterStage):
         compile: ``torch.compile`` each decoder block (the LightningModule itself is never compiled).
         optimizer: Builds the optimizer over the parameters that train (decoder, and reducer when it trains).
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
-        export_dir: If set, ``fit`` ends by writing ``reducer/``, ``decoder/`` and ``sampling.json`` there
-            (atomically), what the latent sampler and the pipeline load.
+        export_dir: If set, a ``fit`` that ran at least one optimizer step ends by writing ``reducer/``,
+            ``decoder/`` and ``sampling.json`` there (atomically), what the latent sampler and the pipeline load,
+            with a ``training.json`` record of what trained them.
     """
 
     def __init__(
@@ -286,12 +286,14 @@ class DecoderStage(AdapterStage):
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        """Export reducer and decoder to ``export_dir`` when one is set (gathered on all ranks, rank 0 writes)."""
-        if self.export_dir is not None and (directory := self.export(self.export_dir)) is not None:
-            rank_zero_info(f"reducer and decoder exported to {directory}")
+        """Export reducer and decoder to ``export_dir`` when one is set and this fit trained them (gathered on all
+        ranks, rank 0 writes); a fit without an optimizer step leaves an earlier export as it was."""
+        if self.export_dir is not None:
+            self.export_after_fit(self.export_dir, self.export, "reducer and decoder")
 
     def export(self, directory: str | Path) -> Path | None:
-        """Write ``reducer/``, ``decoder/`` (``save_pretrained`` each) and ``sampling.json``, atomically.
+        """Write ``reducer/``, ``decoder/`` (``save_pretrained`` each), ``sampling.json`` and ``training.json`` (what
+        trained them, see :mod:`vugen.stages.training_record`), atomically.
 
         Under FSDP2 call it on every rank (it gathers the shards); only global rank 0 writes.
 
@@ -300,13 +302,17 @@ class DecoderStage(AdapterStage):
 
         Returns:
             The folder on the rank that wrote it, else None.
+
+        Raises:
+            NonFiniteError: The reducer or the decoder holds NaN or Inf; nothing is written.
         """
+        self.require_finite_state(self.state_dict().items(), f"refusing to export to {directory}")
         reducer, decoder = full_copy(self.reducer), full_copy(self.decoder)
         if reducer is None or decoder is None or not is_global_zero():
             return None
-        with atomic_directory(directory) as staging:
-            write_decoder_export(staging, reducer, decoder, self.sampling)
-        return Path(directory)
+        return self.write_export(
+            directory, lambda folder: write_decoder_export(folder, reducer, decoder, self.sampling)
+        )
 
 
 def _resolve_reducer(

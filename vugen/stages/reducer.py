@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from vugen.atomic import atomic_directory
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
 from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
@@ -51,8 +49,9 @@ class ReducerStage(AdapterStage):
             ``{class_path: torch.optim.AdamW, init_args: {lr: 1.0e-3}}``.
         lr_scheduler: Optional scheduler built on that optimizer, stepped after every optimizer step
             (``ReduceLROnPlateau`` monitors ``train/loss``).
-        export_dir: If set, the trained reducer is written there with ``save_pretrained`` at the end of ``fit``
-            (what the later stages load with ``DimensionReducer.from_pretrained``).
+        export_dir: If set, the trained reducer is written there with ``save_pretrained`` at the end of a ``fit``
+            that ran at least one optimizer step (what the later stages load with
+            ``DimensionReducer.from_pretrained``), with a ``training.json`` record of what trained it.
     """
 
     def __init__(
@@ -127,13 +126,15 @@ class ReducerStage(AdapterStage):
         return metrics, features
 
     def on_fit_end(self) -> None:
-        """Export the trained reducer to ``export_dir`` when one is set (gathered on all ranks, written by rank 0)."""
-        if self.export_dir is not None and (directory := self.export_reducer(self.export_dir)) is not None:
-            rank_zero_info(f"reducer exported to {directory}")
+        """Export the trained reducer to ``export_dir`` when one is set and this fit trained it (gathered on all
+        ranks, written by rank 0); a fit without an optimizer step leaves an earlier export as it was."""
+        if self.export_dir is not None:
+            self.export_after_fit(self.export_dir, self.export_reducer, "reducer")
 
     # ------------------------------------------------------------------ export
     def export_reducer(self, directory: str | Path) -> Path | None:
-        """Write the reducer with ``save_pretrained`` (``config.json`` + ``model.safetensors``).
+        """Write the reducer with ``save_pretrained`` (``config.json`` + ``model.safetensors``) and ``training.json``
+        (what trained it, see :mod:`vugen.stages.training_record`).
 
         Under FSDP2 call it on every rank (it gathers the shards); only global rank 0 writes.
 
@@ -143,10 +144,12 @@ class ReducerStage(AdapterStage):
 
         Returns:
             The folder on the rank that wrote it, else None.
+
+        Raises:
+            NonFiniteError: The reducer holds NaN or Inf; nothing is written.
         """
+        self.require_finite_state(self.state_dict().items(), f"refusing to export the reducer to {directory}")
         reducer = full_copy(self.reducer)
         if reducer is None or not is_global_zero():
             return None
-        with atomic_directory(directory) as staging:
-            reducer.save_pretrained(staging)
-        return Path(directory)
+        return self.write_export(directory, reducer.save_pretrained)
