@@ -7,14 +7,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from lightning.pytorch import Trainer
+from PIL import Image
 
 from tests.cli_harness import assert_one_line_error, demo_config, run_vugen
 from tests.fixtures_bundle import IMAGE_SIZE, TINY_SAMPLER, make_decoder_export
-from tests.helpers import replace_vlm_weights
+from tests.fixtures_bundle import make_stage as make_sampler_stage
+from tests.helpers import QUIET_TRAINER, replace_vlm_weights
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
+from vugen.stages import ReducerStage
 from vugen_adapters.llava import LlavaAdapter
 
 
@@ -88,3 +93,68 @@ def test_fitting_the_sampler_on_a_cache_of_other_vlm_weights_names_the_change(ti
     config_file.write_text(yaml.safe_dump(config))
     result = run_vugen("fit", "--config", config_file, cwd=tmp_path)
     assert_one_line_error(result, f"latent cache {cache}", "adapter VLM differs", "model.safetensors changed", code=1)
+
+
+# ---- non-finite training and exports
+def test_a_diverging_fit_stops_in_one_line_and_writes_nothing_non_finite(reducer_config, tmp_path):
+    """lr 1e30 makes the tiny reducer's loss NaN at its second step: the run stops there, naming the checkpoint of
+    the validation after its first step. Before the guard: exit 0, NaN checkpoints and a NaN export."""
+    args = ["--model.init_args.optimizer.init_args.lr", "1e30", "--model.init_args.export_dir", tmp_path / "export"]
+    args += ["--trainer.max_steps", "6", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.default_root_dir", tmp_path, "--trainer.enable_progress_bar", "false"]
+    result = run_vugen("fit", "--config", reducer_config, *args, "--data.init_args.batch_size", "8", cwd=tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=1.ckpt"
+    assert_one_line_error(
+        result,
+        "ReducerStage: the training loss is NaN or Inf at step 1",
+        f"last good checkpoint: {checkpoint}",
+        "lower learning rate",
+        code=1,
+    )
+    assert not (tmp_path / "export").exists()
+    assert [path.name for path in tmp_path.rglob("*.ckpt")] == [checkpoint.name]
+    weights = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert all(bool(value.isfinite().all()) for value in weights.values() if value.is_floating_point())
+
+
+def test_a_fit_without_training_batches_keeps_the_trained_export(tiny_checkpoint, reducer_config, tmp_path):
+    """8 images in batches of 32 (drop_last): `Trainer.fit` stops with "No training batches"; the export trained
+    before is left byte for byte. Before: the untrained reducer replaced it."""
+    export = tmp_path / "export"
+    adapter = LlavaAdapter(str(tiny_checkpoint("llava")))
+    trained = ReducerStage(adapter, latent_dim=8, hidden_dim=128, export_dir=str(export))
+    Trainer(max_steps=2, **QUIET_TRAINER).fit(trained, ShapesDataModule(train_size=16, val_size=8, batch_size=8))
+    before = {path.name: path.read_bytes() for path in export.iterdir()}
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(8):
+        Image.new("RGB", (32, 32), (30 * index, 0, 0)).save(images / f"{index}.png")
+    config = yaml.safe_load(reducer_config.read_text())
+    config["data"] = {
+        "class_path": "vugen.data.image_text.ImageTextDataModule",
+        "init_args": {"root": str(images), "image_size": 32, "batch_size": 32, "num_workers": 0},
+    }
+    config["model"]["init_args"]["export_dir"] = str(export)
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    result = run_vugen("fit", "--config", "fit.yaml", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "No training batches" in result.stdout + result.stderr
+    assert f"ReducerStage: no optimizer step ran in this fit; {export} left as it was" in result.stdout + result.stderr
+    assert {path.name: path.read_bytes() for path in export.iterdir()} == before
+
+
+def test_export_refuses_a_checkpoint_with_nan_weights(pretrained, decoder_export, tmp_path):
+    """`vugen export` names the first bad tensor of the checkpoint and writes no bundle. Before: a NaN bundle."""
+    trainer = Trainer(max_steps=1, **QUIET_TRAINER | {"limit_val_batches": 0})
+    trainer.fit(
+        make_sampler_stage(pretrained, decoder_export), ShapesDataModule(image_size=16, train_size=2, batch_size=2)
+    )
+    trainer.save_checkpoint(tmp_path / "sampler.ckpt")
+    checkpoint = torch.load(tmp_path / "sampler.ckpt", weights_only=True)
+    checkpoint["state_dict"]["bridge.in_proj.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    result = run_vugen("export", "nan.ckpt", "bundle", cwd=tmp_path)
+    assert_one_line_error(
+        result, "refusing to export the training weights of nan.ckpt", "bridge.in_proj.weight holds NaN", code=1
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["nan.ckpt", "sampler.ckpt"]
