@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
+from tests.crafted_files import marker_module
 from vugen import registry
 from vugen.cli import VugenCLI, main
-from vugen.registry import build_adapter, get_adapter_class, list_adapters, register_adapter
+from vugen.registry import (
+    UnregisteredAdapterError,
+    adapter_class_from_record,
+    build_adapter,
+    get_adapter_class,
+    list_adapters,
+    register_adapter,
+    registered_adapter_name,
+)
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.base import VLMAdapter
 from vugen_adapters.llava import LlavaAdapter
@@ -110,3 +121,36 @@ def test_a_config_names_an_adapter_by_its_registered_name(tiny_checkpoint):
     cli = VugenCLI(args=args, run=False)
     assert type(cli.model.adapter) is LlavaAdapter
     assert cli.config["model"]["init_args"]["adapter"]["class_path"] == "vugen_adapters.llava.LlavaAdapter"
+
+
+# ---------------------------------------------------------------------------------------------------- from a file
+@pytest.mark.parametrize(
+    "recorded", ["llava", "vugen_adapters.llava.LlavaAdapter", "vugen_adapters.llava:LlavaAdapter"]
+)
+def test_a_file_may_name_a_registered_adapter(recorded):
+    assert registered_adapter_name(recorded) == "llava"
+    assert adapter_class_from_record(recorded, "f.json: adapter.class_path") is LlavaAdapter
+
+
+def test_a_run_time_registration_counts_as_registered(clean_registry):
+    class MyAdapter(LlavaAdapter):
+        pass
+
+    path = f"{MyAdapter.__module__}.{MyAdapter.__qualname__}"
+    with pytest.raises(UnregisteredAdapterError):
+        adapter_class_from_record(path, "f.json")
+    register_adapter("mine", MyAdapter)
+    assert adapter_class_from_record(path, "f.json") is MyAdapter
+
+
+@pytest.mark.parametrize("recorded", ["vugen_registry_marker.Evil", "os.system", "collections.OrderedDict", None, 3])
+def test_a_file_naming_anything_else_is_refused_before_import(recorded, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    marker_module(tmp_path, "vugen_registry_marker", marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UnregisteredAdapterError) as raised:
+        adapter_class_from_record(recorded, "b/vugen.json: adapter.class_path", ", or pass it yourself")
+    message = str(raised.value)
+    assert message.startswith(f"b/vugen.json: adapter.class_path: {recorded!r} is not a registered adapter (auto, ")
+    assert "vugen.register_adapter(name, cls)" in message and message.endswith(", or pass it yourself")
+    assert not marker.exists() and "vugen_registry_marker" not in sys.modules

@@ -51,7 +51,7 @@ from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
-from vugen.registry import get_adapter_class
+from vugen.registry import adapter_class_from_record
 from vugen.stages.base import argument_config, full_copy, is_global_zero
 from vugen.stages.decoder import SAMPLING_FILE, write_decoder_export
 from vugen.stages.sampler import LORA_ADAPTER_NAME, SamplerStage
@@ -279,17 +279,17 @@ def _load_checked_vlm(
     right after (a Hub id that the adapter downloads first)."""
     adapter_record = _recorded_adapter(record, directory)
     if record.get("vlm") is None:  # a version-1 bundle, or a VLM source without a content fingerprint
-        return _build_adapter(adapter_record, overrides, trust_remote_code)
+        return _build_adapter(adapter_record, overrides, trust_remote_code, directory / CONFIG_FILE)
     init_args = {**adapter_record.get("init_args", {}), **overrides}
     source = (init_args.get("pretrained"), init_args.get("revision"))
     check = functools.partial(_check_vlm, directory, record, source[0], overridden="pretrained" in overrides)
     found = vlm_fingerprint(*source)
     if found is None and record["vlm"]["kind"] == "hub":  # not downloaded yet: check what the adapter downloads
-        adapter = _build_adapter(adapter_record, overrides, trust_remote_code)
+        adapter = _build_adapter(adapter_record, overrides, trust_remote_code, directory / CONFIG_FILE)
         check(vlm_fingerprint(*source))
         return adapter
     check(found)  # before loading the VLM's weights
-    return _build_adapter(adapter_record, overrides, trust_remote_code)
+    return _build_adapter(adapter_record, overrides, trust_remote_code, directory / CONFIG_FILE)
 
 
 def _check_vlm(
@@ -331,8 +331,12 @@ def _check_sha256(directory: Path, recorded: Mapping[str, str]) -> None:
             )
 
 
-def _build_adapter(record: Mapping[str, Any], overrides: Mapping[str, Any], trust_remote_code: bool) -> VLMAdapter:
-    adapter_cls = get_adapter_class(record["class_path"])
+def _build_adapter(
+    record: Mapping[str, Any], overrides: Mapping[str, Any], trust_remote_code: bool, source: str | Path = CONFIG_FILE
+) -> VLMAdapter:
+    """The bundle's VLM adapter: a registered adapter class only (checked before import), and the caller's
+    ``trust_remote_code``, never the bundle's (``source``: the ``vugen.json`` read, for error messages)."""
+    adapter_cls = adapter_class_from_record(record.get("class_path"), f"{source}: adapter.class_path")
     accepted = inspect.signature(adapter_cls).parameters
     unknown = sorted(set(overrides) - set(accepted))
     if unknown or "trust_remote_code" in overrides:

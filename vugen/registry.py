@@ -6,6 +6,9 @@ Adapters are found three ways, all resolving to a `VLMAdapter` subclass:
   `name = "package.module:Class"` in their pyproject.toml; loaded lazily, on first use);
 - `register_adapter(name, cls)` at run time (or as a class decorator);
 - a full class path `package.module.Class`, as in a YAML `class_path`.
+
+A class path read from a file (a checkpoint, a bundle's ``vugen.json``) is data, not the user's choice:
+:func:`adapter_class_from_record` accepts only a registered adapter, compared as text before anything is imported.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import importlib
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
+from vugen.errors import VugenError
 from vugen_adapters.base import VLMAdapter
 
 ENTRY_POINT_GROUP = "vugen.adapters"
 _registered: dict[str, type[VLMAdapter]] = {}
 
 A = TypeVar("A", bound=type[VLMAdapter])
+
+
+class UnregisteredAdapterError(VugenError, ValueError):
+    """A file names an adapter class that is not registered, so vugen does not import it."""
 
 
 def _entry_points() -> dict[str, EntryPoint]:
@@ -83,6 +91,42 @@ def get_adapter_class(name_or_class_path: str) -> type[VLMAdapter]:
         f"unknown adapter {name_or_class_path!r}; registered adapters: {', '.join(list_adapters())} "
         "(or give a class path such as my_package.my_module.MyAdapter)"
     )
+
+
+def registered_adapter_name(class_path: str) -> str | None:
+    """The registered name that ``class_path`` means, compared as text (nothing is imported); None if none.
+
+    Accepted: a registered name (``llava``), or its class as ``package.module.Class`` or ``package.module:Class``.
+    """
+    for name, source in adapter_sources().items():
+        if class_path in (name, source, source.replace(":", ".")):
+            return name
+    return None
+
+
+def adapter_class_from_record(class_path: Any, source: str, alternative: str = "") -> type[VLMAdapter]:
+    """The adapter class a file names (a checkpoint's, a bundle's), only if it is registered: checked before import.
+
+    Importing the module a file names runs that module's code, so a recorded ``class_path`` must be a registered
+    adapter (an entry point of the ``vugen.adapters`` group or a :func:`register_adapter` registration), compared
+    as text; only then is the class imported.
+
+    Args:
+        class_path: The recorded class path or registered name.
+        source: Where it was read: the file and the key, e.g. ``"run.ckpt: hyper_parameters.adapter.class_path"``.
+        alternative: A further way out, appended to the refusal (e.g. how to pass the adapter yourself).
+
+    Raises:
+        UnregisteredAdapterError: Naming ``source``, the class path and how to proceed.
+    """
+    name = registered_adapter_name(class_path) if isinstance(class_path, str) else None
+    if name is None:
+        raise UnregisteredAdapterError(
+            f"{source}: {class_path!r} is not a registered adapter ({', '.join(list_adapters())}), and vugen does "
+            "not import a class that a file names. Register yours (an entry point in the 'vugen.adapters' group, "
+            f"or vugen.register_adapter(name, cls) before loading){alternative}"
+        )
+    return get_adapter_class(name)
 
 
 def build_adapter(name_or_class_path: str, **kwargs: Any) -> VLMAdapter:
