@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from vugen.errors import VugenError
+from vugen.hub import local_folder_or_hub_id
 from vugen_adapters.base import DType, FeatureSource, VLMAdapter, positions_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -48,18 +49,19 @@ class RemoteCodeRefused(VugenError, ValueError):
 def _remote_code_message(pretrained: str) -> str:
     return (
         f"{pretrained!r} ships its own modelling code (config.json has 'auto_map'), and vugen does not run "
-        "code from a checkpoint unless asked. To opt in, set `trust_remote_code: true` on the adapter "
-        "(--model.adapter.init_args.trust_remote_code true) and pin `revision` to a commit you have read, "
-        "so the code cannot change under you."
+        "code from a checkpoint unless asked (never because a vugen checkpoint or bundle says so). To opt in, set "
+        "`trust_remote_code: true` on the adapter (--model.adapter.init_args.trust_remote_code true; "
+        "`vugen export ... --trust_remote_code true`; trust_remote_code=True to load_from_checkpoint or "
+        "VugenPipeline.from_pretrained) and pin `revision` to a commit you have read, so the code cannot change "
+        "under you."
     )
 
 
 def check_pretrained_source(pretrained: str, trust_remote_code: bool) -> None:
-    """Fail early, naming the path, when a local folder holds no VLM or needs remote code."""
-    path = Path(pretrained).expanduser()
-    if not path.exists():
-        if pretrained.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"adapter `pretrained`: no such folder {pretrained!r}")
+    """Fail at once, naming the path, when a local folder is missing (a value that looks like a path is never
+    taken for a Hub id, see :func:`vugen.hub.local_folder_or_hub_id`), holds no VLM or needs remote code."""
+    path = local_folder_or_hub_id(pretrained, "adapter `pretrained`")
+    if path is None:
         return  # a hub id: transformers resolves it
     config_file = path / "config.json"
     if not config_file.is_file():

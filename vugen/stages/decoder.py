@@ -34,6 +34,7 @@ from vugen.diffusion import (
     sample,
     sample_timesteps,
 )
+from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
@@ -325,6 +326,7 @@ def _resolve_reducer(
             f"`reducer_path` (a saved one), got reducer={type(reducer).__name__} and reducer_path={reducer_path!r}"
         )
     if reducer is None:
+        local_folder_or_hub_id(reducer_path, "DecoderStage reducer_path")  # a mistyped folder fails at once
         reducer = DimensionReducer.from_pretrained(reducer_path)
     source = f"reducer_path={reducer_path!r}" if reducer_path else "reducer"
     if reducer.feature_dim != adapter.feature_dim:
