@@ -3,6 +3,8 @@ traceback, nothing lost. Each case runs the real console script in a subprocess.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,13 +15,20 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from tests.cli_harness import assert_one_line_error, demo_config, run_vugen
-from tests.fixtures_bundle import IMAGE_SIZE, TINY_SAMPLER, make_decoder_export
-from tests.fixtures_bundle import make_stage as make_sampler_stage
+from tests.crafted_files import (
+    asks_for_remote_code,
+    edited_checkpoint,
+    marker_module,
+    remote_code_vlm,
+    trained_checkpoint,
+)
+from tests.fixtures_bundle import IMAGE_SIZE, TINY_SAMPLER, make_decoder_export, make_stage
 from tests.helpers import QUIET_TRAINER, replace_vlm_weights
+from vugen.cli import main
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
-from vugen.nn import DimensionReducer
-from vugen.stages import ReducerStage
+from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.stages import DecoderStage, ReducerStage
 from vugen_adapters.llava import LlavaAdapter
 
 
@@ -146,9 +155,7 @@ def test_a_fit_without_training_batches_keeps_the_trained_export(tiny_checkpoint
 def test_export_refuses_a_checkpoint_with_nan_weights(pretrained, decoder_export, tmp_path):
     """`vugen export` names the first bad tensor of the checkpoint and writes no bundle. Before: a NaN bundle."""
     trainer = Trainer(max_steps=1, **QUIET_TRAINER | {"limit_val_batches": 0})
-    trainer.fit(
-        make_sampler_stage(pretrained, decoder_export), ShapesDataModule(image_size=16, train_size=2, batch_size=2)
-    )
+    trainer.fit(make_stage(pretrained, decoder_export), ShapesDataModule(image_size=16, train_size=2, batch_size=2))
     trainer.save_checkpoint(tmp_path / "sampler.ckpt")
     checkpoint = torch.load(tmp_path / "sampler.ckpt", weights_only=True)
     checkpoint["state_dict"]["bridge.in_proj.weight"][0, 0] = float("nan")
@@ -158,3 +165,124 @@ def test_export_refuses_a_checkpoint_with_nan_weights(pretrained, decoder_export
         result, "refusing to export the training weights of nan.ckpt", "bridge.in_proj.weight holds NaN", code=1
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["nan.ckpt", "sampler.ckpt"]
+
+
+# ---- remote code and class paths from files
+@pytest.fixture(scope="module")
+def sampler_checkpoint(pretrained, decoder_export, tmp_path_factory):
+    """A sampler-stage checkpoint after one training step on the tiny LLaVA."""
+    return trained_checkpoint(make_stage(pretrained, decoder_export), tmp_path_factory.mktemp("sampler") / "s.ckpt")
+
+
+@pytest.fixture
+def remote_code_checkpoint(sampler_checkpoint, pretrained, tmp_path_factory):
+    """(checkpoint, marker): the sampler checkpoint, edited so that its adapter loads a VLM folder that ships
+    modelling code (writing ``marker`` when run) with ``trust_remote_code: true``."""
+    directory = tmp_path_factory.mktemp("remote-code")
+    folder = remote_code_vlm(pretrained, directory / "vlm", directory / "remote-code-ran")
+    checkpoint = edited_checkpoint(sampler_checkpoint, directory / "crafted.ckpt", asks_for_remote_code(folder))
+    return checkpoint, directory / "remote-code-ran"
+
+
+def _sampler_config(directory, pretrained, decoder_export):
+    """The demo sampler config on the tiny LLaVA, trained on Shapes images (no latent cache needed)."""
+    config = demo_config("sampler", directory, pretrained, decoder_export=str(decoder_export))
+    settings = yaml.safe_load(config.read_text())
+    settings["data"] = {"class_path": "vugen.data.shapes_datamodule.ShapesDataModule", "init_args": {"image_size": 16}}
+    settings["trainer"].update(max_steps=1, limit_val_batches=0, callbacks=[])  # were it to train: one step
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
+def test_export_does_not_take_trust_remote_code_from_the_checkpoint(remote_code_checkpoint, tmp_path):
+    checkpoint, marker = remote_code_checkpoint
+    result = run_vugen("export", checkpoint, tmp_path / "bundle", cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path)})
+    assert_one_line_error(result, "ships its own modelling code", "--trust_remote_code true", code=1)
+    assert not marker.exists() and not (tmp_path / "bundle").exists()
+
+
+def test_export_runs_remote_code_when_the_user_asks(remote_code_checkpoint, tmp_path):
+    checkpoint, marker = remote_code_checkpoint
+    args = ("export", checkpoint, tmp_path / "bundle", "--trust_remote_code", "true")
+    result = run_vugen(*args, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.read_text() == "remote code ran"
+    record = json.loads((tmp_path / "bundle" / "vugen.json").read_text())
+    assert record["adapter"]["init_args"]["trust_remote_code"] is True
+
+
+def test_fit_ckpt_path_does_not_take_trust_remote_code_from_the_checkpoint(
+    remote_code_checkpoint, pretrained, decoder_export, tmp_path
+):
+    checkpoint, marker = remote_code_checkpoint
+    config = _sampler_config(tmp_path, pretrained, decoder_export)
+    result = run_vugen("fit", "--config", config, "--ckpt_path", checkpoint, cwd=tmp_path)
+    assert_one_line_error(result, "ships its own modelling code", code=1)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("class_path", ["vugen_evil_adapter.Evil", "os.system"])
+def test_generate_refuses_a_bundle_adapter_that_is_not_registered(bundle, class_path, tmp_path):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    record = json.loads((copy / "vugen.json").read_text())
+    record["adapter"]["class_path"] = class_path
+    (copy / "vugen.json").write_text(json.dumps(record))
+    marker_module(tmp_path, "vugen_evil_adapter", tmp_path / "imported")  # importable from the working directory
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = run_vugen("generate", "--bundle", copy, "--prompt", "a red circle", "--out", "out", cwd=tmp_path, env=env)
+    assert_one_line_error(
+        result, "vugen.json: adapter.class_path", f"{class_path!r} is not a registered adapter", code=1
+    )
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_traceback(monkeypatch):
+    monkeypatch.delenv("VUGEN_TRACEBACK", raising=False)  # errors print their line, as for a user
+
+
+def _error_line(capsys, *args) -> str:
+    """The one error line of ``vugen ARGS`` run in this process (cheaper than a subprocess), which exits with 1."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(arg) for arg in args])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert exited.value.code == 1 and len(errors) == 1, errors
+    return errors[0]
+
+
+def test_export_names_a_truncated_checkpoint(sampler_checkpoint, tmp_path):
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(sampler_checkpoint.read_bytes()[: sampler_checkpoint.stat().st_size // 2])
+    result = run_vugen("export", truncated, tmp_path / "bundle", cwd=tmp_path)
+    assert_one_line_error(result, f"{truncated}: truncated or not a checkpoint", code=1)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_ckpt_path_names_a_missing_truncated_or_foreign_file(
+    subcommand, sampler_checkpoint, pretrained, decoder_export, tmp_path, capsys, no_traceback
+):
+    config = _sampler_config(tmp_path, pretrained, decoder_export)
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(sampler_checkpoint.read_bytes()[: sampler_checkpoint.stat().st_size // 2])
+    line = _error_line(capsys, subcommand, "--config", config, "--ckpt_path", truncated)
+    reason = "truncated or not a checkpoint (not the zip archive that torch.save writes)"
+    assert line == f"vugen {subcommand}: error: {truncated}: {reason}"
+    line = _error_line(capsys, subcommand, "--config", config, "--ckpt_path", tmp_path / "none.ckpt")
+    assert line.endswith(f"{tmp_path / 'none.ckpt'}: no such checkpoint file")
+    reducer_config = demo_config("reducer", tmp_path, pretrained)
+    line = _error_line(capsys, subcommand, "--config", reducer_config, "--ckpt_path", sampler_checkpoint)
+    assert line.endswith(
+        f"{sampler_checkpoint}: written by SamplerStage; --ckpt_path with this config needs a ReducerStage "
+        "checkpoint (vugen fit --config ...reducer.yaml)"
+    )
+
+
+def test_export_names_a_decoder_stage_checkpoint(pretrained, decoder_export, tmp_path, capsys, no_traceback):
+    reducer = DimensionReducer.from_pretrained(decoder_export / "reducer")
+    decoder = PixelDecoder.from_pretrained(decoder_export / "decoder")
+    stage = DecoderStage(LlavaAdapter(str(pretrained)), decoder, reducer=reducer)
+    checkpoint = trained_checkpoint(stage, tmp_path / "d.ckpt")
+    assert _error_line(capsys, "export", checkpoint, tmp_path / "bundle") == (
+        f"vugen export: error: {checkpoint}: written by DecoderStage; vugen export needs a SamplerStage checkpoint "
+        "(vugen fit --config ...sampler.yaml)"
+    )

@@ -6,21 +6,27 @@ vugen adapters | tiny | cache-latents | generate | export | export-geneval | exp
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from jsonargparse import CLI
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from vugen.checkpoint import HYPERPARAMETERS, WRITER, check_writer, checked_hyperparameters, read_checkpoint
 from vugen.commands import export, generate
 from vugen.data.latent_writer import cache_latents
 from vugen.errors import TRACEBACK_ENV, known_error_message
 from vugen.eval.export import export_dpg, export_geneval
 from vugen.registry import adapter_class_path, adapter_sources, get_adapter_class, list_adapters
 from vugen_adapters.tiny import build_tiny_vlm
+
+_CKPT_PATH_KEYWORDS = ("best", "last", "hpc")  # Lightning resolves these itself
 
 DESCRIPTION = (
     "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below; "
@@ -51,6 +57,38 @@ class VugenCLI(LightningCLI):
             **kwargs,
         )
 
+    # ================================================================== --ckpt_path (vugen.checkpoint)
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` at once, then apply its recorded configuration as Lightning does, but safely.
+
+        Lightning reads the whole checkpoint here (and again to restore it) and lets its hyperparameters replace the
+        config's model, class paths and ``trust_remote_code`` included. vugen reads it memory-mapped (a missing,
+        truncated or foreign file is one line naming it, see :func:`vugen.checkpoint.read_checkpoint`), refuses
+        another stage's checkpoint, and applies only recorded class paths that are registered adapters, vugen's
+        own, or named by the config itself; ``trust_remote_code`` stays the config's.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or path in _CKPT_PATH_KEYWORDS or str(path).startswith("registry"):
+            return
+        checkpoint = read_checkpoint(path, distributed=True)  # an FSDP2 run's folder: its meta.pt
+        model = self.config[subcommand]["model"]
+        check_writer(checkpoint, path, _import_class(model.class_path), "--ckpt_path with this config")
+        hyperparameters = dict(checkpoint.get(HYPERPARAMETERS) or {})
+        hyperparameters.pop("_instantiator", None)
+        if Path(path).is_dir() or not hyperparameters:
+            return  # as Lightning: a folder's hyperparameters are not applied
+        named = frozenset(_class_paths(model.as_dict()))
+        alternative = ", or name it in the config"
+        hyperparameters |= checked_hyperparameters(
+            hyperparameters, str(path), None, trusted=named, alternative=alternative
+        )
+        if WRITER in hyperparameters:
+            hyperparameters = {"class_path": hyperparameters.pop(WRITER), "dict_kwargs": hyperparameters}
+        self.config = self.parser.parse_object({subcommand: {"model": hyperparameters}}, self.config)
+
+    # ================================================================== end of --ckpt_path
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, with a Rich progress bar unless the run turns bars off or configures its own."""
         config = self._get(self.config_init, "trainer", default={})
@@ -60,6 +98,30 @@ class VugenCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
         return super().instantiate_trainer(**kwargs)
+
+
+def _import_class(class_path: str) -> type:
+    """A class the config names (already imported while parsing it)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _class_paths(config: Any) -> list[str]:
+    """Every ``class_path`` a config (as a dict) names, at any depth."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("class_path"), str):
+                found.append(value["class_path"])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return found
 
 
 def import_registered_adapters() -> None:

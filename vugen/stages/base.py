@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vugen.atomic import atomic_directory
+from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
@@ -70,7 +72,8 @@ class AdapterStage(LightningModule):
         Python, a module argument would be recorded (and deep-copied) as an object: the adapter is replaced by its
         ``describe()`` record, a Hub-mixin module (reducer, decoder) by its class path and ``config``, and the
         callables by their class path when they are a class or a ``functools.partial`` of one (any other callable
-        is not recorded: ``load_from_checkpoint`` then uses the default).
+        is not recorded: ``load_from_checkpoint`` then uses the default); paths become strings, and the stage's own
+        class path is recorded as ``_class_path``, as LightningCLI does.
 
         Args:
             arguments: The ``__init__`` arguments that are modules or callables, by name.
@@ -80,12 +83,73 @@ class AdapterStage(LightningModule):
         if "_instantiator" in self.hparams:  # built by LightningCLI: the config records every argument
             self.save_hyperparameters(frame=frame)
             return
-        records: dict[str, Any] = {"_instantiator": _INSTANTIATOR}
+        # as LightningCLI does: the writer's class, so a checkpoint says which stage it is for (vugen.checkpoint)
+        records: dict[str, Any] = {"_instantiator": _INSTANTIATOR, "_class_path": _class_path(type(self))}
+        paths = {key: os.fspath(value) for key, value in self.hparams.items() if isinstance(value, os.PathLike)}
+        records |= paths  # a Path would be a pickled object: checkpoints hold plain data (torch.load weights_only)
         for name, value in arguments.items():
             config = argument_config(value)
             if config is not None or value is None:
                 records[name] = config
         self.save_hyperparameters(records)
+
+    # ================================================================== loading checkpoints (vugen.checkpoint)
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> AdapterStage:
+        """Rebuild the stage from a checkpoint file, the VLM from its recorded adapter configuration, as Lightning
+        does; but the file decides no code that runs.
+
+        The file is read as plain data and checked before anything it names is imported (see
+        :mod:`vugen.checkpoint`): another stage's checkpoint is refused naming its writer; the recorded adapter must
+        be a registered one and its ``trust_remote_code`` is replaced by this call's; the other recorded class paths
+        must be vugen's own (or torch's optimizers and schedulers).
+
+        Args:
+            checkpoint_path: A ``.ckpt`` file written while training this stage.
+            map_location: As Lightning's: where the tensors go.
+            hparams_file: As Lightning's: a ``.yaml`` / ``.csv`` whose hyperparameters replace the recorded ones
+                (checked the same way).
+            strict: As Lightning's.
+            weights_only: None or True: checkpoints are always read as plain data (``torch.load(weights_only=True)``).
+            trust_remote_code: Let the VLM checkpoint the adapter loads run its own code: runs code from the VLM
+                checkpoint; pin its ``revision``. Never taken from the file.
+            kwargs: Arguments that replace the recorded ones, e.g. ``adapter=MyAdapter(...)`` for an adapter that is
+                not registered, or ``decoder_export=...`` for a moved folder.
+
+        Raises:
+            CheckpointError: The file is missing, truncated, not a checkpoint, another stage's, or names a class
+                vugen does not import from a file; naming the file and the key.
+            UnregisteredAdapterError: The recorded adapter is not registered.
+        """
+        if weights_only is False:
+            raise ValueError("weights_only=False: vugen reads checkpoints as plain data only (weights_only=True)")
+        if not isinstance(checkpoint_path, str | os.PathLike):
+            raise TypeError(f"checkpoint_path must be a file path, got {type(checkpoint_path).__name__}")
+        use = f"{cls.__name__}.load_from_checkpoint"
+        checkpoint = read_checkpoint(checkpoint_path)  # tensors mapped, not read: Lightning reads them below
+        check_writer(checkpoint, checkpoint_path, cls, use, given=kwargs)
+        replacements = checked_hyperparameters(
+            recorded_hyperparameters(checkpoint, hparams_file),
+            str(checkpoint_path),
+            trust_remote_code,
+            given=kwargs,
+            alternative=f", or pass it yourself: {use}(path, {{key}}=...)",
+        )
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, True, **replacements, **kwargs
+        )
+
+    # ================================================================== end of loading checkpoints
 
     # ------------------------------------------------------------------ model
     def vlm_features(self, images: Tensor, dtype: torch.dtype) -> Tensor:
