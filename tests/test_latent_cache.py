@@ -425,3 +425,12 @@ def test_cache_latents_on_two_torchrun_processes_writes_the_single_process_cache
     datamodule = LatentCacheDataModule(str(two), batch_size=4, shuffle=False)
     datamodule.setup("fit")
     assert datamodule.index["fingerprint"] == read_index(tmp_path / "one")["fingerprint"]
+
+
+def test_cache_latents_names_a_mistyped_reducer_folder_at_once(adapter, tmp_path, monkeypatch, capsys):
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # not a Hub id to wait for on the network
+        vugen_main(["cache-latents", *command_args(adapter, Path("outputs/no-such-reducer"), tmp_path / "cache")])
+    assert exit_info.value.code == 1
+    assert "--reducer_path" in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -25,6 +25,7 @@ from vugen.atomic import atomic_directory
 from vugen.data.image_io import collate_skipping_none
 from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
 from vugen.data.shapes_datamodule import check_positive
+from vugen.hub import local_folder_or_hub_id
 from vugen.nn.reducer import DimensionReducer
 from vugen.placement import resolve_device, resolve_rank
 from vugen.stages.base import batch_images
@@ -279,6 +280,7 @@ def cache_latents(
     """
     rank, world_size = resolve_rank(rank, world_size)
     device = resolve_device(device)
+    local_folder_or_hub_id(reducer_path, "--reducer_path")  # a mistyped folder fails at once, not on the network
     reducer = DimensionReducer.from_pretrained(reducer_path)
     return write_latent_cache(
         data,
