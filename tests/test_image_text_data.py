@@ -185,16 +185,17 @@ def test_folder_without_metadata_lists_every_image(tmp_path):
 @pytest.mark.parametrize("metadata", ["jsonl", "csv"])
 def test_corrupt_and_missing_images_are_skipped_counted_and_named(tmp_path, metadata):
     root = write_folder(tmp_path, 5, metadata, bad={"broken.png": truncated_png(), "gone.png": b""})
-    datamodule = ImageTextDataModule(root=str(root), image_size=16, batch_size=4, num_workers=0)
+    datamodule = ImageTextDataModule(root=str(root), image_size=16, batch_size=7, num_workers=0)
     datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
     with pytest.warns(UnreadableImageWarning) as record:
-        first, second = captions_of(datamodule.train_dataloader()), captions_of(datamodule.train_dataloader())
+        first, second = captions_of(loader), captions_of(loader)  # two epochs, each reading all 7 items
     messages = sorted(str(warning.message) for warning in record if warning.category is UnreadableImageWarning)
     assert len(messages) == 2  # once per file, not once per epoch
     assert str(root / "broken.png") in messages[0] and str(root / "gone.png") in messages[1]
     assert datamodule.skipped == {"train": 2}
-    # 7 items, drop_last: one batch of 4 (maybe less with a skipped one), never a bad caption.
-    assert all(text.startswith("colour") for text in first + second)
+    # One batch of 7 items per epoch, 5 readable: never a bad caption.
+    assert len(first) == len(second) == 5 and all(text.startswith("colour") for text in first + second)
 
 
 def test_skips_are_counted_across_dataloader_workers(tmp_path):
@@ -346,7 +347,12 @@ def test_shard_shuffling_is_seeded_and_changes_every_epoch(tmp_path):
 
     def epochs(seed: int) -> list[list[str]]:
         dataset = ImageTextShards(pattern, image_size=16, shuffle_buffer=5, seed=seed)
-        return [[item["captions"] for item in dataset] for _ in range(2)]
+        orders = []
+        for epoch in range(2):
+            dataset.set_epoch(epoch)
+            orders.append([item["captions"] for item in dataset])
+        assert [item["captions"] for item in dataset] == orders[1]  # the order of an epoch, whatever the pass
+        return orders
 
     first, second = epochs(0)
     assert epochs(0) == [first, second] and first != second != epochs(1)[0]

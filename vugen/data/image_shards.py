@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -75,8 +76,10 @@ class ImageTextShards(IterableDataset):
     counts are warned about) or bound the epoch with ``Trainer(limit_train_batches=...)``.
 
     Shuffling (``shuffle_buffer > 0``): each worker shuffles its shard order and then samples through a buffer
-    of that many samples, seeded from ``seed``, the DataLoader's worker seed and the pass number, so every epoch
-    differs and a run is reproducible.
+    of that many samples, seeded from ``seed``, the epoch, the rank and the worker: an epoch's order depends on
+    nothing else, so a run is reproducible and a resumed one (which skips the batches already used) continues it.
+    Set the epoch with :meth:`set_epoch` before iterating it, as for a ``DistributedSampler``
+    (:class:`~vugen.data.resumable.ResumableDataLoader` does); it reaches persistent DataLoader workers too.
     """
 
     def __init__(
@@ -121,7 +124,17 @@ class ImageTextShards(IterableDataset):
         self.transform = image_transform(check_side(image_size))
         self.skips = SkipLog(len(self.shards), strict)
         self._slot = {url: slot for slot, url in enumerate(self.shards)}
-        self._passes = 0  # per process: persistent workers keep counting across epochs
+        # In shared memory, so that persistent DataLoader workers (copies made at their start) see later epochs.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration follows."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate in the order of epoch ``epoch`` from the next iteration on (in every DataLoader worker)."""
+        self._epoch.fill_(epoch)
 
     def __iter__(self) -> Iterator[Sample]:
         """``{"images": float32 [3, S, S] in [0, 1], "captions": str}`` of this worker's readable samples."""
@@ -135,8 +148,7 @@ class ImageTextShards(IterableDataset):
                 stacklevel=2,
             )
             return
-        rng = random.Random(f"{self.seed}/{info.seed if info else 0}/{self._passes}")
-        self._passes += 1
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         if self.shuffle_buffer > 0:
             rng.shuffle(urls)
         handler = wds.reraise_exception if self.skips.strict else wds.warn_and_continue

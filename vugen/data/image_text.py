@@ -23,6 +23,7 @@ includes every DataLoader worker. ``strict=True`` raises instead (``ValueError``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -34,6 +35,7 @@ from vugen.data.image_io import (
     collate_skipping_none,
 )
 from vugen.data.image_shards import ImageTextShards
+from vugen.data.resumable import ResumableDataLoader
 from vugen.data.shapes_datamodule import check_positive
 
 __all__ = ["ImageTextDataModule"]
@@ -191,30 +193,31 @@ class ImageTextDataModule(LightningDataModule):
     def _folder(self, items: list[tuple[str, str]]) -> ImageTextFolder:
         return ImageTextFolder(items, self.image_size, self.hparams.strict)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train and not isinstance(dataset, IterableDataset),
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping_none,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.persistent_workers and self.num_workers > 0,
-            # Seeds the shuffle order and the workers' seeds (hence the shard shuffling) from ``seed`` alone.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate_skipping_none,
+            "pin_memory": self.hparams.pin_memory,
+            "persistent_workers": self.hparams.persistent_workers and self.num_workers > 0,
+        }
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch (of each worker, for shards) is dropped."""
-        return self._loader("train", train=True)
+    def _loader(self, split: str) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)  # seeds the workers from ``seed``, not the global RNG
+        return DataLoader(self.dataset(split), generator=generator, **self._loader_options())
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training batches in an order fixed by ``seed`` and the epoch (a folder shuffled, shards shuffled per
+        worker), resumable mid-epoch; the last incomplete batch (of each worker, for shards) is dropped."""
+        dataset = self.dataset("train")
+        shuffle = not isinstance(dataset, IterableDataset)
+        return ResumableDataLoader(dataset, shuffle=shuffle, seed=self.seed, drop_last=True, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in a fixed order; no loader (validation skipped) without validation data."""
         has_val = self._sources["val"].given or self.hparams.val_fraction
-        return self._loader("val", train=False) if has_val else []
+        return self._loader("val") if has_val else []
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order."""
-        return self._loader("test", train=False)
+        return self._loader("test")

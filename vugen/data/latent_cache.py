@@ -52,6 +52,7 @@ from vugen.data.latent_index import (
     check_fingerprint,
     read_index,
 )
+from vugen.data.resumable import ResumableDataLoader
 from vugen.data.shapes_datamodule import check_positive
 from vugen.nn.reducer import DimensionReducer
 from vugen_adapters.base import VLMAdapter
@@ -175,20 +176,25 @@ class LatentCacheDataModule(LightningDataModule):
             if self.cache_dirs[split] is not None:
                 self.dataset(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training batches, shuffled when ``shuffle`` (in an order fixed by ``seed`` and the epoch), resumable
+        mid-epoch."""
+        return ResumableDataLoader(
+            self.dataset("train"),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=self.shuffle,
+            seed=self.seed,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        """Training batches, shuffled when ``shuffle``."""
-        return self._loader("train", self.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in cache order; no loader (validation skipped) without ``val_cache_dir``."""
-        return self._loader("val", shuffle=False) if self.cache_dirs["val"] is not None else []
+        if self.cache_dirs["val"] is None:
+            return []
+        return DataLoader(
+            self.dataset("val"),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from vugen.data.resumable import ResumableDataLoader
 from vugen.data.shapes import ShapesDataset, check_image_size
 
 
@@ -88,31 +88,35 @@ class ShapesDataModule(LightningDataModule):
             raise ValueError(f"split must be one of {tuple(self._sizes)}, got {split!r}")
         return ShapesDataset(split, self._sizes[split], self.image_size, self._two_object_ratio, self.seed)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # A seeded generator makes the shuffle order depend on ``seed`` only, not on the global RNG state.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the last incomplete batch is dropped."""
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Training batches shuffled in an order fixed by ``seed`` and the epoch, resumable mid-epoch; the last
+        incomplete batch is dropped."""
+        return ResumableDataLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
         """Test batches of ``test_split`` in a fixed order."""
-        return self._loader(self.test_split, shuffle=False)
+        return self._loader(self.test_split)
 
     def predict_dataloader(self) -> DataLoader:
         """Held-out-composition batches (the ``heldout`` split) in a fixed order."""
-        return self._loader("heldout", shuffle=False)
+        return self._loader("heldout")

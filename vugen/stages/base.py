@@ -26,6 +26,7 @@ from vugen.atomic import atomic_directory
 from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.nn.reducer import DimensionReducer
+from vugen.resume import ExactResume
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 from vugen_adapters.base import VLMAdapter
 
@@ -229,13 +230,20 @@ class AdapterStage(LightningModule):
     # A NonFiniteGuard by default, no checkpoint or export with NaN / Inf weights, exports only after a fit that
     # changed the weights, each with its training.json record.
     def configure_callbacks(self) -> list[Callback]:
-        """A :class:`~vugen.callbacks.NonFiniteGuard` that stops at the first NaN / Inf step, unless the trainer has
-        a guard already (returning one then would make Lightning replace the trainer's, and its configured budget)."""
+        """The callbacks every stage trains with.
+
+        :class:`~vugen.resume.ExactResume`: a fit resumed from a checkpoint continues the interrupted one exactly
+        (training data position, random states; validation runs on a fork of the random state). A
+        :class:`~vugen.callbacks.NonFiniteGuard` that stops at the first NaN / Inf step, unless the trainer has a
+        guard already (returning one then would make Lightning replace the trainer's, and its configured budget). A
+        subclass that configures callbacks of its own returns them with ``super().configure_callbacks()``.
+        """
         from vugen.callbacks.non_finite import NonFiniteGuard  # vugen.callbacks imports the stages: import late
 
-        if any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
-            return []
-        return [NonFiniteGuard()]
+        callbacks: list[Callback] = [ExactResume()]
+        if not any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
+            callbacks.append(NonFiniteGuard())
+        return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint whose weights hold NaN or Inf (every rank raises, or none does)."""
