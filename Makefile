@@ -36,18 +36,19 @@ lock:  ## rewrite requirements/lock.txt with the newest versions pyproject.toml 
 	mkdir -p $(dir $(LOCK)); mv "$$tmp/lock.txt" $(LOCK); \
 	echo "wrote $(LOCK)"
 
-test: install  ## run the whole test suite (slow tests included)
-	$(PY) -m pytest
+# One worker per core (pytest-xdist): the tests are single-threaded (tests/conftest.py), so this is ~1.7x on 2 cores.
+test: install  ## run the whole test suite (slow tests included), one worker per core
+	$(PY) -m pytest -n auto
 
 test-fast: install  ## run the tests not marked slow
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto -m "not slow"
 
 # Not used by CI: warns early when a new release inside pyproject.toml's ranges breaks vugen, before `make lock`.
 test-latest:  ## run the tests on the newest versions pyproject.toml allows, in .venv-latest (PYTEST_ARGS="-k ...")
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
-	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
 
 demo: install  ## the three stages on Shapes with a tiny offline VLM, held-out generation and ShapeEval (CPU)
 	$(PY) -m vugen.demo
