@@ -8,8 +8,8 @@ from argparse import ArgumentError
 import pytest
 import torch
 
+from vugen.data.batches import batch_images
 from vugen.errors import VugenError, known_error_message
-from vugen.stages.base import batch_images
 
 
 def raised(function, *args):

@@ -34,13 +34,13 @@ from tests.helpers import QUIET_TRAINER
 from tests.resume_callbacks import SaveWeights
 from tests.test_distributed import launch_env
 from tests.test_image_text_data import caption, write_folder, write_shards
+from vugen.callbacks import ExactResume
 from vugen.cli import VugenCLI
 from vugen.data.image_text import ImageTextDataModule
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.resumable import ResumableDataLoader, ResumableSampler
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
-from vugen.resume import ExactResume
 from vugen.stages import ReducerStage
 from vugen_adapters.llava import LlavaAdapter
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
-from vugen.stages.base import batch_images
+from vugen.data.batches import batch_images
 
 __all__ = ["ReconstructionGrid", "reconstruction_grid"]
 

@@ -180,21 +180,18 @@ class LatentCacheDataModule(LightningDataModule):
         """Training batches, shuffled when ``shuffle`` (in an order fixed by ``seed`` and the epoch), resumable
         mid-epoch."""
         return ResumableDataLoader(
-            self.dataset("train"),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            self.dataset("train"), shuffle=self.shuffle, seed=self.seed, **self._loader_options()
         )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in cache order; no loader (validation skipped) without ``val_cache_dir``."""
         if self.cache_dirs["val"] is None:
             return []
-        return DataLoader(
-            self.dataset("val"),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(self.dataset("val"), **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }

@@ -22,13 +22,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from vugen.atomic import atomic_directory
+from vugen.data.batches import batch_images
 from vugen.data.image_io import collate_skipping_none
 from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
 from vugen.data.shapes_datamodule import check_positive
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.reducer import DimensionReducer
 from vugen.placement import resolve_device, resolve_rank
-from vugen.stages.base import batch_images
 from vugen_adapters.base import VLMAdapter
 
 

@@ -17,7 +17,7 @@ On resume the batches already used are skipped: by the sampler for map-style dat
 loading and discarding them otherwise (an iterable dataset, or a sampler passed in).
 
 Under Lightning the position must count the batches that *trained*, not those the trainer fetched ahead, and the
-epoch must follow the trainer's: the :class:`~vugen.resume.ExactResume` callback (every vugen stage adds it) does
+epoch must follow the trainer's: the :class:`~vugen.callbacks.ExactResume` callback (every vugen stage adds it) does
 both through :meth:`ResumableDataLoader.report_progress` and :meth:`ResumableDataLoader.set_epoch`. In a loop of
 your own, each pass over the loader is the next epoch (or call ``set_epoch``) and the position counts the batches
 the loader yielded.
@@ -147,7 +147,7 @@ class ResumableDataLoader(DataLoader):
     def report_progress(self, batches: int, epoch_done: bool) -> None:
         """Record that ``batches`` batches of the current epoch have been used (trained), or all of it.
 
-        The trainer's count, which excludes the batches it fetched ahead; :class:`~vugen.resume.ExactResume` calls
+        The trainer's count, which excludes the batches it fetched ahead; :class:`~vugen.callbacks.ExactResume` calls
         it after each training batch. ``epoch_done`` (the epoch ended there, also when it was cut short by
         ``limit_train_batches``) makes the position the start of the next epoch.
         """

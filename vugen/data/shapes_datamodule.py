@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -88,25 +88,21 @@ class ShapesDataModule(LightningDataModule):
             raise ValueError(f"split must be one of {tuple(self._sizes)}, got {split!r}")
         return ShapesDataset(split, self._sizes[split], self.image_size, self._two_object_ratio, self.seed)
 
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+
     def _loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return DataLoader(self.dataset(split), **self._loader_options())
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Training batches shuffled in an order fixed by ``seed`` and the epoch, resumable mid-epoch; the last
         incomplete batch is dropped."""
         return ResumableDataLoader(
-            self.dataset("train"),
-            batch_size=self.batch_size,
-            shuffle=True,
-            seed=self.seed,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            self.dataset("train"), shuffle=True, seed=self.seed, drop_last=True, **self._loader_options()
         )
 
     def val_dataloader(self) -> DataLoader:

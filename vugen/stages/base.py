@@ -23,14 +23,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vugen.atomic import atomic_directory
+from vugen.callbacks import ExactResume, NonFiniteGuard
 from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.nn.reducer import DimensionReducer
-from vugen.resume import ExactResume
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 from vugen_adapters.base import VLMAdapter
 
-__all__ = ["AdapterStage", "argument_config", "batch_images", "full_copy", "is_global_zero"]
+__all__ = ["AdapterStage", "argument_config", "full_copy", "is_global_zero"]
 
 # What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
 # one of Lightning's allow-listed instantiators.
@@ -232,14 +232,12 @@ class AdapterStage(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks every stage trains with.
 
-        :class:`~vugen.resume.ExactResume`: a fit resumed from a checkpoint continues the interrupted one exactly
+        :class:`~vugen.callbacks.ExactResume`: a fit resumed from a checkpoint continues the interrupted one exactly
         (training data position, random states; validation runs on a fork of the random state). A
         :class:`~vugen.callbacks.NonFiniteGuard` that stops at the first NaN / Inf step, unless the trainer has a
         guard already (returning one then would make Lightning replace the trainer's, and its configured budget). A
         subclass that configures callbacks of its own returns them with ``super().configure_callbacks()``.
         """
-        from vugen.callbacks.non_finite import NonFiniteGuard  # vugen.callbacks imports the stages: import late
-
         callbacks: list[Callback] = [ExactResume()]
         if not any(isinstance(callback, NonFiniteGuard) for callback in self.trainer.callbacks):
             callbacks.append(NonFiniteGuard())
@@ -274,8 +272,6 @@ class AdapterStage(LightningModule):
         step skipped by the :class:`~vugen.callbacks.NonFiniteGuard`) leaves an earlier export as it was, and says
         so on rank zero.
         """
-        from vugen.callbacks.non_finite import NonFiniteGuard
-
         guard = next((c for c in self.trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
         if guard is not None and guard.applied_steps(self.trainer) == 0:
             rank_zero_info(f"{type(self).__name__}: no optimizer step ran in this fit; {directory} left as it was")
@@ -369,18 +365,6 @@ def full_copy(module: nn.Module) -> nn.Module | None:
     copy = cls(**module.config)
     copy.load_state_dict(state)
     return copy
-
-
-def batch_images(batch: Any, stage: str) -> Tensor:
-    """The ``images`` of a batch dict, checked: float ``[B, 3, H, W]`` in ``[0, 1]``."""
-    images = batch.get("images") if isinstance(batch, dict) else None
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(
-            f"{stage} expects batches as dicts with 'images': float [B, 3, H, W] in [0, 1] "
-            f"(e.g. ShapesDataModule), got {found}"
-        )
-    return images
 
 
 def argument_config(value: Any) -> dict[str, Any] | None:

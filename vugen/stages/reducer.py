@@ -17,8 +17,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from vugen.data.batches import batch_images
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
-from vugen.stages.base import AdapterStage, batch_images, full_copy, is_global_zero
+from vugen.stages.base import AdapterStage, full_copy, is_global_zero
 from vugen_adapters.base import VLMAdapter
 
 __all__ = ["ReducerStage"]

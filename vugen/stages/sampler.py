@@ -30,6 +30,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vugen.data.batches import batch_images
 from vugen.diffusion import (
     Method,
     Schedule,
@@ -43,7 +44,7 @@ from vugen.diffusion import (
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
-from vugen.stages.base import AdapterStage, batch_images
+from vugen.stages.base import AdapterStage
 from vugen.stages.decoder import SAMPLING_FILE, decode_latents, sampling_settings
 from vugen_adapters.base import VLMAdapter, positions_from_mask
 
