@@ -26,9 +26,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
-from vugen_adapters.base import DType, FeatureSource, VLMAdapter, positions_from_mask
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.

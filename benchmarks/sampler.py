@@ -52,13 +52,13 @@ from benchmarks.common import (
     synchronize,
     timed,
 )
+from vugen.adapter import positions_from_mask
 from vugen.diffusion import (
     METHODS,
 )
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
-from vugen_adapters.base import positions_from_mask
 from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
+from vugen.adapter import VLMAdapter
 from vugen.cli import VugenCLI
 from vugen.data.latent_writer import cache_latents
 from vugen.registry import get_adapter_class
-from vugen_adapters.base import VLMAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_CONFIGS = sorted(ROOT.glob("configs/*/adapter.yaml"))

@@ -16,12 +16,12 @@ import vugen.registry as registry
 from examples.custom_adapter.adapter import ToyVLMAdapter
 from examples.custom_adapter.toy_vlm import TOKENIZER_FILE, ToyVLM, save_toy_checkpoint
 from vugen import build_adapter, register_adapter
+from vugen.adapter import VLMAdapter
 from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
 from vugen.testing import PROMPTS, AdapterConformance
-from vugen_adapters.base import VLMAdapter
 
 CONFIG = Path(__file__).parents[1] / "examples" / "custom_adapter" / "config.yaml"
 

@@ -21,9 +21,9 @@ from tests.helpers import QUIET_TRAINER
 from vugen.callbacks import EMA
 from vugen.commands import export, generate
 from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.distributed import resolve_rank
 from vugen.eval.export import export_dpg, export_geneval
 from vugen.pipeline import VugenPipeline
-from vugen.placement import resolve_rank
 from vugen.stages.sampler import SamplerStage
 
 GENEVAL_LINES = [

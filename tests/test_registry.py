@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 
 from tests.crafted_files import marker_module
 from vugen import registry
+from vugen.adapter import VLMAdapter
 from vugen.cli import VugenCLI, main
 from vugen.registry import (
     UnregisteredAdapterError,
@@ -20,7 +21,6 @@ from vugen.registry import (
     registered_adapter_name,
 )
 from vugen_adapters.auto import AutoAdapter
-from vugen_adapters.base import VLMAdapter
 from vugen_adapters.llava import LlavaAdapter
 
 FAMILIES = {"llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"}

@@ -45,17 +45,18 @@ from safetensors.torch import load_file, load_model, save_file
 from torch import Tensor, nn
 
 import vugen
+from vugen.adapter import VLMAdapter
 from vugen.atomic import atomic_directory
+from vugen.distributed import full_copy, is_global_zero
 from vugen.errors import VugenError
 from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.registry import adapter_class_from_record
-from vugen.stages.base import argument_config, full_copy, is_global_zero
+from vugen.stages.base import argument_config
 from vugen.stages.decoder import SAMPLING_FILE, write_decoder_export
 from vugen.stages.sampler import LORA_ADAPTER_NAME, SamplerStage
-from vugen_adapters.base import VLMAdapter
 
 __all__ = [
     "CONFIG_FILE",

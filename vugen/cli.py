@@ -164,7 +164,7 @@ def accept_registered_adapter_names() -> None:
 
 
 def _expects_adapter(cls: type | tuple[type, ...]) -> bool:
-    from vugen_adapters.base import VLMAdapter
+    from vugen.adapter import VLMAdapter
 
     types = cls if isinstance(cls, tuple) else (cls,)
     return any(isinstance(t, type) and issubclass(t, VLMAdapter) for t in types)

@@ -17,9 +17,9 @@ from torchvision.utils import make_grid
 from vugen.callbacks import EMA
 from vugen.checkpoint import check_writer, read_checkpoint
 from vugen.diffusion import Method
+from vugen.distributed import resolve_device
 from vugen.finite import require_finite
 from vugen.pipeline import VugenPipeline, image_seeds, to_pil
-from vugen.placement import resolve_device
 from vugen.stages.sampler import SamplerStage
 
 __all__ = ["export", "generate"]

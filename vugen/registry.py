@@ -17,8 +17,8 @@ import importlib
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
+from vugen.adapter import VLMAdapter
 from vugen.errors import VugenError
-from vugen_adapters.base import VLMAdapter
 
 ENTRY_POINT_GROUP = "vugen.adapters"
 _registered: dict[str, type[VLMAdapter]] = {}

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from transformers import BatchEncoding
 
-from vugen_adapters.base import DType, VLMAdapter
+from vugen.adapter import DType, VLMAdapter
 
 from .toy_vlm import TOKENIZER_FILE, Block, ToyVLM
 

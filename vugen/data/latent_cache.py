@@ -48,6 +48,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from vugen.adapter import VLMAdapter
 from vugen.data.latent_index import (
     check_fingerprint,
     read_index,
@@ -55,7 +56,6 @@ from vugen.data.latent_index import (
 from vugen.data.resumable import ResumableDataLoader
 from vugen.data.shapes_datamodule import check_positive
 from vugen.nn.reducer import DimensionReducer
-from vugen_adapters.base import VLMAdapter
 
 __all__ = ["LatentCacheDataModule", "LatentCacheDataset"]
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from vugen.adapter import VLMAdapter
 from vugen.errors import VugenError
 from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
 from vugen.nn.reducer import DimensionReducer
-from vugen_adapters.base import VLMAdapter
 
 INDEX_FILE = "index.json"
 FORMAT, VERSION = "vugen.latent_cache", 2

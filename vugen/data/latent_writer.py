@@ -21,15 +21,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from vugen.adapter import VLMAdapter
 from vugen.atomic import atomic_directory
 from vugen.data.batches import batch_images
 from vugen.data.image_io import collate_skipping_none
 from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
 from vugen.data.shapes_datamodule import check_positive
+from vugen.distributed import resolve_device, resolve_rank
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.reducer import DimensionReducer
-from vugen.placement import resolve_device, resolve_rank
-from vugen_adapters.base import VLMAdapter
 
 
 class _ShardWriter:

@@ -28,8 +28,8 @@ from torchvision.utils import make_grid
 
 from vugen.bundle import CONFIG_FILE
 from vugen.diffusion import Method
+from vugen.distributed import resolve_device, resolve_rank
 from vugen.pipeline import VugenPipeline, image_seeds, sampling_overrides, to_pil
-from vugen.placement import resolve_device, resolve_rank
 
 __all__ = ["SIDECAR_FILE", "export_dpg", "export_geneval"]
 

@@ -22,15 +22,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from vugen.adapter import VLMAdapter
 from vugen.atomic import atomic_directory
 from vugen.callbacks import ExactResume, NonFiniteGuard
 from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
+from vugen.distributed import full_copy, is_sharded, world_size
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
-from vugen_adapters.base import VLMAdapter
 
-__all__ = ["AdapterStage", "argument_config", "full_copy", "is_global_zero"]
+__all__ = ["AdapterStage", "argument_config"]
 
 # What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
 # one of Lightning's allow-listed instantiators.
@@ -165,9 +166,9 @@ class AdapterStage(LightningModule):
         Unsharded, every rank fits its own batch and rank 0's result is broadcast; FSDP2-sharded, rank 0 fits a
         gathered full copy and its state is scattered back into the shards.
         """
-        if not _is_sharded(reducer):
+        if not is_sharded(reducer):
             reducer.init_from_pca(features)
-            if _world_size() > 1:
+            if world_size() > 1:
                 for tensor in reducer.state_dict().values():
                     torch.distributed.broadcast(tensor, src=0)
             return
@@ -327,44 +328,6 @@ def _rebuilt_keys(stage: AdapterStage, keys: Any, prefix: str) -> list[str]:
 def _drop_rebuilt_weights(stage: AdapterStage, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     for key in _rebuilt_keys(stage, list(state_dict), prefix):
         del state_dict[key]
-
-
-def _world_size() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_world_size() if distributed else 1
-
-
-def is_global_zero() -> bool:
-    """True in a single process and on global rank 0 of a process group."""
-    return _world_size() == 1 or torch.distributed.get_rank() == 0
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
-def full_copy(module: nn.Module) -> nn.Module | None:
-    """The whole, unsharded weights of a Hub-mixin module (a reducer, a decoder) on global rank 0.
-
-    Unsharded modules are returned as they are (on every rank). An FSDP2-sharded one is gathered on every rank (a
-    collective: call it on all ranks) into a fresh instance of its class built from its ``config`` on rank 0;
-    the other ranks get None.
-    """
-    if not _is_sharded(module):
-        return module
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module, options=options)
-    if not is_global_zero():
-        return None
-    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses the module
-    copy = cls(**module.config)
-    copy.load_state_dict(state)
-    return copy
 
 
 def argument_config(value: Any) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from vugen.adapter import VLMAdapter
 from vugen.data.batches import batch_images
 from vugen.diffusion import (
     Method,
@@ -35,11 +36,11 @@ from vugen.diffusion import (
     sample,
     sample_timesteps,
 )
+from vugen.distributed import full_copy, is_global_zero
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
-from vugen.stages.base import AdapterStage, full_copy, is_global_zero
-from vugen_adapters.base import VLMAdapter
+from vugen.stages.base import AdapterStage
 
 __all__ = ["DecoderStage", "decode_latents", "sampling_settings", "write_decoder_export"]
 

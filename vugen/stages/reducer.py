@@ -17,10 +17,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from vugen.adapter import VLMAdapter
 from vugen.data.batches import batch_images
+from vugen.distributed import full_copy, is_global_zero
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
-from vugen.stages.base import AdapterStage, full_copy, is_global_zero
-from vugen_adapters.base import VLMAdapter
+from vugen.stages.base import AdapterStage
 
 __all__ = ["ReducerStage"]
 

@@ -30,6 +30,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vugen.adapter import VLMAdapter, positions_from_mask
 from vugen.data.batches import batch_images
 from vugen.diffusion import (
     Method,
@@ -46,7 +47,6 @@ from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage
 from vugen.stages.decoder import SAMPLING_FILE, decode_latents, sampling_settings
-from vugen_adapters.base import VLMAdapter, positions_from_mask
 
 __all__ = ["SamplerStage"]
 

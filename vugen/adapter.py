@@ -1,8 +1,10 @@
-"""The adapter contract: how vugen's stages see a vision-language model.
+"""The adapter contract: how vugen sees a vision-language model. Owned by the core; plug-ins implement it.
 
-A stage never looks inside a VLM. It asks an adapter for frozen vision features in raster order
-(`encode_images`), for prompt tokens (`tokenize`, `embed_tokens`) and for the language model run on
-embeddings (`run_language_model`). Everything a VLM family does differently stays behind this class.
+A stage, the latent sampler or the pipeline never looks inside a VLM. They ask an adapter for frozen vision
+features in raster order (`encode_images`), for prompt tokens (`tokenize`, `embed_tokens`) and for the language model
+run on embeddings (`run_language_model`). Everything a VLM family does differently stays behind this class. The
+adapters vugen ships live in the plug-in package `vugen_adapters`, which imports this module; vugen itself finds them
+through the registry's entry points (`vugen.registry`), never by importing the package.
 """
 
 from __future__ import annotations
