@@ -9,6 +9,7 @@ through the registry's entry points (`vugen.registry`), never by importing the p
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -142,6 +143,13 @@ class VLMAdapter(nn.Module, ABC):
         """What a saved bundle records to rebuild this adapter."""
         cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "pretrained": self.pretrained}
+
+    def init_config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuild this adapter: :meth:`describe` limited to the constructor's
+        arguments (what checkpoints, bundles and YAML configs record)."""
+        record = self.describe()
+        accepted = inspect.signature(type(self)).parameters
+        return {"class_path": record["class_path"], "init_args": {k: v for k, v in record.items() if k in accepted}}
 
     @property
     def device(self) -> torch.device:

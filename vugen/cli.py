@@ -224,13 +224,19 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2 if _is_usage_error(error) else 1)
 
 
-def _run(argv: list[str], from_sys_argv: bool) -> None:
+def run(argv: list[str]) -> Any:
+    """Run ``vugen ARGV...`` in this process (as the console script would, but raising errors): vugen's own commands
+    return their result, Lightning's subcommands the :class:`VugenCLI`."""
+    return _run(argv, from_sys_argv=False)
+
+
+def _run(argv: list[str], from_sys_argv: bool) -> Any:
     if argv and argv[0] in COMMANDS:
         result = CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}", exit_on_error=False)
         if result is not None:
             print(result)
-        return
-    VugenCLI(args=None if from_sys_argv else argv)
+        return result
+    return VugenCLI(args=None if from_sys_argv else argv)
 
 
 def _is_usage_error(error: BaseException) -> bool:

@@ -333,9 +333,7 @@ def _drop_rebuilt_weights(stage: AdapterStage, state_dict: dict[str, Any], prefi
 def argument_config(value: Any) -> dict[str, Any] | None:
     """``{class_path, init_args}`` of an adapter, a Hub-mixin module, a class or a partial; None otherwise."""
     if isinstance(value, VLMAdapter):
-        record = value.describe()
-        accepted = inspect.signature(type(value)).parameters
-        return {"class_path": record["class_path"], "init_args": {k: v for k, v in record.items() if k in accepted}}
+        return value.init_config()
     if isinstance(value, nn.Module) and hasattr(value, "_hub_mixin_config"):
         return {"class_path": _class_path(type(value)), "init_args": dict(value._hub_mixin_config)}
     keywords: dict[str, Any] = {}
