@@ -13,14 +13,19 @@ import pytest
 import torch
 from torch import nn
 
+from vugen.generation import SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
-from vugen.pipeline import VugenPipeline
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
 from vugen_adapters.llava import LlavaAdapter
 
 IMAGE_SIZE = 16
-TINY_SAMPLER = {"lora_rank": 4, "head_width": 32, "head_depth": 1, "sample_steps": 2, "guidance_scale": 2.0}
+TINY_SAMPLER = {
+    "lora_rank": 4,
+    "head_width": 32,
+    "head_depth": 1,
+    "sampling": SamplingConfig(steps=2, guidance_scale=2.0),
+}
 
 
 def perturb(parameters: Iterable[nn.Parameter], seed: int) -> None:
@@ -69,4 +74,4 @@ def stage(pretrained, decoder_export) -> SamplerStage:
 @pytest.fixture(scope="module")
 def bundle(stage, tmp_path_factory) -> Path:
     """The bundle of ``stage``, saved once per module (copy it before changing it)."""
-    return VugenPipeline.from_stage(stage).save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")
+    return stage.pipeline().save_pretrained(tmp_path_factory.mktemp("bundle") / "bundle")

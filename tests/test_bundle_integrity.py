@@ -5,6 +5,7 @@ named before anything is read; version-1 bundles still load."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -15,8 +16,8 @@ import torch
 
 from tests.fixtures_bundle import make_stage
 from tests.helpers import replace_vlm_weights
-from vugen.bundle import check_weights
-from vugen.pipeline import BundleError, VugenPipeline
+from vugen.bundle import BundleError, check_weights
+from vugen.pipeline import VugenPipeline
 
 PROMPTS, SEEDS = ["a large red circle on the left"], [3]
 
@@ -29,10 +30,10 @@ def project(pretrained, decoder_export, tmp_path, monkeypatch) -> tuple[Path, to
     shutil.copytree(pretrained, root / "tiny-llava")
     monkeypatch.chdir(root)
     stage = make_stage(Path("tiny-llava"), decoder_export)
-    VugenPipeline.from_stage(stage).save_pretrained("bundle")
+    stage.pipeline().save_pretrained("bundle")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    return root, stage.generate(PROMPTS, SEEDS)
+    return root, stage.pipeline().sample(PROMPTS, SEEDS)
 
 
 def flip_byte(file: Path, fraction: float = 0.5) -> None:
@@ -53,7 +54,7 @@ def test_a_relative_vlm_folder_is_found_from_any_working_directory_and_after_a_m
     assert record["vlm"]["kind"] == "local" and "model.safetensors" in record["vlm"]["files"]
 
     loaded = VugenPipeline.from_pretrained(root / "bundle")  # the working directory is another folder
-    assert loaded.stage.adapter.pretrained == str((root / "tiny-llava").resolve())
+    assert loaded.adapter.pretrained == str((root / "tiny-llava").resolve())
     assert torch.equal(loaded.sample(PROMPTS, SEEDS), expected)
 
     moved = Path(shutil.move(root, tmp_path / "archive" / "project-2"))  # bundle and VLM move together
@@ -116,18 +117,47 @@ def test_an_unreadable_safetensors_file_is_named(bundle, tmp_path):
         check_weights(file, {})
 
 
+def as_version_2(bundle: Path) -> None:
+    """What vugen wrote before format 3: one ``sampler`` record of the stage's arguments (``sampler`` and
+    ``sample_steps`` for the solver and its steps, no ``latent_dim``), ``sampler`` in ``sampling.json`` too."""
+    record = json.loads((bundle / "vugen.json").read_text())
+    sampler = {key: value for key, value in record.pop("latent_sampler").items() if key != "latent_dim"}
+    sampling = record.pop("sampling")
+    old_names = {"solver": "sampler", "steps": "sample_steps"}
+    record["sampler"] = sampler | {old_names.get(key, key): value for key, value in sampling.items()}
+    decoder_sampling = json.loads((bundle / "sampling.json").read_text())
+    decoder_sampling = {("sampler" if key == "solver" else key): value for key, value in decoder_sampling.items()}
+    (bundle / "sampling.json").write_text(json.dumps(decoder_sampling, indent=2) + "\n")
+    record["sha256"]["sampling.json"] = hashlib.sha256((bundle / "sampling.json").read_bytes()).hexdigest()
+    (bundle / "vugen.json").write_text(json.dumps(record | {"format_version": 2}))
+
+
 def as_version_1(bundle: Path) -> None:
     """What vugen wrote before format 2: no VLM fingerprint, sha256 of the weight files only."""
+    as_version_2(bundle)
     record = json.loads((bundle / "vugen.json").read_text())
     del record["vlm"]
     record["sha256"] = {name: digest for name, digest in record["sha256"].items() if name.endswith(".safetensors")}
     (bundle / "vugen.json").write_text(json.dumps(record | {"format_version": 1}))
 
 
+@pytest.mark.parametrize("version", [as_version_1, as_version_2], ids=["v1", "v2"])
+def test_an_older_bundle_still_loads_and_generates_the_same_images(bundle, stage, tmp_path, version):
+    old = Path(shutil.copytree(bundle, tmp_path / "old"))
+    version(old)
+    assert "sampler" in json.loads((old / "sampling.json").read_text())  # the old name of the solver
+    loaded = VugenPipeline.from_pretrained(old)
+    assert loaded.latent_sampler.config == stage.latent_sampler.config
+    assert (loaded.sampling, loaded.decoder_sampling) == (stage.sampling, stage.decoder_sampling)
+    assert torch.equal(loaded.sample(PROMPTS, SEEDS), stage.pipeline().sample(PROMPTS, SEEDS))
+
+
 def test_a_version_1_bundle_still_loads_and_its_weights_are_checked(bundle, stage, tmp_path):
     old = Path(shutil.copytree(bundle, tmp_path / "v1"))
     as_version_1(old)
-    assert torch.equal(VugenPipeline.from_pretrained(old).sample(PROMPTS, SEEDS), stage.generate(PROMPTS, SEEDS))
+    assert torch.equal(
+        VugenPipeline.from_pretrained(old).sample(PROMPTS, SEEDS), stage.pipeline().sample(PROMPTS, SEEDS)
+    )
     flip_byte(old / "bridge" / "model.safetensors")
     with pytest.raises(BundleError, match=r"bridge/model\.safetensors was changed or damaged"):
         VugenPipeline.from_pretrained(old)

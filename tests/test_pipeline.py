@@ -16,9 +16,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_bundle import IMAGE_SIZE, make_stage
+from vugen.bundle import BundleError, read_decoder_export
 from vugen.fingerprint import vlm_fingerprint
-from vugen.pipeline import BundleError, VugenPipeline
-from vugen.stages.sampler import load_decoder_export
+from vugen.generation import SamplingConfig
+from vugen.nn import PixelDecoder
+from vugen.pipeline import VugenPipeline
 from vugen_adapters.llava import LlavaAdapter
 
 PROMPTS = ["a large red circle on the left", "a small blue square"]
@@ -33,30 +35,38 @@ def bundle_copy(bundle, tmp_path) -> Path:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"lora_scope": "all", "image_attention": "causal", "head": "linear", "sampler": "heun", "time_shift": 2.0}],
+    [
+        {},
+        {
+            "lora_scope": "all",
+            "image_attention": "causal",
+            "head": "linear",
+            "sampling": SamplingConfig(solver="heun", steps=2, time_shift=2.0),
+        },
+    ],
     ids=["default", "all-causal-linear-heun"],
 )
 def test_save_and_load_generate_identical_images(pretrained, decoder_export, tmp_path, settings):
     stage = make_stage(pretrained, decoder_export, **settings)
-    expected = stage.generate(PROMPTS, SEEDS)
+    expected = stage.pipeline().sample(PROMPTS, SEEDS)
     assert expected.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and expected.min() >= 0 and expected.max() <= 1
 
-    VugenPipeline.from_stage(stage).save_pretrained(tmp_path / "bundle")
+    stage.pipeline().save_pretrained(tmp_path / "bundle")
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == BUNDLE_ENTRIES
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging folder left
     loaded = VugenPipeline.from_pretrained(tmp_path / "bundle")
 
     assert torch.equal(loaded.sample(PROMPTS, SEEDS), expected)
-    assert loaded.stage.lora_scope == stage.lora_scope and loaded.stage.image_attention == stage.image_attention
-    assert loaded.sampling == stage.sampling
-    assert not loaded.stage.training
+    assert loaded.latent_sampler.config == stage.latent_sampler.config
+    assert loaded.sampling == stage.sampling and loaded.decoder_sampling == stage.decoder_sampling
+    assert not any(module.training for component in loaded.components().values() for module in component.modules())
 
 
 def test_call_returns_pil_images_with_one_seed_per_image(stage):
-    pipe = VugenPipeline.from_stage(stage)
+    pipe = stage.pipeline()
     images = pipe(PROMPTS, seed=5, num_images_per_prompt=2, steps=1, guidance_scale=1.0)
 
-    expected = stage.generate([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [5, 6, 7, 8], steps=1, guidance_scale=1.0)
+    expected = pipe.sample([PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, [5, 6, 7, 8], steps=1, guidance_scale=1.0)
     assert len(images) == 4
     for image, reference in zip(images, expected, strict=True):
         assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE)
@@ -69,7 +79,7 @@ def test_call_returns_pil_images_with_one_seed_per_image(stage):
 
 
 def test_the_bundle_is_a_decoder_export(stage, bundle):
-    reducer, decoder, sampling = load_decoder_export(bundle)
+    reducer, decoder, sampling = read_decoder_export(bundle)
     for loaded, original in ((reducer, stage.reducer), (decoder, stage.decoder)):
         assert loaded.config == original.config
         state = original.state_dict()
@@ -79,7 +89,7 @@ def test_the_bundle_is_a_decoder_export(stage, bundle):
 
 def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, decoder_export, tmp_path):
     stage = make_stage(pretrained, decoder_export, lora_scope="all")  # LoRA on every token, as plain peft applies it
-    VugenPipeline.from_stage(stage).save_pretrained(tmp_path / "bundle")
+    stage.pipeline().save_pretrained(tmp_path / "bundle")
     base = LlavaAdapter(str(pretrained))
     embeds = stage.adapter.embed_tokens(stage.adapter.tokenize(PROMPTS)["input_ids"])
     mask = stage.adapter.tokenize(PROMPTS)["attention_mask"]
@@ -100,11 +110,12 @@ def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, dec
 
 def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundle, pretrained):
     record = json.loads((bundle / "vugen.json").read_text())
-    assert record["format"] == "vugen.pipeline" and record["format_version"] == 2
+    assert record["format"] == "vugen.pipeline" and record["format_version"] == 3
     assert record["adapter"]["class_path"] == "vugen_adapters.llava.LlavaAdapter"
     assert record["adapter"]["init_args"]["pretrained"] == str(pretrained)
     assert record["adapter"]["init_args"]["revision"] is None
-    assert record["sampler"] == {
+    assert record["latent_sampler"] == {
+        "latent_dim": 8,
         "image_size": IMAGE_SIZE,
         "lora_rank": 4,
         "lora_alpha": 32.0,
@@ -114,8 +125,10 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
         "head": "mlp",
         "head_width": 32,
         "head_depth": 1,
-        "sampler": "euler",
-        "sample_steps": 2,
+    }
+    assert record["sampling"] == {
+        "solver": "euler",
+        "steps": 2,
         "guidance_scale": 2.0,
         "guidance_interval": None,
         "time_shift": None,
@@ -137,7 +150,7 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
 
 def test_an_interrupted_save_leaves_the_old_bundle_loadable(stage, pretrained, decoder_export, tmp_path, monkeypatch):
     target = tmp_path / "bundle"
-    VugenPipeline.from_stage(stage).save_pretrained(target)
+    stage.pipeline().save_pretrained(target)
     before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
 
     def disk_full(*args, **kwargs):  # the LoRA weights are written after the reducer, decoder and bridge
@@ -146,13 +159,15 @@ def test_an_interrupted_save_leaves_the_old_bundle_loadable(stage, pretrained, d
     monkeypatch.setattr("vugen.bundle.save_file", disk_full)
     other = make_stage(pretrained, decoder_export, seed=1)
     with pytest.raises(OSError, match="No space left"):
-        VugenPipeline.from_stage(other).save_pretrained(target)
+        other.pipeline().save_pretrained(target)
 
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # the staging folder is gone
     assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
     kept = VugenPipeline.from_pretrained(target).sample(PROMPTS, SEEDS)
-    assert torch.equal(kept, stage.generate(PROMPTS, SEEDS))
-    assert (kept - other.generate(PROMPTS, SEEDS)).abs().max() > 0.05  # LoRA and bridge weights show in the images
+    assert torch.equal(kept, stage.pipeline().sample(PROMPTS, SEEDS))
+    assert (
+        kept - other.pipeline().sample(PROMPTS, SEEDS)
+    ).abs().max() > 0.05  # LoRA and bridge weights show in the images
 
 
 def _drop_tensor(file: Path, key: str) -> None:
@@ -204,12 +219,12 @@ def _edit_json(file: Path, path: tuple[str, ...], value) -> None:
             r"missing tensors \['base_model\.model\.layers\.1\.mlp\.up_proj\.lora_B\.weight'\]",
         ),
         (
-            lambda b: _edit_json(b / "vugen.json", ("sampler", "lora_rank"), 8),
+            lambda b: _edit_json(b / "vugen.json", ("latent_sampler", "lora_rank"), 8),
             BundleError,
             r"layers\.0\.self_attn\.q_proj\.lora_A\.weight: \[4, 64\] in the file, \[8, 64\] expected",
         ),
         (
-            lambda b: _edit_json(b / "vugen.json", ("sampler", "head_width"), 16),
+            lambda b: _edit_json(b / "vugen.json", ("latent_sampler", "head_width"), 16),
             BundleError,
             r"bridge/config\.json is .*'head_width': 32.* but vugen\.json and the VLM give .*'head_width': 16",
         ),
@@ -236,16 +251,19 @@ def test_loading_a_damaged_bundle_names_what_is_wrong(bundle_copy, corrupt, erro
 
 def test_trust_remote_code_comes_from_the_caller_not_the_bundle(bundle_copy):
     _edit_json(bundle_copy / "vugen.json", ("adapter", "init_args", "trust_remote_code"), True)
-    assert VugenPipeline.from_pretrained(bundle_copy).stage.adapter.describe()["trust_remote_code"] is False
+    assert VugenPipeline.from_pretrained(bundle_copy).adapter.describe()["trust_remote_code"] is False
     trusted = VugenPipeline.from_pretrained(bundle_copy, trust_remote_code=True)
-    assert trusted.stage.adapter.describe()["trust_remote_code"] is True
+    assert trusted.adapter.describe()["trust_remote_code"] is True
 
 
 def test_adapter_overrides_replace_recorded_arguments(bundle, pretrained, tmp_path):
     moved = Path(shutil.copytree(pretrained, tmp_path / "vlm"))
     pipe = VugenPipeline.from_pretrained(bundle, adapter_overrides={"pretrained": str(moved)})
-    assert pipe.stage.adapter.describe()["pretrained"] == str(moved)
+    assert pipe.adapter.describe()["pretrained"] == str(moved)
     with pytest.raises(ValueError, match=r"adapter_overrides: \['pretrainde'\] not accepted \(LlavaAdapter takes"):
         VugenPipeline.from_pretrained(bundle, adapter_overrides={"pretrainde": str(moved)})
-    with pytest.raises(TypeError, match="VugenPipeline needs a SamplerStage, got LlavaAdapter"):
-        VugenPipeline(LlavaAdapter(str(pretrained)))
+    with pytest.raises(ValueError, match="latent_dim differs: latent sampler 8, reducer 8, decoder 4"):
+        components = {**pipe.components(), "sampling": pipe.sampling, "decoder_sampling": pipe.decoder_sampling}
+        VugenPipeline(
+            **{**components, "decoder": PixelDecoder(latent_dim=4, patch_size=4, width=8, depth=1, num_heads=1)}
+        )

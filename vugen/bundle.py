@@ -1,12 +1,18 @@
-"""The bundle format of :class:`~vugen.pipeline.VugenPipeline`: writing, validating and loading it.
+"""vugen's on-disk inference formats: the decoder-stage export and the :class:`~vugen.pipeline.VugenPipeline` bundle.
 
-A bundle is one folder, written atomically by :func:`save_bundle` (``VugenPipeline.save_pretrained``)::
+A **decoder-stage export** (``DecoderStage``'s ``export_dir``, read by the sampler stage and inside every bundle)::
 
-    reducer/  decoder/  sampling.json   the decoder-stage export, as DecoderStage.export writes it
+    reducer/  decoder/                  DimensionReducer / PixelDecoder ``save_pretrained`` folders
+    sampling.json                       the decoder's SamplingConfig (``solver``, ``steps``, ``guidance_scale``, ...)
+
+A **bundle** is one folder, written atomically by :func:`save_bundle` (``VugenPipeline.save_pretrained``)::
+
+    reducer/  decoder/  sampling.json   the decoder-stage export
     bridge/                             the latent bridge (LatentBridge.save_pretrained)
     lora/                               a peft adapter folder of the language model's LoRA
     vugen.json                          format version, base VLM (adapter class_path + init args, and its content
-                                        fingerprint), sampler settings, sha256 of every other file but the card
+                                        fingerprint), the latent sampler's config, its SamplingConfig, sha256 of
+                                        every other file but the card
     README.md                           model card
 
 The VLM itself is not copied: it is rebuilt from its recorded ``pretrained`` (and ``revision``). A Hub id or an
@@ -17,11 +23,15 @@ the bundle and the VLM move together. ``vlm`` holds the VLM's content fingerprin
 
 Loading (:func:`load_bundle`) first checks every recorded file's sha256 (a changed, truncated or half-copied file is
 named), then every weight file's tensor names and shapes against its config (safetensors headers, never pickle),
-then the VLM's content fingerprint (before loading it, when it is on disk), and only then reads weights.
+then the VLM's content fingerprint (before loading it, when it is on disk), and only then reads weights. Unknown
+keys in the latent sampler's config or the sampling settings are errors naming the key.
 
-Format version 2 added the VLM's fingerprint, the bundle-relative ``pretrained`` and the sha256 of the config files;
-version-1 bundles still load (their ``pretrained`` as recorded, from the working directory; their weight files'
-sha256 checked; no VLM check).
+Versions: 3 splits the record into ``latent_sampler`` (:class:`~vugen.generation.LatentSampler`'s constructor
+arguments) and ``sampling`` (a :class:`~vugen.generation.SamplingConfig`, ``solver`` for the ODE choice); 2 added the
+VLM's fingerprint, the bundle-relative ``pretrained`` and the sha256 of the config files. Bundles of versions 1 and 2
+(one ``sampler`` record; ``sampler`` for the ODE choice, also in ``sampling.json``) still load: their records are
+translated (version 1: ``pretrained`` as recorded, from the working directory; weight files' sha256 checked; no VLM
+check). Nothing here imports training code: loading a bundle builds modules, never a LightningModule.
 """
 
 from __future__ import annotations
@@ -32,9 +42,9 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
@@ -50,75 +60,108 @@ from vugen.atomic import atomic_directory
 from vugen.distributed import full_copy, is_global_zero
 from vugen.errors import VugenError
 from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
+from vugen.finite import require_finite
+from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, SamplingConfig
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.registry import adapter_class_from_record
-from vugen.stages.base import argument_config
-from vugen.stages.decoder import SAMPLING_FILE, write_decoder_export
-from vugen.stages.sampler import LORA_ADAPTER_NAME, SamplerStage
+
+if TYPE_CHECKING:
+    from vugen.pipeline import VugenPipeline
 
 __all__ = [
     "CONFIG_FILE",
+    "SAMPLING_FILE",
     "BundleError",
-    "bundle_config",
+    "bundle_record",
     "check_weights",
     "load_bundle",
     "read_config",
+    "read_decoder_export",
     "save_bundle",
+    "write_decoder_export",
 ]
 
 CONFIG_FILE = "vugen.json"
-FORMAT, FORMAT_VERSION = "vugen.pipeline", 2
+SAMPLING_FILE = "sampling.json"
+FORMAT, FORMAT_VERSION = "vugen.pipeline", 3
 WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
 LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name (LoraConfig.save_pretrained writes adapter_config.json)
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare model (PeftModel -> LoraModel -> model)
 _MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge": LatentBridge}
 _BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
+# Versions 1 and 2 recorded one "sampler" object: the stage's arguments, the ODE choice as "sampler"
+_LEGACY_SAMPLING = {"sampler": "solver", "sample_steps": "steps", "guidance_scale": "guidance_scale"}
+_LEGACY_SAMPLING |= {"guidance_interval": "guidance_interval", "time_shift": "time_shift"}
 
 
 class BundleError(VugenError, ValueError):
     """A bundle folder is incomplete or its weights do not match its configuration."""
 
 
-def bundle_config(stage: SamplerStage) -> dict[str, Any]:
-    """The ``vugen.json`` record of ``stage`` (without the weight hashes): base VLM and sampler settings."""
-    head = stage.bridge.config
-    lora, sampling = stage.lora_config, stage.sampling
-    settings = {
-        "image_size": stage.image_size,
-        "lora_rank": lora.r,
-        "lora_alpha": lora.lora_alpha,
-        "lora_dropout": lora.lora_dropout,
-        "lora_scope": stage.lora_scope,
-        "image_attention": stage.image_attention,
-        "head": head["head"],
-        "head_width": head["head_width"],
-        "head_depth": head["head_depth"],
-        "sampler": sampling["sampler"],
-        "sample_steps": sampling["steps"],
-        "guidance_scale": sampling["guidance_scale"],
-        "guidance_interval": sampling["guidance_interval"],
-        "time_shift": sampling["time_shift"],
-    }
+# ---------------------------------------------------------------------------------------------- decoder-stage export
+def write_decoder_export(
+    directory: Path, reducer: DimensionReducer, decoder: PixelDecoder, sampling: SamplingConfig
+) -> None:
+    """Write the decoder-stage export layout: ``reducer/``, ``decoder/`` and ``sampling.json`` in ``directory``."""
+    reducer.save_pretrained(directory / "reducer")
+    decoder.save_pretrained(directory / "decoder")
+    (directory / SAMPLING_FILE).write_text(json.dumps(sampling.to_dict(), indent=2) + "\n")
+
+
+def read_decoder_export(directory: str | Path) -> tuple[DimensionReducer, PixelDecoder, SamplingConfig]:
+    """The reducer, decoder and sampling settings of a decoder-stage export, each checked to exist and to fit.
+
+    Raises:
+        FileNotFoundError: A part is missing, naming it.
+        ValueError: The reducer's and the decoder's ``latent_dim`` differ, or ``sampling.json`` is not valid.
+    """
+    directory = Path(directory)
+    missing = [name for name in ("reducer", "decoder", SAMPLING_FILE) if not (directory / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} is not a decoder-stage export (DecoderStage export_dir): missing {', '.join(missing)}"
+        )
+    reducer = DimensionReducer.from_pretrained(directory / "reducer")
+    decoder = PixelDecoder.from_pretrained(directory / "decoder")
+    if reducer.latent_dim != decoder.latent_dim:
+        raise ValueError(
+            f"{directory}: reducer latent_dim={reducer.latent_dim} but decoder latent_dim={decoder.latent_dim}"
+        )
+    settings = _read_json(directory / SAMPLING_FILE)
+    if "sampler" in settings and "solver" not in settings:  # written before the ODE choice was named "solver"
+        settings = {("solver" if key == "sampler" else key): value for key, value in settings.items()}
+    return reducer, decoder, SamplingConfig.from_dict(settings, str(directory / SAMPLING_FILE))
+
+
+# ---------------------------------------------------------------------------------------------- bundle
+def bundle_record(pipeline: VugenPipeline) -> dict[str, Any]:
+    """The ``vugen.json`` record of ``pipeline`` (without the weight hashes and the VLM fingerprint): base VLM,
+    the latent sampler's constructor arguments and the sampling settings."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "vugen_version": vugen.__version__,
-        "adapter": argument_config(stage.adapter),
-        "sampler": settings,
+        "adapter": pipeline.latent_sampler.adapter.init_config(),
+        "latent_sampler": dict(pipeline.latent_sampler.config),
+        "sampling": pipeline.sampling.to_dict(),
     }
 
 
-def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
-    """Write the bundle of ``stage`` to ``directory`` atomically (an existing bundle there is replaced whole, or kept
-    on error).
+def save_bundle(
+    pipeline: VugenPipeline, directory: str | Path, agree: Callable[[bool], bool] | None = None
+) -> Path | None:
+    """Write the bundle of ``pipeline`` to ``directory`` atomically (an existing bundle there is replaced whole, or
+    kept on error).
 
     Under FSDP2 call it on every rank (the bridge and LoRA shards are gathered); only global rank 0 writes.
 
     Args:
-        stage: The trained latent-sampler stage.
+        pipeline: The pipeline (e.g. ``SamplerStage.pipeline()`` after training).
         directory: The bundle folder.
+        agree: ``decision -> decision of all ranks`` for the finiteness check under several processes (e.g.
+            ``trainer.strategy.reduce_boolean_decision``), so every rank raises or none does.
 
     Returns:
         The folder on the rank that wrote it, else None.
@@ -126,21 +169,24 @@ def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
     Raises:
         NonFiniteError: A weight (LoRA, bridge, reducer, decoder) holds NaN or Inf; nothing is written.
     """
+    sampler = pipeline.latent_sampler
+    lora_local = get_peft_model_state_dict(sampler.adapter.language_model, adapter_name=LORA_ADAPTER_NAME)
     weights = {
-        **stage.state_dict(),
-        **stage.reducer.state_dict(prefix="reducer."),
-        **stage.decoder.state_dict(prefix="decoder."),
+        **{f"lora.{key}": value for key, value in lora_local.items()},
+        **sampler.bridge.state_dict(prefix="bridge."),
+        **pipeline.reducer.state_dict(prefix="reducer."),
+        **pipeline.decoder.state_dict(prefix="decoder."),
     }
-    stage.require_finite_state(weights.items(), f"refusing to write the bundle {directory}")
-    bridge, lora = full_copy(stage.bridge), _lora_state(stage.adapter.language_model)  # collectives under FSDP2
+    require_finite(weights.items(), f"refusing to write the bundle {directory}", agree=agree)
+    bridge, lora = full_copy(sampler.bridge), _gathered(lora_local)  # collectives under FSDP2
     if bridge is None or not is_global_zero():
         return None
-    record = _with_vlm_fingerprint(bundle_config(stage), Path(directory))
+    record = _with_vlm_fingerprint(bundle_record(pipeline), Path(directory))
     with atomic_directory(directory) as staging:
         # frozen, never sharded by the sampler stage
-        write_decoder_export(staging, stage.reducer, stage.decoder, stage.decoder_sampling)
+        write_decoder_export(staging, pipeline.reducer, pipeline.decoder, pipeline.decoder_sampling)
         bridge.save_pretrained(staging / "bridge")
-        _save_lora(staging / "lora", stage, lora)
+        _save_lora(staging / "lora", sampler, lora)
         # every file written so far: all but vugen.json (which holds the hashes) and the model card (free to edit)
         files = sorted(path for path in staging.rglob("*") if path.is_file())
         record["sha256"] = {str(path.relative_to(staging)): _sha256(path) for path in files}
@@ -151,8 +197,8 @@ def save_bundle(stage: SamplerStage, directory: str | Path) -> Path | None:
 
 def load_bundle(
     directory: str | Path, adapter_overrides: Mapping[str, Any] | None = None, trust_remote_code: bool = False
-) -> SamplerStage:
-    """The sampler stage of a bundle written by :func:`save_bundle`, as ``VugenPipeline.from_pretrained`` loads it.
+) -> dict[str, Any]:
+    """The components (``VugenPipeline(**components)``) of a bundle written by :func:`save_bundle`.
 
     The VLM is rebuilt from its recorded ``pretrained`` (a relative local folder is read relative to the bundle
     folder). Before any weight is read, every recorded file's sha256 is checked, every weight file's tensor names
@@ -170,8 +216,8 @@ def load_bundle(
 
     Raises:
         BundleError: Naming each file whose sha256 differs from the record, each missing, unexpected and mis-shaped
-            tensor, an unreadable safetensors file, a missing part of the bundle, or a VLM that differs from the
-            recorded one (naming the recorded and the found ``pretrained``).
+            tensor, an unreadable safetensors file, a missing part of the bundle, an unknown setting, or a VLM that
+            differs from the recorded one (naming the recorded and the found ``pretrained``).
         FileNotFoundError: A missing ``vugen.json``, config or weight file.
     """
     directory = Path(directory)
@@ -182,15 +228,29 @@ def load_bundle(
     _check_sha256(directory, record.get("sha256", {}))
     for name, module_cls in _MODULE_FOLDERS.items():
         check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
+    sampler_config, sampling = record["latent_sampler"], record["sampling"]
+    source = directory / CONFIG_FILE
+    _check_arguments(sampler_config, LatentSampler, f"{source}: latent_sampler")
+    sampling = SamplingConfig.from_dict(sampling, f"{source}: sampling")
+    reducer, decoder, decoder_sampling = read_decoder_export(directory)
     adapter = _load_checked_vlm(directory, record, adapter_overrides or {}, trust_remote_code)
-    stage = SamplerStage(adapter, decoder_export=str(directory), **record["sampler"])
-    _load_bridge(stage.bridge, directory / "bridge")
-    _load_lora(stage.adapter.language_model, directory / "lora")
-    return stage
+    latent_sampler = LatentSampler(adapter, **sampler_config)
+    _load_bridge(latent_sampler.bridge, directory / "bridge")
+    _load_lora(adapter.language_model, directory / "lora")
+    for module in (latent_sampler, reducer, decoder):
+        module.requires_grad_(False).eval()
+    return {
+        "latent_sampler": latent_sampler,
+        "reducer": reducer,
+        "decoder": decoder,
+        "sampling": sampling,
+        "decoder_sampling": decoder_sampling,
+    }
 
 
 def read_config(directory: Path) -> dict[str, Any]:
-    """The bundle's ``vugen.json``, checked for its format and version."""
+    """The bundle's ``vugen.json``, checked for its format and version; a version 1 or 2 record is translated to the
+    current layout (``latent_sampler`` and ``sampling``)."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a vugen bundle (VugenPipeline.save_pretrained)")
@@ -199,12 +259,40 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: not a vugen bundle config (expected format {FORMAT!r} and a format_version)")
     if record["format_version"] > FORMAT_VERSION:
         raise BundleError(
-            f"{path}: format_version {record['format_version']} is newer than this vugen reads ({FORMAT_VERSION})"
+            f"{path}: format_version {record['format_version']} is newer than this vugen reads ({FORMAT_VERSION}); "
+            "upgrade vugen"
         )
-    absent = [key for key in ("adapter", "sampler") if key not in record]
+    if record["format_version"] < 3:
+        record = _translated(record, path)
+    absent = [key for key in ("adapter", "latent_sampler", "sampling") if key not in record]
     if absent:
         raise BundleError(f"{path}: missing {', '.join(absent)}")
     return record
+
+
+def _translated(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A version 1 or 2 record in the version 3 layout: its ``sampler`` object split into the latent sampler's
+    arguments and the sampling settings."""
+    old = record.get("sampler")
+    if not isinstance(old, dict):
+        raise BundleError(f"{path}: missing sampler (a version {record['format_version']} bundle)")
+    sampling = {new: old[key] for key, new in _LEGACY_SAMPLING.items() if key in old}
+    sampler_config = {key: value for key, value in old.items() if key not in _LEGACY_SAMPLING}
+    reducer_config = _read_json(path.parent / "reducer" / "config.json")
+    sampler_config = {"latent_dim": reducer_config.get("latent_dim"), **sampler_config}
+    rest = {key: value for key, value in record.items() if key != "sampler"}
+    return rest | {"latent_sampler": sampler_config, "sampling": sampling}
+
+
+def _check_arguments(arguments: Any, cls: type, source: str) -> None:
+    """``arguments`` must be an object of ``cls``'s arguments (besides its adapter); names the first that is not."""
+    if not isinstance(arguments, dict):
+        raise BundleError(f"{source}: expected an object of {cls.__name__} arguments, got {type(arguments).__name__}")
+    accepted = set(inspect.signature(cls).parameters) - {"adapter"}
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted))
+        raise BundleError(f"{source}: unknown setting {unknown[0]!r}; {cls.__name__} takes {takes}")
 
 
 def check_weights(file: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -360,10 +448,10 @@ def _load_bridge(bridge: LatentBridge, folder: Path) -> None:
     load_model(bridge, folder / WEIGHTS_FILE, strict=True)  # already checked: cannot fail on names or shapes
 
 
-def _save_lora(folder: Path, stage: SamplerStage, state: dict[str, Tensor]) -> None:
+def _save_lora(folder: Path, sampler: LatentSampler, state: dict[str, Tensor]) -> None:
     """A peft adapter folder: ``PeftModel.from_pretrained(language_model, folder)`` loads it."""
-    config = copy.deepcopy(stage.lora_config)
-    init_args = argument_config(stage.adapter)["init_args"]
+    config = copy.deepcopy(sampler.lora_config)
+    init_args = sampler.adapter.init_config()["init_args"]
     config.base_model_name_or_path, config.revision = init_args.get("pretrained"), init_args.get("revision")
     config.save_pretrained(folder)
     save_file({PEFT_PREFIX + key: value for key, value in state.items()}, folder / LORA_WEIGHTS, {"format": "pt"})
@@ -384,7 +472,8 @@ def _model_card(record: Mapping[str, Any]) -> ModelCard:
         pipeline_tag="text-to-image",
         tags=["vugen", "text-to-image", "image-generation", "lora"],
     )
-    settings = "\n".join(f"| {key} | {value} |" for key, value in record["sampler"].items())
+    settings = {**record["latent_sampler"], **record["sampling"]}
+    settings = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     return ModelCard(
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# vugen text-to-image bundle\n\n"
@@ -411,10 +500,9 @@ def _sha256(path: Path) -> str:
         return sha_fileobj(handle).hex()  # read in chunks: weight files can be large
 
 
-def _lora_state(language_model: nn.Module) -> dict[str, Tensor]:
-    """The LoRA weights by peft name, whole (FSDP2 shards are gathered: a collective) and on the CPU."""
+def _gathered(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` whole (FSDP2 shards are gathered: a collective) and on the CPU."""
     from torch.distributed.tensor import DTensor
 
-    state = get_peft_model_state_dict(language_model, adapter_name=LORA_ADAPTER_NAME)
     state = {key: value.full_tensor() if isinstance(value, DTensor) else value for key, value in state.items()}
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}

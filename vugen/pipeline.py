@@ -1,92 +1,89 @@
-"""Text to image with a trained latent sampler: :class:`VugenPipeline` and the sampling helpers it shares with the
-commands and the benchmark exporters.
+"""Text to image: :class:`VugenPipeline`, the components of a trained vugen model and how they generate.
 
-The bundle it saves and loads is :mod:`vugen.bundle` (format, checks); the ``vugen generate`` / ``vugen export``
-commands are :mod:`vugen.commands`. Both modules' public names remain importable from here.
+Diffusers-style: the pipeline holds components, the VLM adapter (inside the latent sampler), the
+:class:`~vugen.generation.LatentSampler`, the frozen reducer and pixel decoder, and two
+:class:`~vugen.generation.SamplingConfig` (the latent sampler's, the decoder's); generation is plain module calls,
+no training code. Its bundle format is :mod:`vugen.bundle`. ``SamplerStage.pipeline()`` builds one over a stage's
+modules (shared, not copied); :meth:`VugenPipeline.from_pretrained` loads a bundle.
 
 Seeds: image ``k`` of prompt ``i`` uses seed ``seed + i * n + k`` (``n`` images per prompt) everywhere (the pipeline
-call, ``vugen generate``, the benchmark exporters), so an image does not depend on batching or on the rank count.
+call, ``vugen generate``, ``vugen predict``, the benchmark exports), so an image does not depend on batching or on the
+rank count (:func:`vugen.generation.image_seeds`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 
-from vugen.bundle import (
-    CONFIG_FILE,
-    BundleError,
-    bundle_config,
-    check_weights,
-    load_bundle,
-    read_config,
-    save_bundle,
-)
-from vugen.diffusion import Method
-from vugen.stages.sampler import SamplerStage
+from vugen.adapter import VLMAdapter
+from vugen.bundle import bundle_record, load_bundle, save_bundle
+from vugen.generation import LatentSampler, SamplingConfig, decode_latents, image_seeds
+from vugen.nn.pixel_decoder import PixelDecoder
+from vugen.nn.reducer import DimensionReducer
 
-__all__ = [
-    "CONFIG_FILE",
-    "BundleError",
-    "VugenPipeline",
-    "check_weights",
-    "image_seeds",
-    "read_config",
-    "sampling_overrides",
-    "to_pil",
-]
+__all__ = ["VugenPipeline", "to_pil"]
 
 
 class VugenPipeline:
-    """Text -> images with a :class:`~vugen.stages.sampler.SamplerStage` (kept in eval mode).
-
-    Generation is the stage's own (:meth:`SamplerStage.generate`): prompt tokens through the VLM's language model
-    with LoRA, flow matching in the reducer's latent space, then the pixel decoder.
+    """Text -> images: prompt tokens through the VLM's language model with LoRA, flow matching in the reducer's
+    latent space, then the pixel decoder.
 
     Args:
-        stage: A trained latent-sampler stage; it is switched to eval mode.
+        latent_sampler: The trained latent sampler (it holds the VLM adapter).
+        reducer: The frozen reducer that defines the latent space.
+        decoder: The frozen pixel decoder.
+        sampling: The latent sampler's default sampling settings (overridable per call).
+        decoder_sampling: The pixel decoder's sampling settings.
     """
 
-    def __init__(self, stage: SamplerStage) -> None:
-        if not isinstance(stage, SamplerStage):
-            raise TypeError(f"VugenPipeline needs a SamplerStage, got {type(stage).__name__}")
-        self.stage = stage.eval()
+    def __init__(
+        self,
+        latent_sampler: LatentSampler,
+        reducer: DimensionReducer,
+        decoder: PixelDecoder,
+        sampling: SamplingConfig,
+        decoder_sampling: SamplingConfig,
+    ) -> None:
+        dims = {latent_sampler.bridge.latent_dim, reducer.latent_dim, decoder.latent_dim}
+        if len(dims) != 1:
+            raise ValueError(
+                f"latent_dim differs: latent sampler {latent_sampler.bridge.latent_dim}, reducer {reducer.latent_dim}, "
+                f"decoder {decoder.latent_dim}"
+            )
+        self.latent_sampler, self.reducer, self.decoder = latent_sampler, reducer, decoder
+        self.sampling, self.decoder_sampling = sampling, decoder_sampling
 
-    @classmethod
-    def from_stage(cls, stage: SamplerStage) -> VugenPipeline:
-        """The pipeline of a trained stage (shares its modules; the stage is switched to eval mode)."""
-        return cls(stage)
+    @property
+    def adapter(self) -> VLMAdapter:
+        """The VLM (with the latent sampler's LoRA layers, inactive outside generation by default)."""
+        return self.latent_sampler.adapter
 
     @property
     def image_size(self) -> int:
         """Side of the generated images in pixels."""
-        return self.stage.image_size
+        return self.latent_sampler.image_size
 
-    @property
-    def sampling(self) -> dict[str, Any]:
-        """The latent sampler's default settings: ``sampler``, ``steps``, ``guidance_scale``, ... ."""
-        return dict(self.stage.sampling)
+    def components(self) -> dict[str, nn.Module]:
+        """The modules, by name."""
+        return {"latent_sampler": self.latent_sampler, "reducer": self.reducer, "decoder": self.decoder}
 
     def to(self, device: str | torch.device) -> VugenPipeline:
         """Move every module to ``device``; returns the pipeline."""
-        self.stage.to(device)
+        for module in self.components().values():
+            module.to(device)
         return self
 
     # ------------------------------------------------------------------ generation
     def __call__(
-        self,
-        prompts: str | list[str],
-        seed: int = 0,
-        num_images_per_prompt: int = 1,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: Method | None = None,
+        self, prompts: str | list[str], seed: int = 0, num_images_per_prompt: int = 1, **overrides: Any
     ) -> list[Image.Image]:
         """Generate images, all in one batch.
 
@@ -95,9 +92,8 @@ class VugenPipeline:
             seed: Image ``k`` of prompt ``i`` uses seed ``seed + i * num_images_per_prompt + k``, i.e. the ``j``-th
                 returned image uses ``seed + j``.
             num_images_per_prompt: Images per prompt.
-            steps: Flow-matching steps (default: the bundle's).
-            guidance_scale: Classifier-free guidance scale (default: the bundle's; 1 = none).
-            sampler: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
+            overrides: Sampling settings for this call (``steps``, ``guidance_scale``, ``solver``, ...); None keeps
+                the pipeline's.
 
         Returns:
             ``len(prompts) * num_images_per_prompt`` RGB images, the images of each prompt next to each other.
@@ -105,47 +101,49 @@ class VugenPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         n = num_images_per_prompt
         seeds = [s for i in range(len(prompts)) for s in image_seeds(seed, i, n)]
-        images = self.sample([p for p in prompts for _ in range(n)], seeds, steps, guidance_scale, sampler)
-        return to_pil(images)
+        return to_pil(self.sample([p for p in prompts for _ in range(n)], seeds, **overrides))
 
-    def sample(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: Method | None = None,
-    ) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]``, one per prompt with its own seed (one batch).
+    def sample(self, prompts: list[str], seeds: list[int], **overrides: Any) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]``, one per prompt with its own seed (one batch), in eval mode.
 
         Args:
             prompts: The prompts.
             seeds: One seed per prompt: the image depends only on its prompt, its seed and the settings.
-            steps: Flow-matching steps (default: the bundle's).
-            guidance_scale: Classifier-free guidance scale (default: the bundle's).
-            sampler: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
+            overrides: Sampling settings for this call (see :meth:`SamplingConfig.with_overrides`).
         """
-        return self.stage.generate(prompts, seeds, **sampling_overrides(steps, guidance_scale, sampler))
+        with _eval_mode(self.components().values()), torch.no_grad():
+            latents = self.latent_sampler.generate(prompts, seeds, self.sampling.with_overrides(**overrides))
+            return self.decode(latents, seeds)
 
-    # ------------------------------------------------------------------ saving
+    def decode(self, latents: Tensor, seeds: list[int]) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` from latents ``[B, N, d]``; image ``i``'s decoder noise depends on
+        ``seeds[i]`` only."""
+        size, grid = (self.image_size, self.image_size), self.latent_sampler.latent_grid
+        images = []
+        for latent, seed in zip(latents, seeds, strict=True):
+            generator = torch.Generator().manual_seed(int(seed))
+            images.append(decode_latents(self.decoder, latent[None], grid, size, self.decoder_sampling, generator))
+        return torch.cat(images)
+
+    # ------------------------------------------------------------------ saving and loading
     def config(self) -> dict[str, Any]:
-        """The ``vugen.json`` record (without the weight hashes): base VLM and sampler settings."""
-        return bundle_config(self.stage)
+        """The ``vugen.json`` record (without the weight hashes): base VLM, latent sampler and sampling settings."""
+        return bundle_record(self)
 
-    def save_pretrained(self, directory: str | Path) -> Path | None:
+    def save_pretrained(self, directory: str | Path, agree: Callable[[bool], bool] | None = None) -> Path | None:
         """Write the bundle to ``directory`` atomically (an existing bundle there is replaced whole, or kept on error).
 
         Under FSDP2 call it on every rank (the bridge and LoRA shards are gathered); only global rank 0 writes.
 
         Args:
             directory: The bundle folder.
+            agree: Under several processes, ``decision -> decision of all ranks`` for the finiteness check.
 
         Returns:
             The folder on the rank that wrote it, else None.
         """
-        return save_bundle(self.stage, directory)
+        return save_bundle(self, directory, agree)
 
-    # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
         cls,
@@ -154,12 +152,12 @@ class VugenPipeline:
         trust_remote_code: bool = False,
     ) -> VugenPipeline:
         """Load a bundle written by :meth:`save_pretrained`; the VLM is rebuilt from its recorded ``pretrained`` (a
-        relative local folder is found relative to the bundle folder).
+        relative local folder is found relative to the bundle folder). Modules are frozen and in eval mode.
 
         Before any weight is read, every bundle file's sha256 is checked against ``vugen.json``, every weight file's
         tensor names and shapes (its safetensors header) against its config, and the VLM's content fingerprint
-        against the recorded one; a mismatch raises :class:`BundleError` naming the file, the tensors, or the
-        recorded and found VLM (see :func:`vugen.bundle.load_bundle`).
+        against the recorded one; a mismatch raises :class:`~vugen.bundle.BundleError` naming the file, the tensors,
+        or the recorded and found VLM (see :func:`vugen.bundle.load_bundle`).
 
         Args:
             directory: The bundle folder.
@@ -168,20 +166,20 @@ class VugenPipeline:
                 gives a warning, not an error.
             trust_remote_code: Let the VLM checkpoint run its own code. Never taken from the bundle.
         """
-        return cls(load_bundle(directory, adapter_overrides, trust_remote_code))
+        return cls(**load_bundle(directory, adapter_overrides, trust_remote_code))
 
 
-def image_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
-    """Seeds of the ``n`` images of prompt ``prompt_index``: ``seed + prompt_index * n + k``."""
-    return [seed + prompt_index * n + k for k in range(n)]
-
-
-def sampling_overrides(
-    steps: int | None = None, guidance_scale: float | None = None, sampler: Method | None = None
-) -> dict[str, Any]:
-    """The sampler settings that are given (not None), as :meth:`SamplerStage.generate` overrides."""
-    given = {"steps": steps, "guidance_scale": guidance_scale, "sampler": sampler}
-    return {key: value for key, value in given.items() if value is not None}
+@contextlib.contextmanager
+def _eval_mode(modules: Any) -> Iterator[None]:
+    """Eval mode inside, each module's own mode restored after (a pipeline may share a training stage's modules)."""
+    modes = [(module, module.training) for module in modules]
+    for module, _ in modes:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

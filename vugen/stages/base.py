@@ -28,6 +28,7 @@ from vugen.callbacks import ExactResume, NonFiniteGuard
 from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
 from vugen.distributed import full_copy, is_sharded, world_size
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
+from vugen.generation import SamplingConfig
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 
@@ -63,9 +64,14 @@ class AdapterStage(LightningModule):
                 f"adapter must be a VLMAdapter instance, got {type(adapter).__name__}. A checkpoint whose adapter "
                 "cannot be rebuilt from its recorded configuration loads with load_from_checkpoint(path, adapter=...)"
             )
-        self.adapter = adapter.requires_grad_(False)  # frozen whatever the adapter did
+        self.hold_adapter(adapter.requires_grad_(False))  # frozen whatever the adapter did
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.register_state_dict_post_hook(_drop_rebuilt_weights)
+
+    def hold_adapter(self, adapter: VLMAdapter) -> None:
+        """Keep the adapter as the submodule ``adapter``; a stage whose model owns the adapter overrides this (and
+        :attr:`adapter`)."""
+        self.adapter = adapter
 
     def record_hyperparameters(self, **arguments: Any) -> None:
         """Save hyperparameters that rebuild this module, never the VLM itself.
@@ -87,8 +93,9 @@ class AdapterStage(LightningModule):
             return
         # as LightningCLI does: the writer's class, so a checkpoint says which stage it is for (vugen.checkpoint)
         records: dict[str, Any] = {"_instantiator": _INSTANTIATOR, "_class_path": _class_path(type(self))}
-        paths = {key: os.fspath(value) for key, value in self.hparams.items() if isinstance(value, os.PathLike)}
-        records |= paths  # a Path would be a pickled object: checkpoints hold plain data (torch.load weights_only)
+        # A Path or a config dataclass would be a pickled object: checkpoints hold plain data (torch.load weights_only)
+        records |= {key: os.fspath(value) for key, value in self.hparams.items() if isinstance(value, os.PathLike)}
+        records |= {key: value.to_dict() for key, value in self.hparams.items() if isinstance(value, SamplingConfig)}
         for name, value in arguments.items():
             config = argument_config(value)
             if config is not None or value is None:

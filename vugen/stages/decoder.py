@@ -13,7 +13,6 @@ their weights available, LPIPS and rFID (see :class:`vugen.eval.ReconstructionMe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +22,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vugen.adapter import VLMAdapter
+from vugen.bundle import write_decoder_export
 from vugen.data.batches import batch_images
-from vugen.diffusion import (
-    Method,
-    Prediction,
-    Schedule,
-    as_velocity_fn,
-    classifier_free_guidance,
-    flow_matching_inputs,
-    flow_matching_loss,
-    resolution_shift,
-    sample,
-    sample_timesteps,
-)
+from vugen.diffusion import Prediction, Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
 from vugen.distributed import full_copy, is_global_zero
+from vugen.generation import SamplingConfig, decode_latents, pixel_shift
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.base import AdapterStage
 
-__all__ = ["DecoderStage", "decode_latents", "sampling_settings", "write_decoder_export"]
-
-SAMPLING_FILE = "sampling.json"
-_BASE_PIXELS = 3 * 256 * 256  # no time shift at 256x256 RGB (JiT's reference resolution)
+__all__ = ["DecoderStage"]
 
 
 class DecoderStage(AdapterStage):
@@ -71,14 +58,13 @@ class DecoderStage(AdapterStage):
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
         time_mean: Mean of the logit of ``t`` (``t = 1`` is data; negative favours noisy times, JiT uses -0.8).
         time_std: Standard deviation of the logit of ``t``.
-        time_shift: Time shift for training and sampling; None scales with the image as RAE / JiT do, relative
-            to a 256x256 RGB image: ``sqrt(C*H*W / (3*256*256))`` (1 at 256 px, 1.75 at 448 px).
+        time_shift: Time shift for training, and for sampling unless ``sampling`` sets its own; None scales with
+            the image as RAE / JiT do, relative to a 256x256 RGB image: ``sqrt(C*H*W / (3*256*256))`` (1 at 256 px,
+            1.75 at 448 px).
         loss_space: Space the diffusion error is measured in (``"v"``: JiT's x-prediction with v-loss).
-        sampler: ``"euler"``, ``"heun"`` or ``"sde"`` for reconstructions (validation, test, image grids).
-        sample_steps: Integration steps for reconstructions.
-        guidance_scale: Classifier-free guidance scale for reconstructions (1 = none; needs ``cond_drop_prob > 0``
-            in the decoder to mean anything).
-        guidance_interval: Optional ``[t_lo, t_hi]`` where guidance applies.
+        sampling: How reconstructions (validation, test, image grids) and generated images are decoded, exported as
+            ``sampling.json``: ``solver``, ``steps``, ``guidance_scale`` (1 = none; needs ``cond_drop_prob > 0`` in
+            the decoder to mean anything), ``guidance_interval``, ``time_shift``.
         sample_seed: Seed of the noise of reconstructions: the same images get the same reconstructions.
         lpips_weights: Local file of the LPIPS trunk weights (torchvision AlexNet state dict) for ``test``.
         fid_weights: Local file of the Inception weights for ``test``'s rFID.
@@ -106,10 +92,7 @@ class DecoderStage(AdapterStage):
         time_std: float = 1.0,
         time_shift: float | None = None,
         loss_space: Prediction = "v",
-        sampler: Method = "heun",
-        sample_steps: int = 25,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
+        sampling: SamplingConfig = SamplingConfig(solver="heun"),  # noqa: B008 (frozen: shared safely)
         sample_seed: int = 0,
         lpips_weights: str | None = None,
         fid_weights: str | None = None,
@@ -125,10 +108,8 @@ class DecoderStage(AdapterStage):
         self.record_hyperparameters(
             adapter=adapter, decoder=decoder, reducer=reducer, optimizer=optimizer, lr_scheduler=lr_scheduler
         )
-        if feature_loss_weight < 0 or sample_steps < 1:
-            raise ValueError(
-                f"need feature_loss_weight >= 0 and sample_steps >= 1, got {feature_loss_weight} and {sample_steps}"
-            )
+        if feature_loss_weight < 0:
+            raise ValueError(f"need feature_loss_weight >= 0, got {feature_loss_weight}")
         self.decoder = decoder
         self.reducer = reducer.requires_grad_(train_reducer)
         self.train_reducer = train_reducer
@@ -141,7 +122,7 @@ class DecoderStage(AdapterStage):
             time_shift,
         )
         self.loss_space = loss_space
-        self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
+        self.sampling = sampling.with_overrides(time_shift=sampling.time_shift or time_shift)
         self.sample_seed = sample_seed
         self.metric_settings = {
             "lpips_weights": lpips_weights,
@@ -169,7 +150,7 @@ class DecoderStage(AdapterStage):
 
     def shift_for(self, images: Tensor) -> float:
         """The time shift used for images of this shape (``time_shift`` or the resolution shift)."""
-        return _shift(self.time_shift, images[0].numel())
+        return pixel_shift(self.time_shift, images[0].numel())
 
     @torch.no_grad()
     def decode(
@@ -187,10 +168,10 @@ class DecoderStage(AdapterStage):
             latent_grid: Their token grid ``(gh, gw)``.
             image_size: Output ``(H, W)``, multiples of the decoder's patch size.
             generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
-            overrides: Replace any of ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``,
-                ``time_shift`` for this call.
+            overrides: Sampling settings for this call (see :meth:`SamplingConfig.with_overrides`).
         """
-        return decode_latents(self.decoder, latents, latent_grid, image_size, {**self.sampling, **overrides}, generator)
+        sampling = self.sampling.with_overrides(**overrides)
+        return decode_latents(self.decoder, latents, latent_grid, image_size, sampling, generator)
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Encode ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) and decode them again (reducer noise off)."""
@@ -341,76 +322,6 @@ def _resolve_reducer(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"
         )
     return reducer
-
-
-def sampling_settings(
-    sampler: str, steps: int, guidance_scale: float, guidance_interval: Any, time_shift: float | None
-) -> dict[str, Any]:
-    """The sampling settings a stage records and exports (``sampling.json``), JSON-ready."""
-    return {
-        "sampler": sampler,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
-        "time_shift": time_shift,
-    }
-
-
-def write_decoder_export(
-    directory: Path, reducer: DimensionReducer, decoder: PixelDecoder, sampling: dict[str, Any]
-) -> None:
-    """Write the decoder-stage export layout: ``reducer/``, ``decoder/`` and ``sampling.json`` in ``directory``."""
-    reducer.save_pretrained(directory / "reducer")
-    decoder.save_pretrained(directory / "decoder")
-    (directory / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
-
-
-@torch.no_grad()
-def decode_latents(
-    decoder: PixelDecoder,
-    latents: Tensor,
-    latent_grid: tuple[int, int],
-    image_size: tuple[int, int],
-    sampling: dict[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` from reducer latents with a pixel decoder.
-
-    Args:
-        decoder: The pixel decoder.
-        latents: Reducer latents ``[B, N, d]``.
-        latent_grid: Their token grid ``(gh, gw)``.
-        image_size: Output ``(H, W)``, multiples of the decoder's patch size.
-        sampling: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift`` (a decoder
-            stage's ``sampling.json``).
-        generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
-    """
-    b = latents.shape[0]
-    shape = (b, decoder.in_channels, *image_size)
-    noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
-    noise = noise.to(device=latents.device, dtype=decoder.latent_proj.weight.dtype)
-
-    def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
-        return decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
-
-    # The unconditional branch drops the condition inside the decoder (its null latent), so no parameter is read
-    # outside its forward: that keeps FSDP2-sharded parameters gathered when used.
-    keep = torch.zeros(b, dtype=torch.bool, device=latents.device)
-    interval = tuple(sampling["guidance_interval"]) if sampling["guidance_interval"] else None
-    guided = classifier_free_guidance(model_fn, (latents, keep), (latents, ~keep), sampling["guidance_scale"], interval)
-    x = sample(
-        as_velocity_fn(guided, decoder.prediction),
-        noise,
-        steps=int(sampling["steps"]),
-        method=sampling["sampler"],
-        shift=_shift(sampling["time_shift"], noise[0].numel()),
-        generator=generator,
-    )
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def _shift(time_shift: float | None, pixels: int) -> float:
-    return float(time_shift) if time_shift is not None else resolution_shift(pixels, base_dim=_BASE_PIXELS)
 
 
 def _mean_psnr(reconstructions: Tensor, images: Tensor) -> Tensor:

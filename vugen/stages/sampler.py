@@ -1,62 +1,44 @@
-"""Stage 2: the latent sampler. The VLM's language model, tuned with LoRA, generates reduced latents by flow matching.
+"""Stage 2: train the latent sampler. The VLM's language model, tuned with LoRA, learns to generate reduced latents
+by flow matching.
 
-Sequence per sample: ``[prompt tokens][BOI][latent tokens]``, where a latent token is ``in_proj(z_t) + position + time``
-(:class:`vugen.nn.LatentBridge`). The hidden states at the latent tokens become velocities; the loss is the flow-
-matching MSE in z-space. Attention is causal over the prompt and, by default, bidirectional inside the latent block
-(a 4-D attention mask: works with the eager and sdpa attention of transformers' decoder LMs; FlashAttention ignores
-custom masks, so use ``image_attention: causal`` there).
+The model is a :class:`~vugen.generation.LatentSampler` (LoRA scoped to the image tokens + a latent bridge; its
+docstring describes the sequence and why the VLM's understanding stays exact); this stage adds what training needs:
+the flow-matching loss in z-space, prompt dropout for classifier-free guidance, caption checks, activation
+checkpointing and FSDP2 units. ``predict`` generates images (:meth:`SamplerStage.predict_step`, over a
+:class:`~vugen.data.prompts.PromptDataModule`) with the same code as the pipeline.
 
-**Understanding is preserved exactly.** With ``lora_scope: image_tokens`` (default), a forward hook on every LoRA
-``lora_B`` multiplies its output by the latent-block mask of the current call, and by zero whenever the sampler is not
-running: prompt tokens, the prompt's KV cache and every ordinary use of the VLM see the base model bit for bit.
-
-The reducer and the pixel decoder come from the decoder stage's export (``DecoderStage.export``: ``reducer/``,
-``decoder/``, ``sampling.json``) and stay frozen. Batches carry ``images`` (encoded on the fly by the frozen VLM and
-reducer) or ``latents`` (from :mod:`vugen.data.latent_cache`: the vision tower never runs), plus ``captions``.
+The reducer and the pixel decoder come from the decoder stage's export (``reducer/``, ``decoder/``,
+``sampling.json``, see :func:`vugen.bundle.read_decoder_export`) and stay frozen. Batches carry ``images`` (encoded
+on the fly by the frozen VLM and reducer) or ``latents`` (from :mod:`vugen.data.latent_cache`: the vision tower never
+runs), plus ``captions``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
-from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vugen.adapter import VLMAdapter, positions_from_mask
+from vugen.adapter import VLMAdapter
+from vugen.bundle import read_decoder_export
 from vugen.data.batches import batch_images
-from vugen.diffusion import (
-    Method,
-    Schedule,
-    classifier_free_guidance,
-    flow_matching_inputs,
-    flow_matching_loss,
-    resolution_shift,
-    sample,
-    sample_timesteps,
-)
-from vugen.nn.latent_bridge import LatentBridge
-from vugen.nn.pixel_decoder import PixelDecoder
-from vugen.nn.reducer import DimensionReducer
+from vugen.diffusion import Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
+from vugen.generation import LORA_ADAPTER_NAME, ImageAttention, LatentSampler, LoraScope, SamplingConfig
+from vugen.pipeline import VugenPipeline
+from vugen.prediction import predict_images
 from vugen.stages.base import AdapterStage
-from vugen.stages.decoder import SAMPLING_FILE, decode_latents, sampling_settings
 
 __all__ = ["SamplerStage"]
-
-LORA_ADAPTER_NAME = "default"
-
 
 class SamplerStage(AdapterStage):
     """Stage 2: LoRA on the VLM's language model + a latent bridge, trained to generate reduced latents from text.
 
-    Logs ``train/loss`` per step and ``val/loss`` per validation run.
+    Logs ``train/loss`` per step and ``val/loss`` per validation run. ``predict`` returns generated images per prompt
+    (see :meth:`predict_step`).
 
     Args:
         adapter: The VLM, e.g. ``{class_path: vugen_adapters.llava.LlavaAdapter, init_args: {pretrained: ...}}``.
@@ -78,14 +60,13 @@ class SamplerStage(AdapterStage):
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
         time_mean: Mean of the logit of ``t`` (``t = 1`` is data).
         time_std: Standard deviation of the logit of ``t``.
-        time_shift: Time shift for training and sampling; None uses RAE's ``sqrt(N * d / 4096)``, at least 1.
-        sampler: ``"euler"``, ``"heun"`` or ``"sde"`` for generation.
-        sample_steps: Integration steps for generation.
-        guidance_scale: Classifier-free guidance scale (1 = none).
-        guidance_interval: Optional ``[t_lo, t_hi]`` where guidance applies.
-        optimizer: Builds the optimizer over the LoRA and bridge parameters.
+        time_shift: Time shift for training, and for sampling unless ``sampling`` sets its own; None uses RAE's
+            ``sqrt(N * d / 4096)``, at least 1.
+        sampling: How images are generated (``vugen predict``, the exported bundle's default): ``solver``,
+            ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift``.
         activation_checkpointing: Recompute the language model blocks' activations in the backward pass (LoRA
             gradients flow through every block): less memory for a little more compute.
+        optimizer: Builds the optimizer over the LoRA and bridge parameters.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
         allow_empty_captions: Train on empty (or whitespace-only) captions without a word, e.g. a deliberately
             unconditional sampler. By default a fit whose first training batch has only empty captions stops with a
@@ -102,8 +83,8 @@ class SamplerStage(AdapterStage):
         lora_rank: int = 16,
         lora_alpha: float = 32.0,
         lora_dropout: float = 0.0,
-        lora_scope: Literal["image_tokens", "all"] = "image_tokens",
-        image_attention: Literal["bidirectional", "causal"] = "bidirectional",
+        lora_scope: LoraScope = "image_tokens",
+        image_attention: ImageAttention = "bidirectional",
         head: Literal["linear", "mlp"] = "mlp",
         head_width: int = 512,
         head_depth: int = 2,
@@ -112,10 +93,7 @@ class SamplerStage(AdapterStage):
         time_mean: float = 0.0,
         time_std: float = 1.0,
         time_shift: float | None = None,
-        sampler: Method = "euler",
-        sample_steps: int = 25,
-        guidance_scale: float = 3.0,
-        guidance_interval: tuple[float, float] | None = None,
+        sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0),  # noqa: B008 (frozen: shared safely)
         activation_checkpointing: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -123,119 +101,53 @@ class SamplerStage(AdapterStage):
     ) -> None:
         super().__init__(adapter, optimizer, lr_scheduler)
         self.record_hyperparameters(adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        if lora_scope not in ("image_tokens", "all") or image_attention not in ("bidirectional", "causal"):
-            raise ValueError(
-                f"lora_scope must be 'image_tokens' or 'all' and image_attention 'bidirectional' or 'causal', "
-                f"got {lora_scope!r} and {image_attention!r}"
-            )
         if not 0 <= prompt_dropout < 1:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
         self.decoder_export = str(decoder_export)
-        self.reducer, self.decoder, self.decoder_sampling = load_decoder_export(decoder_export)
+        self.reducer, self.decoder, self.decoder_sampling = read_decoder_export(decoder_export)
         self.reducer.requires_grad_(False).eval()
         self.decoder.requires_grad_(False).eval()
-        self.image_size = image_size or self.decoder.base_grid[0] * self.decoder.patch_size
-        grid = adapter.token_grid(self.image_size, self.image_size)
-        self.bridge = LatentBridge(
-            self.reducer.latent_dim, adapter.hidden_size, *grid, head=head, head_width=head_width, head_depth=head_depth
+        self.latent_sampler = LatentSampler(
+            adapter,
+            latent_dim=self.reducer.latent_dim,
+            image_size=image_size or self.decoder.base_grid[0] * self.decoder.patch_size,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_scope=lora_scope,
+            image_attention=image_attention,
+            head=head,
+            head_width=head_width,
+            head_depth=head_depth,
         )
-        self.lora_config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=adapter.lora_target_modules
-        )
-        inject_adapter_in_model(self.lora_config, adapter.language_model, adapter_name=LORA_ADAPTER_NAME)
-        self.lora_scope, self.image_attention = lora_scope, image_attention
-        self._lora_mask: Tensor | None = None  # [B, S, 1] of the running call; None = LoRA off (image_tokens scope)
-        if lora_scope == "image_tokens":
-            for lora_b in self.lora_b_layers():
-                lora_b.register_forward_hook(self._scope_lora)
         self.prompt_dropout = prompt_dropout
         self.time_schedule, self.time_mean, self.time_std = time_schedule, time_mean, time_std
         self.time_shift = time_shift
-        self.sampling = sampling_settings(sampler, sample_steps, guidance_scale, guidance_interval, time_shift)
+        self.sampling = sampling.with_overrides(time_shift=sampling.time_shift or time_shift)
         self.activation_checkpointing = activation_checkpointing
         self.allow_empty_captions = allow_empty_captions
         self._captions_seen = self._empty_captions_warned = False  # per fit: see on_fit_start
 
-    rebuilt_prefixes = ("adapter.", "reducer.", "decoder.")  # checkpoints hold LoRA + bridge only
+    # The VLM's frozen weights and the frozen reducer and decoder are rebuilt from the configuration; checkpoints hold
+    # the LoRA layers (inside the VLM) and the bridge.
+    rebuilt_prefixes = ("latent_sampler.adapter.", "reducer.", "decoder.")
 
-    # ------------------------------------------------------------------ LoRA scope
-    def lora_b_layers(self) -> list[nn.Module]:
-        """Every LoRA ``lora_B`` projection inside the language model."""
-        return [m.lora_B[LORA_ADAPTER_NAME] for m in self.adapter.language_model.modules() if hasattr(m, "lora_B")]
+    def hold_adapter(self, adapter: VLMAdapter) -> None:
+        """The latent sampler holds the adapter (it injects LoRA into it): see :attr:`adapter`."""
 
-    def _scope_lora(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        if self._lora_mask is None:
-            return torch.zeros_like(output)
-        return output * self._lora_mask.to(output.dtype)
-
-    def _run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, image_from: int, cache: Any = None):
-        """Run the LM with LoRA active from sequence position ``image_from`` on; returns (hidden, cache)."""
-        mask = torch.zeros(embeds.shape[0], embeds.shape[1], 1, device=embeds.device)
-        mask[:, image_from:] = 1
-        self._lora_mask = mask
-        try:
-            return self.adapter.run_language_model(embeds, attention_mask, position_ids, past_key_values=cache)
-        finally:
-            self._lora_mask = None
-
-    # ------------------------------------------------------------------ sequences
     @property
-    def latent_grid(self) -> tuple[int, int]:
-        """The latent token grid ``(gh, gw)``."""
-        return self.bridge.grid
+    def adapter(self) -> VLMAdapter:
+        """The VLM, held by the latent sampler."""
+        return self.latent_sampler.adapter
+
+    def pipeline(self) -> VugenPipeline:
+        """A text-to-image pipeline over this stage's modules (shared, not copied): save it as a bundle with
+        ``save_pretrained``, or generate with it."""
+        return VugenPipeline(self.latent_sampler, self.reducer, self.decoder, self.sampling, self.decoder_sampling)
 
     def shift(self) -> float:
-        """The time shift: ``time_shift``, else RAE's ``sqrt(N * d / 4096)`` but at least 1.
-
-        Below 1 the shift would move training times towards the data end, starving the high-noise start of sampling,
-        where the prompt decides colour and layout (measured on the demo's 64 x 8 latents: RAE's 0.35 puts 90 % of
-        training times above t = 0.44).
-        """
-        if self.time_shift is not None:
-            return float(self.time_shift)
-        return max(1.0, resolution_shift(self.bridge.num_tokens * self.bridge.latent_dim))
-
-    def prefix(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Embeddings ``[B, P + 1, H]`` and attention mask ``[B, P + 1]`` of ``[prompt][BOI]``."""
-        tokens = self.adapter.tokenize(prompts)
-        embeds = self.adapter.embed_tokens(tokens["input_ids"])
-        embeds = torch.cat([embeds, self.bridge.begin_image(len(prompts), embeds.dtype)], dim=1)
-        ones = torch.ones(len(prompts), 1, dtype=tokens["attention_mask"].dtype, device=embeds.device)
-        return embeds, torch.cat([tokens["attention_mask"], ones], dim=1)
-
-    def attention_mask(self, prefix_mask: Tensor, num_queries: int) -> Tensor:
-        """The mask for ``num_queries`` tokens at the end of ``[prefix][latents]``: 2-D (causal) or 4-D.
-
-        4-D: ``[B, 1, Q, K]`` bool, True = attend; causal over the prefix, bidirectional in the latent block.
-        """
-        b, p = prefix_mask.shape
-        n = self.bridge.num_tokens
-        full = torch.cat([prefix_mask, prefix_mask.new_ones(b, n)], dim=1)
-        if self.image_attention == "causal":
-            return full
-        total = p + n
-        keys = full.bool()[:, None, :].expand(b, total, total)
-        allowed = torch.ones(total, total, dtype=torch.bool, device=full.device).tril()
-        allowed[p:, p:] = True  # the latent block sees itself whole
-        allowed = allowed[None] & keys
-        allowed |= torch.eye(total, dtype=torch.bool, device=full.device)  # padded rows attend to themselves
-        return allowed[:, None, total - num_queries :, :]
-
-    def velocity(self, z_t: Tensor, t: Tensor, prefix_embeds: Tensor, prefix_mask: Tensor) -> Tensor:
-        """Velocities ``[B, N, d]`` of the whole sequence (training: no cache)."""
-        latents = self.bridge.embed(z_t.to(prefix_embeds.dtype), t)
-        embeds = torch.cat([prefix_embeds, latents], dim=1)
-        full = torch.cat([prefix_mask, prefix_mask.new_ones(latents.shape[:2])], dim=1)
-        positions = positions_from_mask(full, embeds.shape[1])
-        hidden, _ = self._run(
-            embeds, self.attention_mask(prefix_mask, embeds.shape[1]), positions, self._image_from(prefix_mask)
-        )
-        n, boi = latents.shape[1], prefix_mask.shape[1] - 1
-        return self.bridge.velocity(hidden[:, -n:], t, hidden[:, boi])
-
-    def _image_from(self, prefix_mask: Tensor) -> int:
-        """Where LoRA starts: the BOI token (all positions with ``lora_scope: all``)."""
-        return 0 if self.lora_scope == "all" else prefix_mask.shape[1] - 1
+        """The training time shift: ``time_shift``, else the latent sampler's default rule."""
+        return float(self.time_shift) if self.time_shift is not None else self.latent_sampler.default_shift()
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
@@ -252,17 +164,20 @@ class SamplerStage(AdapterStage):
             features = self.vlm_features(batch_images(batch, "SamplerStage"), self.reducer.in_proj.weight.dtype)
             with torch.no_grad():
                 latents = self.reducer.eval().encode(features)
-        expected = (self.bridge.num_tokens, self.bridge.latent_dim)
+        bridge = self.latent_sampler.bridge
+        expected = (bridge.num_tokens, bridge.latent_dim)
         if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
             raise ValueError(
                 f"latents have shape {tuple(latents.shape)} but the sampler expects [B, {expected[0]}, {expected[1]}] "
-                f"(token grid {self.latent_grid} at image_size {self.image_size}, latent_dim of {self.decoder_export})"
+                f"(token grid {bridge.grid} at image_size {self.latent_sampler.image_size}, latent_dim of "
+                f"{self.decoder_export})"
             )
         return latents
 
     def loss(self, batch: dict[str, Any], drop_prompts: bool) -> Tensor:
         """The flow-matching loss of a batch in z-space (v-prediction)."""
-        z = self.target_latents(batch).to(self.bridge.in_proj.weight.dtype)
+        sampler = self.latent_sampler
+        z = self.target_latents(batch).to(sampler.bridge.in_proj.weight.dtype)
         captions = list(batch["captions"])
         if drop_prompts and self.prompt_dropout > 0:
             dropped = torch.rand(len(captions)) < self.prompt_dropout
@@ -270,8 +185,8 @@ class SamplerStage(AdapterStage):
         eps = torch.randn_like(z)
         t = sample_timesteps(len(z), self.time_schedule, self.time_mean, self.time_std, self.shift(), device=z.device)
         z_t, _ = flow_matching_inputs(z, eps, t, "v")
-        prefix_embeds, prefix_mask = self.prefix(captions)
-        pred = self.velocity(z_t, t, prefix_embeds, prefix_mask)
+        prefix_embeds, prefix_mask = sampler.prefix(captions)
+        pred = sampler.velocity(z_t, t, prefix_embeds, prefix_mask)
         return flow_matching_loss(pred.float(), z.float(), eps.float(), t, "v", loss_space="v")
 
     def on_fit_start(self) -> None:
@@ -331,16 +246,18 @@ class SamplerStage(AdapterStage):
                     self._checkpoint(block)
         from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-        sharded_before = isinstance(self.bridge, FSDPModule)
+        bridge = self.latent_sampler.bridge
+        sharded_before = isinstance(bridge, FSDPModule)
         super().configure_model()
         if not sharded_before:  # registering twice would wrap the methods twice
             for method in ("embed", "begin_image", "velocity"):
-                register_fsdp_forward_method(self.bridge, method)  # a no-op unless the bridge is now sharded
+                register_fsdp_forward_method(bridge, method)  # a no-op unless the bridge is now sharded
 
     def _checkpoint(self, block: nn.Module) -> None:
         """Make ``block`` recompute its activations in the backward pass whenever gradients are on.
 
-        The recomputation runs after :meth:`_run` has returned, so it restores the LoRA mask of its own call; and the
+        The recomputation runs after :meth:`LatentSampler.run` has returned, so it restores the LoRA mask of its own
+        call; and the
         block gets no KV cache (training runs whole sequences), so a recomputed block never appends to a cache twice.
         """
         forward = block.forward
@@ -349,14 +266,15 @@ class SamplerStage(AdapterStage):
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
             kwargs = without_cache(kwargs)
-            lora_mask = self._lora_mask
+            sampler = self.latent_sampler
+            lora_mask = sampler.lora_mask
 
             def run(*inputs: Any) -> Any:
-                previous, self._lora_mask = self._lora_mask, lora_mask
+                previous, sampler.lora_mask = sampler.lora_mask, lora_mask
                 try:
                     return forward(*inputs, **kwargs)
                 finally:
-                    self._lora_mask = previous
+                    sampler.lora_mask = previous
 
             return checkpoint(run, *args, use_reentrant=False)
 
@@ -372,88 +290,25 @@ class SamplerStage(AdapterStage):
             if hasattr(layer, "lora_A")
             for m in (layer.lora_A[LORA_ADAPTER_NAME], layer.lora_B[LORA_ADAPTER_NAME])
         ]
-        return [*lora, *self.bridge.children(), self.bridge]
+        bridge = self.latent_sampler.bridge
+        return [*lora, *bridge.children(), bridge]
 
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate_latents(self, prompts: list[str], seeds: list[int], **overrides: Any) -> Tensor:
-        """Sample latents ``[B, N, d]`` for ``prompts``, one seed per prompt (its noise depends on nothing else).
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Images of a :class:`~vugen.data.prompts.PromptDataModule` batch with :meth:`pipeline`, one prompt's
+        images at a time, as ``vugen export-geneval`` makes them from the exported bundle (see
+        :func:`vugen.prediction.predict_images`)."""
+        return predict_images(self.pipeline(), batch)
 
-        The prompt's KV cache is computed once (the base model's at the prompt tokens, LoRA only at BOI) and reused
-        at every flow step.
-
-        Args:
-            prompts: The prompts.
-            seeds: One seed per prompt.
-            overrides: Replace any of ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``,
-                ``time_shift`` for this call.
-        """
-        if len(seeds) != len(prompts):
-            raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
-        settings = {**self.sampling, **overrides}
-        prefix_embeds, prefix_mask = self.prefix(self.guided_prompts(prompts, settings))
-        positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
-        prefix_hidden, cache = self._run(prefix_embeds, prefix_mask, positions, self._image_from(prefix_mask))
-        context = prefix_hidden[:, -1]  # the BOI token's state
-
-        def velocity(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-            return self._cached_velocity(z_t, t, rows, cache, prefix_mask, context)
-
-        return self.integrate(velocity, seeds, settings)
-
-    @staticmethod
-    def guided_prompts(prompts: list[str], settings: dict[str, Any]) -> list[str]:
-        """The prompts, then as many empty prompts when the settings' guidance is on (the rows of :meth:`integrate`)."""
-        return prompts + [""] * len(prompts) if float(settings["guidance_scale"]) != 1.0 else prompts
-
-    def integrate(
-        self, velocity: Callable[[Tensor, Tensor, Tensor], Tensor], seeds: list[int], settings: dict[str, Any]
-    ) -> Tensor:
-        """Latents ``[B, N, d]`` integrated from each seed's noise with the settings' sampler and guidance.
-
-        Args:
-            velocity: ``velocity(z_t, t, rows)`` for the rows of :meth:`guided_prompts` (prompt ``i`` is row ``i``, its
-                empty prompt row ``B + i``).
-            seeds: One seed per prompt: prompt ``i`` starts from ``randn`` seeded with ``seeds[i]``.
-            settings: ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift``.
-        """
-        b, scale = len(seeds), float(settings["guidance_scale"])
-        weight = self.bridge.in_proj.weight
-        shape = (self.bridge.num_tokens, self.bridge.latent_dim)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        noise = noise.to(device=weight.device, dtype=weight.dtype)
-        rows = torch.arange(2 * b if scale != 1.0 else b, device=noise.device)
-        interval = tuple(settings["guidance_interval"]) if settings["guidance_interval"] else None
-        guided = classifier_free_guidance(velocity, rows[:b], rows[b:] if scale != 1.0 else None, scale, interval)
-        shift = settings["time_shift"] if settings["time_shift"] is not None else self.shift()
-        return sample(guided, noise, steps=int(settings["steps"]), method=settings["sampler"], shift=float(shift))
-
-    def _cached_velocity(
-        self, z_t: Tensor, t: Tensor, rows: Tensor, cache: Any, prefix_mask: Tensor, context: Tensor
-    ) -> Tensor:
-        """Velocities of the latent block for the prompts ``rows``, on a copy of their prompt cache."""
-        cache = copy.deepcopy(cache)
-        if len(rows) != prefix_mask.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
-            cache.batch_select_indices(rows)
-        mask = prefix_mask[rows]
-        embeds = self.bridge.embed(z_t, t)
-        full = torch.cat([mask, mask.new_ones(embeds.shape[:2])], dim=1)
-        positions = positions_from_mask(full, full.shape[1])[:, -embeds.shape[1] :]
-        hidden, _ = self._run(embeds, self.attention_mask(mask, embeds.shape[1]), positions, 0, cache=cache)
-        return self.bridge.velocity(hidden, t, context[rows])
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], **overrides: Any) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[0, 1]`` for ``prompts``: sampled latents, then the frozen pixel decoder."""
-        latents = self.generate_latents(prompts, seeds, **overrides)
-        images = []
-        for latent, seed in zip(latents, seeds, strict=True):  # per prompt: its decoder noise depends on its seed only
-            generator = torch.Generator().manual_seed(int(seed))
-            size = (self.image_size, self.image_size)
-            images.append(
-                decode_latents(self.decoder, latent[None], self.latent_grid, size, self.decoder_sampling, generator)
-            )
-        return torch.cat(images)
+    def generation_record(self) -> dict[str, Any]:
+        """What the prediction writers record beside the images: the generation settings and their source."""
+        pipeline = self.pipeline()
+        return {
+            "source": {"stage": type(self).__name__, "decoder_export": self.decoder_export},
+            "image_size": pipeline.image_size,
+            "sampling": pipeline.sampling.to_dict(),
+            "decoder_sampling": pipeline.decoder_sampling.to_dict(),
+        }
 
 
 # The names transformers' decoder layers have taken the KV cache under (``cache`` from 5.24 on); the model hands the
@@ -471,20 +326,3 @@ def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return kwargs
-
-
-def load_decoder_export(directory: str | Path) -> tuple[DimensionReducer, PixelDecoder, dict[str, Any]]:
-    """The reducer, decoder and sampling settings of a ``DecoderStage`` export, each checked to exist."""
-    directory = Path(directory)
-    missing = [name for name in ("reducer", "decoder", SAMPLING_FILE) if not (directory / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} is not a decoder-stage export (DecoderStage export_dir): missing {', '.join(missing)}"
-        )
-    reducer = DimensionReducer.from_pretrained(directory / "reducer")
-    decoder = PixelDecoder.from_pretrained(directory / "decoder")
-    if reducer.latent_dim != decoder.latent_dim:
-        raise ValueError(
-            f"{directory}: reducer latent_dim={reducer.latent_dim} but decoder latent_dim={decoder.latent_dim}"
-        )
-    return reducer, decoder, json.loads((directory / SAMPLING_FILE).read_text())

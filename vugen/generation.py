@@ -1,0 +1,388 @@
+"""Text -> reduced latents -> pixels: the inference side of vugen, shared by the sampler stage and the pipeline.
+
+- :class:`SamplingConfig`: how a flow is integrated (solver, steps, guidance, time shift); frozen, validated, saved
+  in bundles and decoder exports (``sampling.json``), overridable per call.
+- :class:`LatentSampler`: the VLM's language model with LoRA and a :class:`~vugen.nn.LatentBridge`, as a
+  flow-matching generator of reduced latents. The sampler stage trains it; the pipeline generates with it.
+- :func:`decode_latents`: reduced latents -> images with the pixel decoder.
+- :func:`image_seeds`: the seed rule every generation path uses.
+
+Sequence per sample: ``[prompt tokens][BOI][latent tokens]``, where a latent token is ``in_proj(z_t) + position +
+time``. The hidden states at the latent tokens become velocities. Attention is causal over the prompt and, by
+default, bidirectional inside the latent block (a 4-D attention mask: works with the eager and sdpa attention of
+transformers' decoder LMs; FlashAttention ignores custom masks, so use ``image_attention="causal"`` there).
+
+**Understanding is preserved exactly.** With ``lora_scope="image_tokens"`` (default), a forward hook on every LoRA
+``lora_B`` multiplies its output by the latent-block mask of the current call, and by zero whenever the latent
+sampler is not running: prompt tokens, the prompt's KV cache and every ordinary use of the VLM see the base model bit
+for bit.
+
+Nothing here imports training code (Lightning, the stages): inference depends only on the models below it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import Tensor, nn
+
+from vugen.adapter import VLMAdapter, positions_from_mask
+from vugen.diffusion import (
+    METHODS,
+    Method,
+    as_velocity_fn,
+    classifier_free_guidance,
+    resolution_shift,
+    sample,
+)
+from vugen.nn.latent_bridge import LatentBridge
+from vugen.nn.pixel_decoder import PixelDecoder
+
+__all__ = ["LORA_ADAPTER_NAME", "LatentSampler", "SamplingConfig", "decode_latents", "image_seeds"]
+
+LORA_ADAPTER_NAME = "default"  # peft's adapter name inside the language model
+LoraScope = Literal["image_tokens", "all"]
+ImageAttention = Literal["bidirectional", "causal"]
+_BASE_PIXELS = 3 * 256 * 256  # no time shift for the pixel decoder at 256x256 RGB (JiT's reference resolution)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a flow is integrated from noise to data. Frozen: derive variants with :meth:`with_overrides`.
+
+    Args:
+        solver: ``"euler"``, ``"heun"`` or ``"sde"``.
+        steps: Integration steps.
+        guidance_scale: Classifier-free guidance scale (1 = none).
+        guidance_interval: Optional ``(t_lo, t_hi)`` with ``0 <= t_lo <= t_hi <= 1`` where guidance applies.
+        time_shift: Time shift of the step grid; None: the model's own rule (the latent sampler's
+            ``sqrt(N * d / 4096)`` at least 1, the pixel decoder's resolution shift).
+    """
+
+    solver: Method = "euler"
+    steps: int = 25
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    time_shift: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in METHODS:
+            raise ValueError(f"sampling solver must be one of {', '.join(METHODS)}, got {self.solver!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"sampling steps must be an integer >= 1, got {self.steps!r}")
+        interval = self.guidance_interval
+        if interval is not None:
+            if len(interval) != 2 or not 0 <= float(interval[0]) <= float(interval[1]) <= 1:
+                raise ValueError(f"guidance_interval must be [t_lo, t_hi] within [0, 1], got {interval!r}")
+            object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if self.time_shift is not None and not float(self.time_shift) > 0:
+            raise ValueError(f"time_shift must be > 0 (or None), got {self.time_shift!r}")
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], source: str = "sampling settings") -> SamplingConfig:
+        """A config from a JSON record, every key checked.
+
+        Raises:
+            ValueError: Naming ``source`` and an unknown key, or a bad value.
+        """
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"{source}: expected an object of sampling settings, got {type(settings).__name__}")
+        _check_keys(settings, source)
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from error
+
+    def with_overrides(self, **overrides: Any) -> SamplingConfig:
+        """This config with the given settings replaced; None means "keep" (so optional arguments pass through).
+
+        Raises:
+            ValueError: An unknown setting, naming it and the known ones.
+        """
+        _check_keys(overrides, "sampling override")
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (``sampling.json``, ``vugen.json``)."""
+        record = dataclasses.asdict(self)
+        record["guidance_interval"] = list(self.guidance_interval) if self.guidance_interval else None
+        return record
+
+
+def _check_keys(settings: Mapping[str, Any], source: str) -> None:
+    known = [field.name for field in dataclasses.fields(SamplingConfig)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown sampling setting {unknown[0]!r}; the settings are {', '.join(known)}")
+
+
+def image_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
+    """Seeds of the ``n`` images of prompt ``prompt_index``: ``seed + prompt_index * n + k``.
+
+    Every generation path (the pipeline call, ``vugen generate``, ``vugen predict``, the benchmark exports) uses this
+    rule, so an image depends on its prompt's index and the base seed only, not on batching or the rank count.
+    """
+    return [seed + prompt_index * n + k for k in range(n)]
+
+
+class LatentSampler(nn.Module):
+    """The VLM's language model, with LoRA, as a flow-matching generator of reduced latents.
+
+    The constructor's arguments other than ``adapter`` are its :attr:`config` (saved in bundles).
+
+    Args:
+        adapter: The frozen VLM. LoRA layers are injected into its language model (and belong to this module).
+        latent_dim: ``d``, channels per reduced latent token (the reducer's ``latent_dim``).
+        image_size: Side of the generated images; sets the latent token grid through the adapter.
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA ``alpha`` (scaling ``alpha / r``).
+        lora_dropout: Dropout on the LoRA input.
+        lora_scope: ``image_tokens`` (LoRA acts only at the BOI and latent positions, so the VLM's understanding is
+            exactly the base model's) or ``all`` (every token, prompts included).
+        image_attention: ``bidirectional`` inside the latent block (a 4-D mask) or ``causal`` throughout.
+        head: The bridge's velocity head: ``mlp`` (adaLN MLP flow head) or ``linear``.
+        head_width: Width of the MLP head.
+        head_depth: Residual blocks of the MLP head.
+    """
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        latent_dim: int,
+        image_size: int,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.0,
+        lora_scope: LoraScope = "image_tokens",
+        image_attention: ImageAttention = "bidirectional",
+        head: Literal["linear", "mlp"] = "mlp",
+        head_width: int = 512,
+        head_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        if lora_scope not in ("image_tokens", "all") or image_attention not in ("bidirectional", "causal"):
+            raise ValueError(
+                f"lora_scope must be 'image_tokens' or 'all' and image_attention 'bidirectional' or 'causal', "
+                f"got {lora_scope!r} and {image_attention!r}"
+            )
+        self.config = {
+            "latent_dim": latent_dim,
+            "image_size": image_size,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout,
+            "lora_scope": lora_scope,
+            "image_attention": image_attention,
+            "head": head,
+            "head_width": head_width,
+            "head_depth": head_depth,
+        }
+        self.adapter = adapter
+        self.image_size = image_size
+        grid = adapter.token_grid(image_size, image_size)
+        self.bridge = LatentBridge(
+            latent_dim, adapter.hidden_size, *grid, head=head, head_width=head_width, head_depth=head_depth
+        )
+        self.lora_config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=adapter.lora_target_modules
+        )
+        inject_adapter_in_model(self.lora_config, adapter.language_model, adapter_name=LORA_ADAPTER_NAME)
+        self.lora_scope, self.image_attention = lora_scope, image_attention
+        self.lora_mask: Tensor | None = None  # [B, S, 1] of the running call; None = LoRA off (image_tokens scope)
+        if lora_scope == "image_tokens":
+            for lora_b in self.lora_b_layers():
+                lora_b.register_forward_hook(self._scope_lora)
+
+    # ------------------------------------------------------------------ LoRA scope
+    def lora_b_layers(self) -> list[nn.Module]:
+        """Every LoRA ``lora_B`` projection inside the language model."""
+        return [m.lora_B[LORA_ADAPTER_NAME] for m in self.adapter.language_model.modules() if hasattr(m, "lora_B")]
+
+    def _scope_lora(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        if self.lora_mask is None:
+            return torch.zeros_like(output)
+        return output * self.lora_mask.to(output.dtype)
+
+    def run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, image_from: int, cache: Any = None):
+        """Run the LM with LoRA active from sequence position ``image_from`` on; returns (hidden, cache)."""
+        mask = torch.zeros(embeds.shape[0], embeds.shape[1], 1, device=embeds.device)
+        mask[:, image_from:] = 1
+        self.lora_mask = mask
+        try:
+            return self.adapter.run_language_model(embeds, attention_mask, position_ids, past_key_values=cache)
+        finally:
+            self.lora_mask = None
+
+    # ------------------------------------------------------------------ sequences
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        """The latent token grid ``(gh, gw)``."""
+        return self.bridge.grid
+
+    def default_shift(self) -> float:
+        """RAE's time shift ``sqrt(N * d / 4096)``, but at least 1.
+
+        Below 1 the shift would move training times towards the data end, starving the high-noise start of sampling,
+        where the prompt decides colour and layout (measured on the demo's 64 x 8 latents: RAE's 0.35 puts 90 % of
+        training times above t = 0.44).
+        """
+        return max(1.0, resolution_shift(self.bridge.num_tokens * self.bridge.latent_dim))
+
+    def prefix(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Embeddings ``[B, P + 1, H]`` and attention mask ``[B, P + 1]`` of ``[prompt][BOI]``."""
+        tokens = self.adapter.tokenize(prompts)
+        embeds = self.adapter.embed_tokens(tokens["input_ids"])
+        embeds = torch.cat([embeds, self.bridge.begin_image(len(prompts), embeds.dtype)], dim=1)
+        ones = torch.ones(len(prompts), 1, dtype=tokens["attention_mask"].dtype, device=embeds.device)
+        return embeds, torch.cat([tokens["attention_mask"], ones], dim=1)
+
+    def attention_mask(self, prefix_mask: Tensor, num_queries: int) -> Tensor:
+        """The mask for ``num_queries`` tokens at the end of ``[prefix][latents]``: 2-D (causal) or 4-D.
+
+        4-D: ``[B, 1, Q, K]`` bool, True = attend; causal over the prefix, bidirectional in the latent block.
+        """
+        b, p = prefix_mask.shape
+        n = self.bridge.num_tokens
+        full = torch.cat([prefix_mask, prefix_mask.new_ones(b, n)], dim=1)
+        if self.image_attention == "causal":
+            return full
+        total = p + n
+        keys = full.bool()[:, None, :].expand(b, total, total)
+        allowed = torch.ones(total, total, dtype=torch.bool, device=full.device).tril()
+        allowed[p:, p:] = True  # the latent block sees itself whole
+        allowed = allowed[None] & keys
+        allowed |= torch.eye(total, dtype=torch.bool, device=full.device)  # padded rows attend to themselves
+        return allowed[:, None, total - num_queries :, :]
+
+    def image_from(self, prefix_mask: Tensor) -> int:
+        """Where LoRA starts: the BOI token (all positions with ``lora_scope="all"``)."""
+        return 0 if self.lora_scope == "all" else prefix_mask.shape[1] - 1
+
+    def velocity(self, z_t: Tensor, t: Tensor, prefix_embeds: Tensor, prefix_mask: Tensor) -> Tensor:
+        """Velocities ``[B, N, d]`` of the whole sequence ``[prefix][z_t]`` (training: no cache)."""
+        latents = self.bridge.embed(z_t.to(prefix_embeds.dtype), t)
+        embeds = torch.cat([prefix_embeds, latents], dim=1)
+        full = torch.cat([prefix_mask, prefix_mask.new_ones(latents.shape[:2])], dim=1)
+        positions = positions_from_mask(full, embeds.shape[1])
+        mask = self.attention_mask(prefix_mask, embeds.shape[1])
+        hidden, _ = self.run(embeds, mask, positions, self.image_from(prefix_mask))
+        n, boi = latents.shape[1], prefix_mask.shape[1] - 1
+        return self.bridge.velocity(hidden[:, -n:], t, hidden[:, boi])
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], sampling: SamplingConfig) -> Tensor:
+        """Sample latents ``[B, N, d]`` for ``prompts``, one seed per prompt (its noise depends on nothing else).
+
+        The prompt's KV cache is computed once (the base model's at the prompt tokens, LoRA only at BOI) and reused
+        at every flow step.
+        """
+        if len(seeds) != len(prompts):
+            raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+        prefix_embeds, prefix_mask = self.prefix(self.guided_prompts(prompts, sampling))
+        positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
+        prefix_hidden, cache = self.run(prefix_embeds, prefix_mask, positions, self.image_from(prefix_mask))
+        context = prefix_hidden[:, -1]  # the BOI token's state
+
+        def velocity(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
+            return self._cached_velocity(z_t, t, rows, cache, prefix_mask, context)
+
+        return self.integrate(velocity, seeds, sampling)
+
+    @staticmethod
+    def guided_prompts(prompts: list[str], sampling: SamplingConfig) -> list[str]:
+        """The prompts, then as many empty prompts when guidance is on (the rows of :meth:`integrate`)."""
+        return prompts + [""] * len(prompts) if sampling.guidance_scale != 1.0 else prompts
+
+    def integrate(
+        self, velocity: Callable[[Tensor, Tensor, Tensor], Tensor], seeds: list[int], sampling: SamplingConfig
+    ) -> Tensor:
+        """Latents ``[B, N, d]`` integrated from each seed's noise with the configured solver and guidance.
+
+        Args:
+            velocity: ``velocity(z_t, t, rows)`` for the rows of :meth:`guided_prompts` (prompt ``i`` is row ``i``, its
+                empty prompt row ``B + i``).
+            seeds: One seed per prompt: prompt ``i`` starts from ``randn`` seeded with ``seeds[i]``.
+            sampling: Solver, steps, guidance and time shift.
+        """
+        b, scale = len(seeds), sampling.guidance_scale
+        weight = self.bridge.in_proj.weight
+        shape = (self.bridge.num_tokens, self.bridge.latent_dim)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = noise.to(device=weight.device, dtype=weight.dtype)
+        rows = torch.arange(2 * b if scale != 1.0 else b, device=noise.device)
+        unconditional = rows[b:] if scale != 1.0 else None
+        guided = classifier_free_guidance(velocity, rows[:b], unconditional, scale, sampling.guidance_interval)
+        shift = sampling.time_shift if sampling.time_shift is not None else self.default_shift()
+        return sample(guided, noise, steps=sampling.steps, method=sampling.solver, shift=float(shift))
+
+    def _cached_velocity(
+        self, z_t: Tensor, t: Tensor, rows: Tensor, cache: Any, prefix_mask: Tensor, context: Tensor
+    ) -> Tensor:
+        """Velocities of the latent block for the prompts ``rows``, on a copy of their prompt cache."""
+        cache = copy.deepcopy(cache)
+        if len(rows) != prefix_mask.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            cache.batch_select_indices(rows)
+        mask = prefix_mask[rows]
+        embeds = self.bridge.embed(z_t, t)
+        full = torch.cat([mask, mask.new_ones(embeds.shape[:2])], dim=1)
+        positions = positions_from_mask(full, full.shape[1])[:, -embeds.shape[1] :]
+        hidden, _ = self.run(embeds, self.attention_mask(mask, embeds.shape[1]), positions, 0, cache=cache)
+        return self.bridge.velocity(hidden, t, context[rows])
+
+
+@torch.no_grad()
+def decode_latents(
+    decoder: PixelDecoder,
+    latents: Tensor,
+    latent_grid: tuple[int, int],
+    image_size: tuple[int, int],
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` from reducer latents with a pixel decoder.
+
+    Args:
+        decoder: The pixel decoder.
+        latents: Reducer latents ``[B, N, d]``.
+        latent_grid: Their token grid ``(gh, gw)``.
+        image_size: Output ``(H, W)``, multiples of the decoder's patch size.
+        sampling: The decoder's sampling settings (a decoder export's ``sampling.json``).
+        generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
+    """
+    b = latents.shape[0]
+    shape = (b, decoder.in_channels, *image_size)
+    noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
+    noise = noise.to(device=latents.device, dtype=decoder.latent_proj.weight.dtype)
+
+    def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        return decoder(x_t, t, cond[0], latent_grid, drop_cond=cond[1])
+
+    # The unconditional branch drops the condition inside the decoder (its null latent), so no parameter is read
+    # outside its forward: that keeps FSDP2-sharded parameters gathered when used.
+    keep = torch.zeros(b, dtype=torch.bool, device=latents.device)
+    guided = classifier_free_guidance(
+        model_fn, (latents, keep), (latents, ~keep), sampling.guidance_scale, sampling.guidance_interval
+    )
+    x = sample(
+        as_velocity_fn(guided, decoder.prediction),
+        noise,
+        steps=sampling.steps,
+        method=sampling.solver,
+        shift=pixel_shift(sampling.time_shift, noise[0].numel()),
+        generator=generator,
+    )
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def pixel_shift(time_shift: float | None, pixels: int) -> float:
+    """The pixel decoder's time shift: ``time_shift``, else the resolution shift relative to 256x256 RGB."""
+    return float(time_shift) if time_shift is not None else resolution_shift(pixels, base_dim=_BASE_PIXELS)
