@@ -18,6 +18,7 @@ from vugen.data.latent_cache import LatentCacheDataModule
 from vugen.data.latent_index import StaleCacheError
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.generation import SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import CACHE_ARGUMENTS, SamplerStage, without_cache
@@ -41,12 +42,17 @@ def decoder_export(tiny_llava, tmp_path_factory) -> str:
     reducer = DimensionReducer(adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1)
     decoder = PixelDecoder(LATENT_DIM, patch_size=8, width=32, depth=1, num_heads=2, image_size=32)
     directory = tmp_path_factory.mktemp("decoder-export") / "export"
-    DecoderStage(adapter, decoder, reducer=reducer, sample_steps=2).export(directory)
+    DecoderStage(adapter, decoder, reducer=reducer, sampling=SamplingConfig(steps=2)).export(directory)
     return str(directory)
 
 
 def make_stage(tiny_llava: str, decoder_export: str, **kwargs) -> SamplerStage:
-    settings = {"lora_rank": 4, "head_width": 32, "sample_steps": 2, "optimizer": ADAM}
+    settings = {
+        "lora_rank": 4,
+        "head_width": 32,
+        "sampling": SamplingConfig(steps=2, guidance_scale=3.0),
+        "optimizer": ADAM,
+    }
     return SamplerStage(LlavaAdapter(tiny_llava), decoder_export, **(settings | kwargs))
 
 
@@ -93,7 +99,9 @@ def fixed_loss(stage: SamplerStage, data: dict) -> float:
 
 def test_understanding_is_bit_identical_to_the_base_model(trained):
     stage, base, _, _ = trained
-    assert max(float(layer.weight.abs().max()) for layer in stage.lora_b_layers()) > 1e-3, "LoRA did not train"
+    assert max(float(layer.weight.abs().max()) for layer in stage.latent_sampler.lora_b_layers()) > 1e-3, (
+        "LoRA did not train"
+    )
     for before, after in zip(base, vlm_logits(stage.adapter), strict=True):
         assert torch.equal(before, after)
 
@@ -114,7 +122,9 @@ def test_training_lowers_the_loss(trained):
 
 def test_the_default_time_shift_is_raes_but_never_below_one(trained):
     stage = trained[0]
-    assert stage.bridge.num_tokens * LATENT_DIM == 512 and stage.shift() == 1.0  # RAE alone: sqrt(512 / 4096)
+    assert (
+        stage.latent_sampler.bridge.num_tokens * LATENT_DIM == 512 and stage.shift() == 1.0
+    )  # RAE alone: sqrt(512 / 4096)
     stage.time_shift = 0.5
     try:
         assert stage.shift() == 0.5  # an explicit value is used as given
@@ -123,46 +133,48 @@ def test_the_default_time_shift_is_raes_but_never_below_one(trained):
 
 
 def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
-    stage = trained[0].eval()
-    prefix, mask = stage.prefix(PROMPTS)
-    z_t = torch.randn(2, stage.bridge.num_tokens, LATENT_DIM, generator=torch.Generator().manual_seed(0))
+    sampler = trained[0].eval().latent_sampler
+    prefix, mask = sampler.prefix(PROMPTS)
+    z_t = torch.randn(2, sampler.bridge.num_tokens, LATENT_DIM, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.3, 0.7])
     with torch.no_grad():
-        full = stage.velocity(z_t, t, prefix, mask)
+        full = sampler.velocity(z_t, t, prefix, mask)
         positions = torch.cumsum(mask, 1) - 1
-        prefix_hidden, cache = stage._run(prefix, mask, positions.clamp_min(0), stage._image_from(mask))
+        prefix_hidden, cache = sampler.run(prefix, mask, positions.clamp_min(0), sampler.image_from(mask))
         context = prefix_hidden[:, -1]
-        cached = stage._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
-        one = stage._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
+        cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
+        one = sampler._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("attention", "sees_later"), [("bidirectional", True), ("causal", False)])
 def test_latent_block_attention(tiny_llava, decoder_export, attention, sees_later):
-    stage = make_stage(tiny_llava, decoder_export, image_attention=attention, head="linear").eval()
-    torch.nn.init.normal_(stage.bridge.head.weight)  # a non-zero head, to read the hidden states through it
-    prefix, mask = stage.prefix(PROMPTS)
-    z_t = torch.randn(2, stage.bridge.num_tokens, LATENT_DIM)
+    sampler = make_stage(tiny_llava, decoder_export, image_attention=attention, head="linear").eval().latent_sampler
+    torch.nn.init.normal_(sampler.bridge.head.weight)  # a non-zero head, to read the hidden states through it
+    prefix, mask = sampler.prefix(PROMPTS)
+    z_t = torch.randn(2, sampler.bridge.num_tokens, LATENT_DIM)
     changed = z_t.clone()
     changed[:, -1] += 1.0
     t = torch.full((2,), 0.5)
     with torch.no_grad():
-        first = stage.velocity(z_t, t, prefix, mask)[:, 0]
-        first_changed = stage.velocity(changed, t, prefix, mask)[:, 0]
+        first = sampler.velocity(z_t, t, prefix, mask)[:, 0]
+        first_changed = sampler.velocity(changed, t, prefix, mask)[:, 0]
     assert (not torch.equal(first, first_changed)) == sees_later
 
 
 def test_generation_depends_on_the_prompt_and_its_seed_only(trained):
     stage = trained[0].eval()
-    images = stage.generate(PROMPTS, [0, 1])
+    pipe = stage.pipeline()
+    images = pipe.sample(PROMPTS, [0, 1])
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
-    assert torch.equal(images, stage.generate(PROMPTS, [0, 1]))
-    alone = stage.generate(PROMPTS[1:], [1])
+    assert torch.equal(images, pipe.sample(PROMPTS, [0, 1]))
+    alone = pipe.sample(PROMPTS[1:], [1])
     torch.testing.assert_close(alone, images[1:], atol=1e-4, rtol=0)
-    latents = stage.generate_latents(PROMPTS, [0, 1], guidance_scale=1.0)
-    assert latents.shape == (2, stage.bridge.num_tokens, LATENT_DIM)
-    assert not torch.equal(stage.generate_latents(PROMPTS[1:], [2], guidance_scale=1.0), latents[1:])
+    unguided = stage.sampling.with_overrides(guidance_scale=1.0)
+    latents = stage.latent_sampler.generate(PROMPTS, [0, 1], unguided)
+    assert latents.shape == (2, stage.latent_sampler.bridge.num_tokens, LATENT_DIM)
+    assert not torch.equal(stage.latent_sampler.generate(PROMPTS[1:], [2], unguided), latents[1:])
 
 
 def test_cached_latents_train_like_images(trained):
@@ -181,7 +193,7 @@ def test_cached_latents_train_like_images(trained):
 
 def test_wrong_latents_name_both_shapes(trained):
     stage = trained[0]
-    wrong = {"latents": torch.zeros(2, stage.bridge.num_tokens, LATENT_DIM + 1), "captions": PROMPTS}
+    wrong = {"latents": torch.zeros(2, 64, LATENT_DIM + 1), "captions": PROMPTS}
     with pytest.raises(ValueError, match=r"\(2, 64, 9\).*\[B, 64, 8\]"):
         stage.loss(wrong, drop_prompts=False)
 
@@ -199,13 +211,14 @@ def test_checkpoints_hold_lora_and_bridge_only_and_reload(trained, tmp_path):
     path = tmp_path / "sampler.ckpt"
     trainer.save_checkpoint(path)
     keys = set(torch.load(path, weights_only=True)["state_dict"])
-    assert keys and all(k.startswith("bridge.") or ".lora_" in k for k in keys), sorted(keys)[:5]
-    assert {f"bridge.{k}" for k in stage.bridge.state_dict()} <= keys
-    assert sum(".lora_" in k for k in keys) == 2 * len(stage.lora_b_layers())
+    bridge = "latent_sampler.bridge."
+    assert keys and all(k.startswith(bridge) or ".lora_" in k for k in keys), sorted(keys)[:5]
+    assert {bridge + k for k in stage.latent_sampler.bridge.state_dict()} <= keys
+    assert sum(".lora_" in k for k in keys) == 2 * len(stage.latent_sampler.lora_b_layers())
 
     reloaded = SamplerStage.load_from_checkpoint(path).eval()
     stage.eval()
-    assert torch.equal(reloaded.generate(PROMPTS, [0, 1]), stage.generate(PROMPTS, [0, 1]))
+    assert torch.equal(reloaded.pipeline().sample(PROMPTS, [0, 1]), stage.pipeline().sample(PROMPTS, [0, 1]))
 
 
 def test_training_from_a_latent_cache_never_runs_the_vision_tower(tiny_llava, decoder_export, tmp_path, monkeypatch):
@@ -256,7 +269,7 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(trai
         grads = {name: p.grad.clone() for name, p in stage.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads, len(calls)))
         calls.clear()
-        stage.generate_latents(PROMPTS[:1], [0])  # no gradients: plain blocks with the prompt cache
+        stage.latent_sampler.generate(PROMPTS[:1], [0], stage.sampling)  # no gradients: plain blocks, prompt cache
         assert len(calls) == 1 + 2  # the prompts once, then one call per step (guided and empty prompt batched)
     (loss, grads, calls), (ac_loss, ac_grads, ac_calls) = results
     assert (calls, ac_calls) == (1, 2)
