@@ -1,13 +1,16 @@
 """`make demo`: the three stages on Shapes with the tiny offline VLM, then text-to-image on held-out prompts.
 
-Run from a clone (it reads ``configs/demo/``); everything is written under ``outputs/demo/``:
+Run from a clone (it reads ``configs/demo/``); everything is written under ``outputs/demo/``. Every step is the
+``vugen`` command a user would type (run in this process by :func:`vugen.cli.run`), on the shipped configs:
 
-1. ``tiny-llava/``: a tiny random LLaVA, saved like a real checkpoint (skipped when present).
+1. ``tiny-llava/``: ``vugen tiny llava``, a tiny random LLaVA saved like a real checkpoint (skipped when present).
 2. Stage 1 (``configs/demo/reducer.yaml``): the reducer, learned vs PCA explained variance.
 3. Stage 3 (``configs/demo/decoder.yaml``): pixel decoder + reducer jointly; ``vugen test`` gives held-out PSNR.
-4. ``latents/``: Shapes encoded once into the stage-3 reducer's latents (``configs/demo/cache.yaml``).
-5. Stage 2 (``configs/demo/sampler.yaml``): LoRA latent sampler trained from the cache; exported as ``bundle/``.
-6. ``heldout/``: images for every held-out prompt in the GenEval layout, ``heldout_grid.png``, and ShapeEval.
+4. ``latents/{train,val}``: ``vugen cache-latents --config configs/demo/cache.yaml``, once per split.
+5. Stage 2 (``configs/demo/sampler.yaml``): LoRA latent sampler trained from the cache; ``vugen export`` makes
+   ``bundle/``.
+6. ``heldout/``: ``vugen export-geneval`` images for every held-out prompt (GenEval layout), ``heldout_grid.png``,
+   and ShapeEval.
 """
 
 from __future__ import annotations
@@ -23,19 +26,30 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.utils import make_grid, save_image
 
-from vugen.cli import VugenCLI
-from vugen.commands import export
-from vugen.data.latent_writer import cache_latents
+from vugen.cli import run
 from vugen.data.shapes import heldout_prompts, heldout_two_object_prompts
-from vugen.data.shapes_datamodule import ShapesDataModule
-from vugen.eval.export import export_geneval
 from vugen.eval.shapeeval import format_report, score_folder
-from vugen_adapters.llava import LlavaAdapter
-from vugen_adapters.tiny import build_tiny_vlm
 
 CONFIGS = Path("configs/demo")
 OUT = Path("outputs/demo")
 IMAGES_PER_PROMPT = 4
+
+# The command lines of the steps (`vugen ARGV...`); the configs hold every other setting.
+TINY_VLM = ["tiny", "llava", str(OUT / "tiny-llava")]
+TEST_DECODER = ["test", "--config", str(CONFIGS / "decoder.yaml"), f"--ckpt_path={OUT / 'decoder.ckpt'}"]
+CACHE_TRAIN = ["cache-latents", "--config", str(CONFIGS / "cache.yaml")]  # the config's split: train
+CACHE_VAL = [*CACHE_TRAIN, "--split", "val", "--out_dir", str(OUT / "latents" / "val")]
+EXPORT = ["export", str(OUT / "sampler.ckpt"), str(OUT / "bundle")]
+
+
+def fit(config: str) -> list[str]:
+    """``vugen fit`` of a demo config."""
+    return ["fit", "--config", str(CONFIGS / config)]
+
+
+def export_geneval(metadata: Path, folder: Path) -> list[str]:
+    """``vugen export-geneval`` of the demo's bundle: the prompts of ``metadata``, images into ``folder``."""
+    return ["export-geneval", str(OUT / "bundle"), str(metadata), str(folder), "--n", str(IMAGES_PER_PROMPT)]
 
 
 def main() -> None:
@@ -46,46 +60,25 @@ def main() -> None:
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
 
-    def step(name: str, run: Callable[[], Any]) -> Any:
+    def step(name: str, action: Callable[[], Any]) -> Any:
         console.rule(f"[bold]{name}")
         start = time.perf_counter()
-        value = run()
+        value = action()
         timings[name] = time.perf_counter() - start
         return value
 
     if not (OUT / "tiny-llava" / "config.json").is_file():
-        step("tiny VLM", lambda: build_tiny_vlm("llava", OUT / "tiny-llava"))
-    stage1 = step("stage 1: reducer", lambda: _fit("reducer.yaml"))
+        step("tiny VLM", lambda: run(TINY_VLM))
+    stage1 = step("stage 1: reducer", lambda: run(fit("reducer.yaml")))
     results["reducer"] = {k: float(v) for k, v in stage1.trainer.callback_metrics.items() if "explained" in k}
-    step("stage 3: pixel decoder (+ reducer)", lambda: _fit("decoder.yaml"))
-    tested = step("stage 3: held-out reconstruction", lambda: _test("decoder.yaml", OUT / "decoder.ckpt"))
+    step("stage 3: pixel decoder (+ reducer)", lambda: run(fit("decoder.yaml")))
+    tested = step("stage 3: held-out reconstruction", lambda: run(TEST_DECODER))
     results["reconstruction"] = {k: float(v) for k, v in tested.trainer.callback_metrics.items()}
-    step("latent cache", _cache)
-    step("stage 2: latent sampler", lambda: _fit("sampler.yaml"))
-    step("bundle", lambda: export(str(OUT / "sampler.ckpt"), str(OUT / "bundle")))
+    step("latent cache", lambda: [run(CACHE_TRAIN), run(CACHE_VAL)])
+    step("stage 2: latent sampler", lambda: run(fit("sampler.yaml")))
+    step("bundle", lambda: run(EXPORT))
     results["shapeeval"] = step("held-out generation + ShapeEval", _generate_and_score)
     _report(console, timings, results)
-
-
-def _fit(config: str) -> VugenCLI:
-    return VugenCLI(args=["fit", "--config", str(CONFIGS / config)])
-
-
-def _test(config: str, checkpoint: Path) -> VugenCLI:
-    return VugenCLI(args=["test", "--config", str(CONFIGS / config), f"--ckpt_path={checkpoint}"])
-
-
-def _cache() -> None:
-    adapter = LlavaAdapter(str(OUT / "tiny-llava"), dtype="float32")
-    shapes = ShapesDataModule(image_size=32, train_size=8192, val_size=256, batch_size=64)
-    for split in ("train", "val"):
-        cache_latents(
-            adapter=adapter,
-            reducer_path=str(OUT / "decoder-stage" / "reducer"),
-            data=shapes,
-            out_dir=str(OUT / "latents" / split),
-            split=split,
-        )
 
 
 def _generate_and_score() -> dict[str, dict[str, float | int]]:
@@ -95,7 +88,7 @@ def _generate_and_score() -> dict[str, dict[str, float | int]]:
         metadata = OUT / f"heldout_{name}.jsonl"
         metadata.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
         folder = OUT / "heldout" / name
-        export_geneval(str(OUT / "bundle"), str(metadata), str(folder), n=IMAGES_PER_PROMPT)
+        run(export_geneval(metadata, folder))
         scores[name] = score_folder(folder)
     _save_grid(OUT / "heldout" / "single", OUT / "heldout_grid.png")
     return scores
