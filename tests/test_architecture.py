@@ -35,7 +35,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
 # Narrower rules on top of the table:
 ISOLATED = ("vugen.nn", "vugen.diffusion")  # import nothing of vugen outside their own package
 CONTRACT_BASE = ("vugen.adapter",)  # the adapter contract builds on the foundation only
-NOT_WITHIN_INFERENCE = {"vugen.generation": ("vugen.bundle", "vugen.pipeline")}  # the sampler module is the lowest
+# generation is the lowest part of inference: the formats and the pipeline build on it
+BUILT_ON = {"vugen.generation": ("vugen.bundle", "vugen.pipeline")}
 NO_TRAINING_CODE = ("vugen.generation", "vugen.bundle", "vugen.pipeline")  # inference without Lightning
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 PLUGIN_SEES = ("foundation", "contract")  # vugen_adapters imports only these layers of vugen
@@ -173,7 +174,7 @@ def contract_base(edge: Edge) -> str | None:
 
 def generation_below_formats(edge: Edge) -> str | None:
     """``vugen.generation`` does not import the bundle format or the pipeline built on it."""
-    for importer, forbidden in NOT_WITHIN_INFERENCE.items():
+    for importer, forbidden in BUILT_ON.items():
         if _within(edge.importer, importer) and _within_any(edge.target, forbidden):
             return f"{edge} ({importer} may not import {' or '.join(forbidden)}, which build on it)"
     return None
@@ -224,10 +225,10 @@ def edges() -> list[Edge]:
 
 
 def test_the_checker_reads_the_imports(edges):
-    """A parser that found nothing would pass every rule: the code base has hundreds of internal imports."""
+    """A parser that found nothing would pass every rule: vugen and its plug-ins import each other ~150 times."""
     internal = [edge for edge in edges if _internal(edge.target)]
     assert len(internal) > 50, f"only {len(internal)} imports of vugen / vugen_adapters found"
-    assert Edge("vugen/registry.py", 20, "vugen.registry", "vugen.adapter") in edges
+    assert ("vugen.registry", "vugen.adapter") in {(edge.importer, edge.target) for edge in edges}
 
 
 def test_every_module_is_in_a_layer():
