@@ -19,7 +19,8 @@ from vugen.checkpoint import check_writer, read_checkpoint
 from vugen.diffusion import Method
 from vugen.distributed import resolve_device
 from vugen.finite import require_finite
-from vugen.pipeline import VugenPipeline, image_seeds, to_pil
+from vugen.generation import image_seeds
+from vugen.pipeline import VugenPipeline, to_pil
 from vugen.stages.sampler import SamplerStage
 
 __all__ = ["export", "generate"]
@@ -93,7 +94,8 @@ def generate(
     files, images = [], []
     for start in track(range(0, len(jobs), batch_size), description="generating"):
         batch = jobs[start : start + batch_size]
-        tensor = pipe.sample([job[2] for job in batch], [job[3] for job in batch], steps, cfg, sampler).cpu()
+        prompts_and_seeds = [job[2] for job in batch], [job[3] for job in batch]
+        tensor = pipe.sample(*prompts_and_seeds, steps=steps, guidance_scale=cfg, solver=sampler).cpu()
         for (i, k, text, _), image in zip(batch, to_pil(tensor), strict=True):
             files.append(folder / f"{i:05d}-{_slug(text)}-{k}.png")
             image.save(files[-1])
@@ -142,4 +144,4 @@ def export(
             raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
         source = "training weights" if updates is None else "EMA averages"
     require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
-    return VugenPipeline.from_stage(stage).save_pretrained(out)
+    return stage.pipeline().save_pretrained(out)

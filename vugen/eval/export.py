@@ -29,7 +29,8 @@ from torchvision.utils import make_grid
 from vugen.bundle import CONFIG_FILE
 from vugen.diffusion import Method
 from vugen.distributed import resolve_device, resolve_rank
-from vugen.pipeline import VugenPipeline, image_seeds, sampling_overrides, to_pil
+from vugen.generation import image_seeds
+from vugen.pipeline import VugenPipeline, to_pil
 
 __all__ = ["SIDECAR_FILE", "export_dpg", "export_geneval"]
 
@@ -81,7 +82,7 @@ def export_geneval(
 
     prompts = [json.loads(line)["prompt"] for line in lines]
     settings = {"benchmark": "geneval", "metadata": str(path.resolve()), "grid": grid}
-    overrides = sampling_overrides(steps, cfg, sampler)
+    overrides = {"steps": steps, "guidance_scale": cfg, "solver": sampler}
     _export(bundle, prompts, write, out, n, seed, overrides, rank, world_size, device, settings)
 
 
@@ -122,7 +123,7 @@ def export_dpg(
 
     prompts = [file.read_text().strip() for file in files]
     settings = {"benchmark": "dpg_bench", "prompts_dir": str(Path(prompts_dir).resolve()), "grid": "2x2"}
-    overrides = sampling_overrides(steps, cfg, sampler)
+    overrides = {"steps": steps, "guidance_scale": cfg, "solver": sampler}
     _export(bundle, prompts, write, out, DPG_IMAGES, seed, overrides, rank, world_size, device, settings)
 
 
@@ -174,8 +175,8 @@ def _export(
             "num_prompts": len(prompts),
             "seed": seed,
             "seed_rule": "image k of prompt i uses seed + i * images_per_prompt + k",
-            "sampling": pipe.sampling | overrides,
-            "decoder_sampling": pipe.stage.decoder_sampling,
+            "sampling": pipe.sampling.with_overrides(**overrides).to_dict(),
+            "decoder_sampling": pipe.decoder_sampling.to_dict(),
         }
         (Path(out) / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
     mine = range(rank, len(prompts), world_size)

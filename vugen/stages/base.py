@@ -26,7 +26,8 @@ from vugen.adapter import VLMAdapter
 from vugen.atomic import atomic_directory
 from vugen.callbacks import ExactResume, NonFiniteGuard
 from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpoint, recorded_hyperparameters
-from vugen.distributed import full_copy, is_sharded, world_size
+from vugen.data.batches import batch_images
+from vugen.distributed import full_copy, is_global_zero, is_sharded, world_size
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
 from vugen.generation import SamplingConfig
 from vugen.nn.reducer import DimensionReducer
@@ -167,6 +168,24 @@ class AdapterStage(LightningModule):
             features = self.adapter.encode_images(images)
         return features.to(dtype)
 
+    # ------------------------------------------------------------------ PCA initialisation of a fresh reducer
+    def enable_pca_init(self, enabled: bool) -> None:
+        """Initialise ``self.reducer`` as the PCA reducer of the first training batch's features (rank 0's batch, on
+        every rank) before the first optimisation step, when ``enabled``.
+
+        Deterministic for a given seed and data order. A checkpointed ``pca_fitted`` flag makes it happen once: a
+        resumed run or a reloaded reducer is never overwritten by a fresh PCA.
+        """
+        self.pca_init = enabled
+        self.register_buffer("pca_fitted", torch.tensor(False))
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Fit the PCA initialisation on the first training batch (see :meth:`enable_pca_init`)."""
+        if getattr(self, "pca_init", False) and not bool(self.pca_fitted):
+            dtype = self.reducer.in_proj.weight.dtype
+            self.fit_reducer_pca(self.reducer, self.vlm_features(batch_images(batch, type(self).__name__), dtype))
+            self.pca_fitted.fill_(True)
+
     def fit_reducer_pca(self, reducer: DimensionReducer, features: Tensor) -> None:
         """Initialise ``reducer`` as the PCA reducer of rank 0's ``features`` on every rank.
 
@@ -286,6 +305,30 @@ class AdapterStage(LightningModule):
             return
         if (written := export(directory)) is not None:
             rank_zero_info(f"{what} exported to {written}")
+
+    def export_modules(
+        self, directory: str | Path, what: str, modules: dict[str, nn.Module], write: Callable[..., None]
+    ) -> Path | None:
+        """The export sequence of a stage: refuse NaN / Inf weights (every rank agrees), gather FSDP2 shards (call it
+        on every rank), then global rank 0 writes ``write(folder, **whole_modules)`` with :meth:`write_export`.
+
+        Args:
+            directory: The export folder, replaced whole (or left as it was on error).
+            what: What is exported, for the refusal message (e.g. ``"the reducer"``).
+            modules: The Hub-mixin modules to gather, by the keyword ``write`` takes them under.
+            write: Writes the export layout into the staging folder it is given.
+
+        Returns:
+            The folder on the rank that wrote it, else None.
+
+        Raises:
+            NonFiniteError: A weight of the stage holds NaN or Inf; nothing is written.
+        """
+        self.require_finite_state(self.state_dict().items(), f"refusing to export {what} to {directory}")
+        whole = {name: full_copy(module) for name, module in modules.items()}  # collectives under FSDP2
+        if any(module is None for module in whole.values()) or not is_global_zero():
+            return None
+        return self.write_export(directory, lambda folder: write(folder, **whole))
 
     def write_export(self, directory: str | Path, write: Callable[[Path], None]) -> Path:
         """Replace ``directory`` atomically with what ``write(folder)`` puts in ``folder``, plus ``training.json``.

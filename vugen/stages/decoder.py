@@ -25,7 +25,6 @@ from vugen.adapter import VLMAdapter
 from vugen.bundle import write_decoder_export
 from vugen.data.batches import batch_images
 from vugen.diffusion import Prediction, Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
-from vugen.distributed import full_copy, is_global_zero
 from vugen.generation import SamplingConfig, decode_latents, pixel_shift
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
@@ -114,7 +113,7 @@ class DecoderStage(AdapterStage):
         self.reducer = reducer.requires_grad_(train_reducer)
         self.train_reducer = train_reducer
         self.feature_loss_weight = float(feature_loss_weight)
-        self.pca_init = pca_init and reducer_path is None
+        self.enable_pca_init(pca_init and reducer_path is None)
         self.time_schedule, self.time_mean, self.time_std, self.time_shift = (
             time_schedule,
             time_mean,
@@ -132,8 +131,6 @@ class DecoderStage(AdapterStage):
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.export_dir = export_dir
         self.metrics: torch.nn.Module | None = None
-        # Checkpointed, so a resumed run or a reloaded reducer is never overwritten by a fresh PCA.
-        self.register_buffer("pca_fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ model
     @property
@@ -200,13 +197,6 @@ class DecoderStage(AdapterStage):
     def fsdp_units(self) -> list[torch.nn.Module]:
         """Each decoder block, then the decoder, then the reducer's children."""
         return [*self.decoder.blocks, self.decoder, *self.reducer.children()]
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Fit the PCA initialisation of a fresh reducer on the first training batch (see ``pca_init``)."""
-        if self.pca_init and not bool(self.pca_fitted):
-            images = batch_images(batch, "DecoderStage")
-            self.fit_reducer_pca(self.reducer, self.vlm_features(images, self.param_dtype))
-            self.pca_fitted.fill_(True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Diffusion loss (plus the weighted feature loss); logs ``train/{loss,diffusion,feature}``."""
@@ -290,13 +280,12 @@ class DecoderStage(AdapterStage):
         Raises:
             NonFiniteError: The reducer or the decoder holds NaN or Inf; nothing is written.
         """
-        self.require_finite_state(self.state_dict().items(), f"refusing to export to {directory}")
-        reducer, decoder = full_copy(self.reducer), full_copy(self.decoder)
-        if reducer is None or decoder is None or not is_global_zero():
-            return None
-        return self.write_export(
-            directory, lambda folder: write_decoder_export(folder, reducer, decoder, self.sampling)
-        )
+        modules = {"reducer": self.reducer, "decoder": self.decoder}
+
+        def write(folder: Path, reducer: DimensionReducer, decoder: PixelDecoder) -> None:
+            write_decoder_export(folder, reducer, decoder, self.sampling)
+
+        return self.export_modules(directory, "the reducer and decoder", modules, write)
 
 
 def _resolve_reducer(

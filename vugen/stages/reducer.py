@@ -19,7 +19,6 @@ from torch import Tensor
 
 from vugen.adapter import VLMAdapter
 from vugen.data.batches import batch_images
-from vugen.distributed import full_copy, is_global_zero
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
 from vugen.stages.base import AdapterStage
 
@@ -83,10 +82,8 @@ class ReducerStage(AdapterStage):
             normalize_latents=normalize_latents,
             cosine_weight=cosine_weight,
         )
-        self.pca_init = pca_init
+        self.enable_pca_init(pca_init)
         self.export_dir = export_dir
-        # A checkpointed flag, so a resumed run or a reloaded reducer is never overwritten by a fresh PCA.
-        self.register_buffer("pca_fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ model
     def encode_features(self, images: Tensor) -> Tensor:
@@ -101,12 +98,6 @@ class ReducerStage(AdapterStage):
     def fsdp_units(self) -> list[torch.nn.Module]:
         """The reducer's children (its ``encode``/``decode`` are methods; FSDP2 hooks ``forward``)."""
         return list(self.reducer.children())
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Fit the PCA initialisation on the first training batch (see ``pca_init``)."""
-        if self.pca_init and not bool(self.pca_fitted):
-            self.fit_reducer_pca(self.reducer, self.encode_features(batch_images(batch, "ReducerStage")))
-            self.pca_fitted.fill_(True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Reconstruction loss of one batch; logs ``train/{loss,mse,cosine,explained_variance}``."""
@@ -150,8 +141,6 @@ class ReducerStage(AdapterStage):
         Raises:
             NonFiniteError: The reducer holds NaN or Inf; nothing is written.
         """
-        self.require_finite_state(self.state_dict().items(), f"refusing to export the reducer to {directory}")
-        reducer = full_copy(self.reducer)
-        if reducer is None or not is_global_zero():
-            return None
-        return self.write_export(directory, reducer.save_pretrained)
+        return self.export_modules(
+            directory, "the reducer", {"reducer": self.reducer}, lambda folder, reducer: reducer.save_pretrained(folder)
+        )

@@ -34,6 +34,7 @@ from vugen.stages.base import AdapterStage
 
 __all__ = ["SamplerStage"]
 
+
 class SamplerStage(AdapterStage):
     """Stage 2: LoRA on the VLM's language model + a latent bridge, trained to generate reduced latents from text.
 
