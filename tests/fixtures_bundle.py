@@ -6,14 +6,16 @@ The fixtures are module-scoped: each test module that uses them builds its own s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from vugen.generation import SamplingConfig
+from vugen.generation import LatentSamplerConfig, SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
@@ -21,9 +23,7 @@ from vugen_adapters.llava import LlavaAdapter
 
 IMAGE_SIZE = 16
 TINY_SAMPLER = {
-    "lora_rank": 4,
-    "head_width": 32,
-    "head_depth": 1,
+    "latent_sampler": LatentSamplerConfig(lora_rank=4, head_width=32, head_depth=1),
     "sampling": SamplingConfig(steps=2, guidance_scale=2.0),
 }
 
@@ -46,9 +46,20 @@ def make_decoder_export(adapter: LlavaAdapter, directory: Path) -> Path:
     return DecoderStage(adapter, decoder, reducer=reducer).export(directory)
 
 
+def sampler_arguments(base: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """``SamplerStage`` arguments: ``base`` with ``kwargs``, where the :class:`LatentSamplerConfig` fields among them
+    (``lora_scope="all"``, ``head="linear"``, ...) replace those of ``base["latent_sampler"]``."""
+    fields = {field.name for field in dataclasses.fields(LatentSamplerConfig)}
+    shape = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+    config = dataclasses.replace(base.get("latent_sampler", LatentSamplerConfig()), **shape)
+    return base | {"latent_sampler": config} | kwargs
+
+
 def make_stage(pretrained: Path, decoder_export: Path, seed: int = 0, **kwargs) -> SamplerStage:
-    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random."""
-    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **(TINY_SAMPLER | kwargs))
+    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random (``kwargs``: see
+    :func:`sampler_arguments`)."""
+    arguments = sampler_arguments(TINY_SAMPLER, **kwargs)
+    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **arguments)
     perturb([p for p in stage.parameters() if p.requires_grad], seed)
     return stage.eval()
 

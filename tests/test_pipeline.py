@@ -57,7 +57,7 @@ def test_save_and_load_generate_identical_images(pretrained, decoder_export, tmp
     loaded = VugenPipeline.from_pretrained(tmp_path / "bundle")
 
     assert torch.equal(loaded.sample(PROMPTS, SEEDS), expected)
-    assert loaded.latent_sampler.config == stage.latent_sampler.config
+    assert loaded.latent_sampler.record() == stage.latent_sampler.record()
     assert loaded.sampling == stage.sampling and loaded.decoder_sampling == stage.decoder_sampling
     assert not any(module.training for component in loaded.components().values() for module in component.modules())
 
@@ -228,6 +228,21 @@ def _edit_json(file: Path, path: tuple[str, ...], value) -> None:
             BundleError,
             r"bridge/config\.json is .*'head_width': 32.* but vugen\.json and the VLM give .*'head_width': 16",
         ),
+        (
+            lambda b: _edit_json(b / "vugen.json", ("latent_sampler", "lora_rnak"), 4),
+            BundleError,
+            r"vugen\.json: latent_sampler: unknown setting 'lora_rnak'; LatentSamplerConfig has lora_rank, ",
+        ),
+        (
+            lambda b: _edit_json(b / "vugen.json", ("sampling", "stpes"), 4),
+            BundleError,
+            r"vugen\.json: sampling: unknown setting 'stpes'; SamplingConfig has solver, steps, ",
+        ),
+        (
+            lambda b: _edit_json(b / "vugen.json", ("sampling", "solver"), "rk4"),
+            BundleError,
+            r"vugen\.json: sampling: sampling solver must be one of euler, heun, sde, got 'rk4'",
+        ),
         (lambda b: (b / "vugen.json").unlink(), FileNotFoundError, r"vugen\.json is missing"),
         (lambda b: shutil.rmtree(b / "lora"), BundleError, r"incomplete vugen bundle: missing lora"),
         (lambda b: (b / "decoder" / "config.json").unlink(), FileNotFoundError, r"decoder/config\.json is missing"),
@@ -238,6 +253,9 @@ def _edit_json(file: Path, path: tuple[str, ...], value) -> None:
         "lora-tensor",
         "lora-rank",
         "bridge-vs-vugen-json",
+        "latent-sampler-key",
+        "sampling-key",
+        "sampling-solver",
         "vugen-json",
         "lora-folder",
         "decoder-config",
@@ -267,3 +285,16 @@ def test_adapter_overrides_replace_recorded_arguments(bundle, pretrained, tmp_pa
         VugenPipeline(
             **{**components, "decoder": PixelDecoder(latent_dim=4, patch_size=4, width=8, depth=1, num_heads=1)}
         )
+
+
+def test_sampling_overrides_are_checked_per_call(stage):
+    pipe = stage.pipeline()
+    with pytest.raises(
+        ValueError, match=r"sampling override: unknown setting 'stpes'; SamplingConfig has solver, steps"
+    ):
+        pipe(PROMPTS[0], stpes=1)
+    with pytest.raises(ValueError, match=r"sampling steps must be an integer >= 1, got 0"):
+        pipe.sample(PROMPTS[:1], [0], steps=0)
+    one_step = pipe.sample(PROMPTS[:1], [0], steps=1, solver="heun")
+    assert not torch.equal(one_step, pipe.sample(PROMPTS[:1], [0]))  # the override changes the images
+    assert pipe.sampling == stage.sampling  # and only for that call

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
+from tests.fixtures_bundle import sampler_arguments
 from tests.helpers import QUIET_TRAINER
 from tests.test_image_text_data import write_folder
 from vugen.data.image_text import ImageTextDataModule
@@ -18,7 +19,7 @@ from vugen.data.latent_cache import LatentCacheDataModule
 from vugen.data.latent_index import StaleCacheError
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
-from vugen.generation import SamplingConfig
+from vugen.generation import LatentSamplerConfig, SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import CACHE_ARGUMENTS, SamplerStage, without_cache
@@ -48,12 +49,11 @@ def decoder_export(tiny_llava, tmp_path_factory) -> str:
 
 def make_stage(tiny_llava: str, decoder_export: str, **kwargs) -> SamplerStage:
     settings = {
-        "lora_rank": 4,
-        "head_width": 32,
+        "latent_sampler": LatentSamplerConfig(lora_rank=4, head_width=32),
         "sampling": SamplingConfig(steps=2, guidance_scale=3.0),
         "optimizer": ADAM,
     }
-    return SamplerStage(LlavaAdapter(tiny_llava), decoder_export, **(settings | kwargs))
+    return SamplerStage(LlavaAdapter(tiny_llava), decoder_export, **sampler_arguments(settings, **kwargs))
 
 
 def batch(n: int = 8, seed: int = 0) -> dict:

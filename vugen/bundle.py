@@ -61,7 +61,7 @@ from vugen.distributed import full_copy, is_global_zero
 from vugen.errors import VugenError
 from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
 from vugen.finite import require_finite
-from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, SamplingConfig
+from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, LatentSamplerConfig, SamplingConfig
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
@@ -144,7 +144,7 @@ def bundle_record(pipeline: VugenPipeline) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "vugen_version": vugen.__version__,
         "adapter": pipeline.latent_sampler.adapter.init_config(),
-        "latent_sampler": dict(pipeline.latent_sampler.config),
+        "latent_sampler": pipeline.latent_sampler.record(),
         "sampling": pipeline.sampling.to_dict(),
     }
 
@@ -228,13 +228,14 @@ def load_bundle(
     _check_sha256(directory, record.get("sha256", {}))
     for name, module_cls in _MODULE_FOLDERS.items():
         check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
-    sampler_config, sampling = record["latent_sampler"], record["sampling"]
-    source = directory / CONFIG_FILE
-    _check_arguments(sampler_config, LatentSampler, f"{source}: latent_sampler")
-    sampling = SamplingConfig.from_dict(sampling, f"{source}: sampling")
+    shape, config = _latent_sampler_settings(record["latent_sampler"], f"{directory / CONFIG_FILE}: latent_sampler")
+    try:
+        sampling = SamplingConfig.from_dict(record["sampling"], f"{directory / CONFIG_FILE}: sampling")
+    except ValueError as error:
+        raise BundleError(str(error)) from error
     reducer, decoder, decoder_sampling = read_decoder_export(directory)
     adapter = _load_checked_vlm(directory, record, adapter_overrides or {}, trust_remote_code)
-    latent_sampler = LatentSampler(adapter, **sampler_config)
+    latent_sampler = LatentSampler(adapter, **shape, config=config)
     _load_bridge(latent_sampler.bridge, directory / "bridge")
     _load_lora(adapter.language_model, directory / "lora")
     for module in (latent_sampler, reducer, decoder):
@@ -284,15 +285,19 @@ def _translated(record: dict[str, Any], path: Path) -> dict[str, Any]:
     return rest | {"latent_sampler": sampler_config, "sampling": sampling}
 
 
-def _check_arguments(arguments: Any, cls: type, source: str) -> None:
-    """``arguments`` must be an object of ``cls``'s arguments (besides its adapter); names the first that is not."""
-    if not isinstance(arguments, dict):
-        raise BundleError(f"{source}: expected an object of {cls.__name__} arguments, got {type(arguments).__name__}")
-    accepted = set(inspect.signature(cls).parameters) - {"adapter"}
-    unknown = sorted(set(arguments) - accepted)
-    if unknown:
-        takes = ", ".join(sorted(accepted))
-        raise BundleError(f"{source}: unknown setting {unknown[0]!r}; {cls.__name__} takes {takes}")
+def _latent_sampler_settings(record: Any, source: str) -> tuple[dict[str, int], LatentSamplerConfig]:
+    """``({latent_dim, image_size}, LatentSamplerConfig)`` of a bundle's ``latent_sampler`` record, every key
+    checked (an unknown or missing one is named)."""
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(key), int) for key in ("latent_dim", "image_size")
+    ):
+        raise BundleError(f"{source}: expected an object with integer latent_dim and image_size, got {record!r}")
+    shape = {key: record[key] for key in ("latent_dim", "image_size")}
+    try:
+        config = LatentSamplerConfig.from_dict({k: v for k, v in record.items() if k not in shape}, source)
+    except ValueError as error:
+        raise BundleError(str(error)) from error
+    return shape, config
 
 
 def check_weights(file: Path, expected: Mapping[str, tuple[int, ...]]) -> None:

@@ -3,7 +3,8 @@
 - :class:`SamplingConfig`: how a flow is integrated (solver, steps, guidance, time shift); frozen, validated, saved
   in bundles and decoder exports (``sampling.json``), overridable per call.
 - :class:`LatentSampler`: the VLM's language model with LoRA and a :class:`~vugen.nn.LatentBridge`, as a
-  flow-matching generator of reduced latents. The sampler stage trains it; the pipeline generates with it.
+  flow-matching generator of reduced latents, shaped by a :class:`LatentSamplerConfig` (LoRA, attention, flow head).
+  The sampler stage trains it; the pipeline generates with it.
 - :func:`decode_latents`: reduced latents -> images with the pixel decoder.
 - :func:`image_seeds`: the seed rule every generation path uses.
 
@@ -44,7 +45,14 @@ from vugen.diffusion import (
 from vugen.nn.latent_bridge import LatentBridge
 from vugen.nn.pixel_decoder import PixelDecoder
 
-__all__ = ["LORA_ADAPTER_NAME", "LatentSampler", "SamplingConfig", "decode_latents", "image_seeds"]
+__all__ = [
+    "LORA_ADAPTER_NAME",
+    "LatentSampler",
+    "LatentSamplerConfig",
+    "SamplingConfig",
+    "decode_latents",
+    "image_seeds",
+]
 
 LORA_ADAPTER_NAME = "default"  # peft's adapter name inside the language model
 LoraScope = Literal["image_tokens", "all"]
@@ -92,13 +100,7 @@ class SamplingConfig:
         Raises:
             ValueError: Naming ``source`` and an unknown key, or a bad value.
         """
-        if not isinstance(settings, Mapping):
-            raise ValueError(f"{source}: expected an object of sampling settings, got {type(settings).__name__}")
-        _check_keys(settings, source)
-        try:
-            return cls(**settings)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from error
+        return _from_dict(cls, settings, source)
 
     def with_overrides(self, **overrides: Any) -> SamplingConfig:
         """This config with the given settings replaced; None means "keep" (so optional arguments pass through).
@@ -106,7 +108,7 @@ class SamplingConfig:
         Raises:
             ValueError: An unknown setting, naming it and the known ones.
         """
-        _check_keys(overrides, "sampling override")
+        _check_keys(SamplingConfig, overrides, "sampling override")
         given = {key: value for key, value in overrides.items() if value is not None}
         return dataclasses.replace(self, **given) if given else self
 
@@ -117,11 +119,69 @@ class SamplingConfig:
         return record
 
 
-def _check_keys(settings: Mapping[str, Any], source: str) -> None:
-    known = [field.name for field in dataclasses.fields(SamplingConfig)]
+@dataclass(frozen=True)
+class LatentSamplerConfig:
+    """The shape of a :class:`LatentSampler`: its LoRA, its attention in the latent block, its flow head.
+
+    Args:
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA ``alpha`` (scaling ``alpha / r``).
+        lora_dropout: Dropout on the LoRA input.
+        lora_scope: ``image_tokens`` (LoRA acts only at the BOI and latent positions, so the VLM's understanding is
+            exactly the base model's) or ``all`` (every token, prompts included).
+        image_attention: ``bidirectional`` inside the latent block (a 4-D mask) or ``causal`` throughout.
+        head: The bridge's velocity head: ``mlp`` (adaLN MLP flow head) or ``linear``.
+        head_width: Width of the MLP head.
+        head_depth: Residual blocks of the MLP head.
+    """
+
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_scope: LoraScope = "image_tokens"
+    image_attention: ImageAttention = "bidirectional"
+    head: Literal["linear", "mlp"] = "mlp"
+    head_width: int = 512
+    head_depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lora_scope not in ("image_tokens", "all") or self.image_attention not in ("bidirectional", "causal"):
+            raise ValueError(
+                f"lora_scope must be 'image_tokens' or 'all' and image_attention 'bidirectional' or 'causal', "
+                f"got {self.lora_scope!r} and {self.image_attention!r}"
+            )
+        if self.head not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {self.head!r}")
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], source: str = "latent sampler settings") -> LatentSamplerConfig:
+        """A config from a JSON record, every key checked.
+
+        Raises:
+            ValueError: Naming ``source`` and an unknown key, or a bad value.
+        """
+        return _from_dict(cls, settings, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (``vugen.json``)."""
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls: type, settings: Mapping[str, Any], source: str) -> Any:
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"{source}: expected an object of {cls.__name__} settings, got {type(settings).__name__}")
+    _check_keys(cls, settings, source)
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from error
+
+
+def _check_keys(cls: type, settings: Mapping[str, Any], source: str) -> None:
+    known = [field.name for field in dataclasses.fields(cls)]
     unknown = sorted(set(settings) - set(known))
     if unknown:
-        raise ValueError(f"{source}: unknown sampling setting {unknown[0]!r}; the settings are {', '.join(known)}")
+        raise ValueError(f"{source}: unknown setting {unknown[0]!r}; {cls.__name__} has {', '.join(known)}")
 
 
 def image_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
@@ -136,21 +196,13 @@ def image_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
 class LatentSampler(nn.Module):
     """The VLM's language model, with LoRA, as a flow-matching generator of reduced latents.
 
-    The constructor's arguments other than ``adapter`` are its :attr:`config` (saved in bundles).
+    The constructor's arguments other than ``adapter`` are what a bundle records (:attr:`record`).
 
     Args:
         adapter: The frozen VLM. LoRA layers are injected into its language model (and belong to this module).
         latent_dim: ``d``, channels per reduced latent token (the reducer's ``latent_dim``).
         image_size: Side of the generated images; sets the latent token grid through the adapter.
-        lora_rank: LoRA rank ``r``.
-        lora_alpha: LoRA ``alpha`` (scaling ``alpha / r``).
-        lora_dropout: Dropout on the LoRA input.
-        lora_scope: ``image_tokens`` (LoRA acts only at the BOI and latent positions, so the VLM's understanding is
-            exactly the base model's) or ``all`` (every token, prompts included).
-        image_attention: ``bidirectional`` inside the latent block (a 4-D mask) or ``causal`` throughout.
-        head: The bridge's velocity head: ``mlp`` (adaLN MLP flow head) or ``linear``.
-        head_width: Width of the MLP head.
-        head_depth: Residual blocks of the MLP head.
+        config: LoRA, attention and flow-head settings.
     """
 
     def __init__(
@@ -158,48 +210,35 @@ class LatentSampler(nn.Module):
         adapter: VLMAdapter,
         latent_dim: int,
         image_size: int,
-        lora_rank: int = 16,
-        lora_alpha: float = 32.0,
-        lora_dropout: float = 0.0,
-        lora_scope: LoraScope = "image_tokens",
-        image_attention: ImageAttention = "bidirectional",
-        head: Literal["linear", "mlp"] = "mlp",
-        head_width: int = 512,
-        head_depth: int = 2,
+        config: LatentSamplerConfig = LatentSamplerConfig(),  # noqa: B008 (frozen: shared safely)
     ) -> None:
         super().__init__()
-        if lora_scope not in ("image_tokens", "all") or image_attention not in ("bidirectional", "causal"):
-            raise ValueError(
-                f"lora_scope must be 'image_tokens' or 'all' and image_attention 'bidirectional' or 'causal', "
-                f"got {lora_scope!r} and {image_attention!r}"
-            )
-        self.config = {
-            "latent_dim": latent_dim,
-            "image_size": image_size,
-            "lora_rank": lora_rank,
-            "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout,
-            "lora_scope": lora_scope,
-            "image_attention": image_attention,
-            "head": head,
-            "head_width": head_width,
-            "head_depth": head_depth,
-        }
-        self.adapter = adapter
-        self.image_size = image_size
+        self.adapter, self.latent_dim, self.image_size, self.config = adapter, latent_dim, image_size, config
         grid = adapter.token_grid(image_size, image_size)
         self.bridge = LatentBridge(
-            latent_dim, adapter.hidden_size, *grid, head=head, head_width=head_width, head_depth=head_depth
+            latent_dim,
+            adapter.hidden_size,
+            *grid,
+            head=config.head,
+            head_width=config.head_width,
+            head_depth=config.head_depth,
         )
         self.lora_config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=adapter.lora_target_modules
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=adapter.lora_target_modules,
         )
         inject_adapter_in_model(self.lora_config, adapter.language_model, adapter_name=LORA_ADAPTER_NAME)
-        self.lora_scope, self.image_attention = lora_scope, image_attention
         self.lora_mask: Tensor | None = None  # [B, S, 1] of the running call; None = LoRA off (image_tokens scope)
-        if lora_scope == "image_tokens":
+        if config.lora_scope == "image_tokens":
             for lora_b in self.lora_b_layers():
                 lora_b.register_forward_hook(self._scope_lora)
+
+    def record(self) -> dict[str, Any]:
+        """What rebuilds this module on the same adapter: ``LatentSampler(adapter, latent_dim=..., image_size=...,
+        config=LatentSamplerConfig(**rest))``, JSON-ready."""
+        return {"latent_dim": self.latent_dim, "image_size": self.image_size, **self.config.to_dict()}
 
     # ------------------------------------------------------------------ LoRA scope
     def lora_b_layers(self) -> list[nn.Module]:
@@ -252,7 +291,7 @@ class LatentSampler(nn.Module):
         b, p = prefix_mask.shape
         n = self.bridge.num_tokens
         full = torch.cat([prefix_mask, prefix_mask.new_ones(b, n)], dim=1)
-        if self.image_attention == "causal":
+        if self.config.image_attention == "causal":
             return full
         total = p + n
         keys = full.bool()[:, None, :].expand(b, total, total)
@@ -264,7 +303,7 @@ class LatentSampler(nn.Module):
 
     def image_from(self, prefix_mask: Tensor) -> int:
         """Where LoRA starts: the BOI token (all positions with ``lora_scope="all"``)."""
-        return 0 if self.lora_scope == "all" else prefix_mask.shape[1] - 1
+        return 0 if self.config.lora_scope == "all" else prefix_mask.shape[1] - 1
 
     def velocity(self, z_t: Tensor, t: Tensor, prefix_embeds: Tensor, prefix_mask: Tensor) -> Tensor:
         """Velocities ``[B, N, d]`` of the whole sequence ``[prefix][z_t]`` (training: no cache)."""

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from vugen.generation import image_seeds
-
 
 def predict_images(pipeline: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    images = [pipeline.sample([p] * len(s), list(s)).cpu() for p, s in zip(batch["prompts"], batch["seeds"])]
+    images = [
+        pipeline.sample([p] * len(s), list(s)).cpu() for p, s in zip(batch["prompts"], batch["seeds"], strict=True)
+    ]
     return {"images": torch.stack(images)}

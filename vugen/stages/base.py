@@ -29,7 +29,7 @@ from vugen.checkpoint import check_writer, checked_hyperparameters, read_checkpo
 from vugen.data.batches import batch_images
 from vugen.distributed import full_copy, is_global_zero, is_sharded, world_size
 from vugen.finite import DIVERGENCE_ADVICE, last_checkpoint, require_finite
-from vugen.generation import SamplingConfig
+from vugen.generation import LatentSamplerConfig, SamplingConfig
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 
@@ -96,7 +96,8 @@ class AdapterStage(LightningModule):
         records: dict[str, Any] = {"_instantiator": _INSTANTIATOR, "_class_path": _class_path(type(self))}
         # A Path or a config dataclass would be a pickled object: checkpoints hold plain data (torch.load weights_only)
         records |= {key: os.fspath(value) for key, value in self.hparams.items() if isinstance(value, os.PathLike)}
-        records |= {key: value.to_dict() for key, value in self.hparams.items() if isinstance(value, SamplingConfig)}
+        configs = (SamplingConfig, LatentSamplerConfig)
+        records |= {key: value.to_dict() for key, value in self.hparams.items() if isinstance(value, configs)}
         for name, value in arguments.items():
             config = argument_config(value)
             if config is not None or value is None:

@@ -15,7 +15,7 @@ runs), plus ``captions``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -27,7 +27,7 @@ from vugen.adapter import VLMAdapter
 from vugen.bundle import read_decoder_export
 from vugen.data.batches import batch_images
 from vugen.diffusion import Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
-from vugen.generation import LORA_ADAPTER_NAME, ImageAttention, LatentSampler, LoraScope, SamplingConfig
+from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, LatentSamplerConfig, SamplingConfig
 from vugen.pipeline import VugenPipeline
 from vugen.prediction import predict_images
 from vugen.stages.base import AdapterStage
@@ -48,15 +48,10 @@ class SamplerStage(AdapterStage):
             reducer defines the latent space, the decoder turns sampled latents into images.
         image_size: Side of the generated images (default: the decoder's nominal ``image_size``); sets the latent
             token grid through the adapter.
-        lora_rank: LoRA rank ``r``.
-        lora_alpha: LoRA ``alpha`` (scaling ``alpha / r``).
-        lora_dropout: Dropout on the LoRA input.
-        lora_scope: ``image_tokens`` (LoRA acts only at the BOI and latent positions, so the VLM's understanding is
-            exactly the base model's) or ``all`` (every token, prompts included).
-        image_attention: ``bidirectional`` inside the latent block (a 4-D mask) or ``causal`` throughout.
-        head: The bridge's velocity head: ``mlp`` (adaLN MLP flow head) or ``linear``.
-        head_width: Width of the MLP head.
-        head_depth: Residual blocks of the MLP head.
+        latent_sampler: The latent sampler's LoRA (``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_scope``:
+            ``image_tokens`` keeps the VLM's understanding exactly the base model's), attention in the latent block
+            (``image_attention``) and flow head (``head``, ``head_width``, ``head_depth``): see
+            :class:`~vugen.generation.LatentSamplerConfig`. Saved in the bundle.
         prompt_dropout: Probability of training on the empty prompt, for classifier-free guidance.
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
         time_mean: Mean of the logit of ``t`` (``t = 1`` is data).
@@ -81,14 +76,7 @@ class SamplerStage(AdapterStage):
         adapter: VLMAdapter,
         decoder_export: str,
         image_size: int | None = None,
-        lora_rank: int = 16,
-        lora_alpha: float = 32.0,
-        lora_dropout: float = 0.0,
-        lora_scope: LoraScope = "image_tokens",
-        image_attention: ImageAttention = "bidirectional",
-        head: Literal["linear", "mlp"] = "mlp",
-        head_width: int = 512,
-        head_depth: int = 2,
+        latent_sampler: LatentSamplerConfig = LatentSamplerConfig(),  # noqa: B008 (frozen: shared safely)
         prompt_dropout: float = 0.1,
         time_schedule: Schedule = "logit_normal",
         time_mean: float = 0.0,
@@ -108,19 +96,8 @@ class SamplerStage(AdapterStage):
         self.reducer, self.decoder, self.decoder_sampling = read_decoder_export(decoder_export)
         self.reducer.requires_grad_(False).eval()
         self.decoder.requires_grad_(False).eval()
-        self.latent_sampler = LatentSampler(
-            adapter,
-            latent_dim=self.reducer.latent_dim,
-            image_size=image_size or self.decoder.base_grid[0] * self.decoder.patch_size,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_scope=lora_scope,
-            image_attention=image_attention,
-            head=head,
-            head_width=head_width,
-            head_depth=head_depth,
-        )
+        image_size = image_size or self.decoder.base_grid[0] * self.decoder.patch_size
+        self.latent_sampler = LatentSampler(adapter, self.reducer.latent_dim, image_size, latent_sampler)
         self.prompt_dropout = prompt_dropout
         self.time_schedule, self.time_mean, self.time_std = time_schedule, time_mean, time_std
         self.time_shift = time_shift
