@@ -16,24 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
-from transformers import (
-    GotOcr2ImageProcessor,
-    InternVLConfig,
-    InternVLForConditionalGeneration,
-    InternVLProcessor,
-    InternVLVideoProcessor,
-)
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
-from vugen_adapters.tiny import TINY_TEXT, TINY_VISION, tiny_tokenizer, token_id
 
 LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMAGE_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
 
 
 class InternVLAdapter(AutoAdapter):
@@ -58,23 +44,3 @@ class InternVLAdapter(AutoAdapter):
     def lora_target_modules(self) -> list[str]:
         """Attention and MLP projections of the language model."""
         return LM_LINEAR_LAYERS
-
-
-def tiny_internvl() -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
-    """Tiny InternVL: 32 px InternViT (8x8 patches of 4 px + CLS), pixel-shuffled 2x2 into 16 tokens, Qwen2 LM."""
-    tokenizer = tiny_tokenizer(list(IMAGE_TOKENS.values()), image_placeholder="<IMG_CONTEXT>", **IMAGE_TOKENS)
-    size = {"height": 32, "width": 32}
-    processor = InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(size=size),
-        tokenizer=tokenizer,
-        video_processor=InternVLVideoProcessor(size=size),
-        image_seq_length=16,
-        chat_template=tokenizer.chat_template,
-    )
-    config = InternVLConfig(
-        vision_config=TINY_VISION | {"image_size": 32, "patch_size": 4},
-        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer)} | TINY_TEXT,
-        image_token_id=token_id(tokenizer, "<IMG_CONTEXT>"),
-        image_seq_length=16,
-    )
-    return InternVLForConditionalGeneration(config), processor

@@ -8,7 +8,8 @@ from transformers import InternVLForConditionalGeneration
 
 from vugen.testing import AdapterConformance
 from vugen_adapters.auto import AutoAdapter
-from vugen_adapters.internvl import LM_LINEAR_LAYERS, InternVLAdapter, tiny_internvl
+from vugen_adapters.internvl import LM_LINEAR_LAYERS, InternVLAdapter
+from vugen_adapters.tiny.internvl import tiny_internvl
 
 
 @pytest.fixture(scope="module")

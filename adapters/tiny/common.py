@@ -1,41 +1,12 @@
-"""Tiny offline VLM checkpoints for tests and the demo: random weights, built from configs in well under a
-second, written with `save_pretrained` so adapters load them through the same `from_pretrained` path a hub
-id takes. No network, no files from anywhere.
-
-    path = build_tiny_vlm("llava", "/tmp/tiny-llava")
-    adapter = LlavaAdapter(path)
-"""
+"""What every tiny recipe shares: a byte-level BPE tokenizer trained in milliseconds, a chat template, and the
+widths of the tiny language model and vision tower."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-
-class TinyFamily(NamedTuple):
-    """Where a family's tiny recipe lives and which registered adapter loads it."""
-
-    recipe: str  # "module:function" returning (model, processor); it lives beside the family's adapter
-    adapter: str  # name in vugen's adapter registry
-
-
-TINY_FAMILIES = {
-    "llava": TinyFamily("vugen_adapters.llava:tiny_llava_siglip", "llava"),
-    "llava_clip": TinyFamily("vugen_adapters.llava:tiny_llava_clip", "llava"),
-    "qwen2_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen2_vl", "qwen2_vl"),
-    "qwen2_5_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen2_5_vl", "qwen2_5_vl"),
-    "qwen3_vl": TinyFamily("vugen_adapters.qwen2_vl:tiny_qwen3_vl", "qwen3_vl"),
-    "idefics3": TinyFamily("vugen_adapters.idefics3:tiny_idefics3", "idefics3"),
-    "smolvlm": TinyFamily("vugen_adapters.idefics3:tiny_smolvlm", "smolvlm"),
-    "paligemma": TinyFamily("vugen_adapters.paligemma:tiny_paligemma", "paligemma"),
-    "internvl": TinyFamily("vugen_adapters.internvl:tiny_internvl", "internvl"),
-    "gemma3": TinyFamily("vugen_adapters.gemma3:tiny_gemma3", "gemma3"),
-}
 
 # Enough words for Shapes captions and chat turns; byte-level BPE still encodes any text.
 _CORPUS = [
@@ -99,26 +70,3 @@ def token_id(tokenizer: Any, token: str) -> int:
     if index is None or index == tokenizer.unk_token_id:
         raise KeyError(f"token {token!r} is not in the tiny tokenizer")
     return index
-
-
-def build_tiny_vlm(family: str, directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random checkpoint of `family` (weights, config, processor) to `directory`.
-
-    Args:
-        family: one of `TINY_FAMILIES`.
-        directory: output folder (created).
-        seed: torch seed for the random weights, so two builds are identical.
-
-    Returns:
-        The folder, ready for `from_pretrained`.
-    """
-    if family not in TINY_FAMILIES:
-        raise KeyError(f"no tiny recipe for family {family!r}; known: {', '.join(sorted(TINY_FAMILIES))}")
-    module, function = TINY_FAMILIES[family].recipe.split(":")
-    torch.manual_seed(seed)
-    model, processor = getattr(importlib.import_module(module), function)()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
