@@ -334,12 +334,6 @@ class AutoAdapter(VLMAdapter):
         return self.vlm.get_decoder()
 
     @property
-    def lora_target_modules(self) -> list[str]:
-        """Names of every linear layer inside the language model (peft's `all-linear`, LM only)."""
-        names = {n.rsplit(".", 1)[-1] for n, m in self.language_model.named_modules() if isinstance(m, nn.Linear)}
-        return sorted(names)
-
-    @property
     def block_classes(self) -> set[type[nn.Module]]:
         """The checkpoint's `_no_split_modules` classes, without PreTrainedModel wrappers."""
         names = set(getattr(self.vlm, "_no_split_modules", None) or [])

@@ -15,8 +15,6 @@ from torch import Tensor
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
 
-LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 class Gemma3Adapter(AutoAdapter):
     """Gemma 3 vision-language checkpoints (`google/gemma-3-*-it`). Arguments as for `AutoAdapter`."""
@@ -24,8 +22,3 @@ class Gemma3Adapter(AutoAdapter):
     def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
         """Plain normalised pixels at the tower's native size."""
         return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """Attention and MLP projections of the language model."""
-        return LM_LINEAR_LAYERS

@@ -25,8 +25,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
 
-LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 class Idefics3Adapter(AutoAdapter):
     """Idefics3 checkpoints (e.g. `HuggingFaceM4/Idefics3-8B-Llama3`). Arguments as for `AutoAdapter`."""
@@ -51,11 +49,6 @@ class Idefics3Adapter(AutoAdapter):
         pixels = inputs["pixel_values"].flatten(0, 1)
         hidden = model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=model.connector(hidden))
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """Attention and MLP projections of the language model."""
-        return LM_LINEAR_LAYERS
 
 
 class SmolVLMAdapter(Idefics3Adapter):

@@ -19,8 +19,6 @@ from torch import Tensor
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
 
-LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 class InternVLAdapter(AutoAdapter):
     """InternVL 2.5 / 3 checkpoints in transformers format (`OpenGVLab/InternVL3-*-hf`).
@@ -39,8 +37,3 @@ class InternVLAdapter(AutoAdapter):
             return super().vision_tokens(output)
         tokens = output.last_hidden_state
         return tokens[:, 1:] if config.vision_feature_select_strategy == "default" else tokens
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """Attention and MLP projections of the language model."""
-        return LM_LINEAR_LAYERS

@@ -16,13 +16,9 @@ Gemma's `sqrt(hidden_size)` embedding scale lives in the embedding module (`Gemm
 from __future__ import annotations
 
 from torch import Tensor
-from transformers import (
-    BatchEncoding,
-)
+from transformers import BatchEncoding
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
-
-LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class PaliGemmaAdapter(AutoAdapter):
@@ -31,11 +27,6 @@ class PaliGemmaAdapter(AutoAdapter):
     def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
         """Plain normalised pixels at the tower's native size."""
         return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """Attention and MLP projections of the language model."""
-        return LM_LINEAR_LAYERS
 
     def tokenize(self, prompts: list[str]) -> BatchEncoding:
         """Left-padded prompts in PaliGemma's prefix format `<bos>{prompt}\\n` (the chat template if one is set)."""

@@ -37,7 +37,6 @@ from transformers.vision_utils import (
 
 from vugen_adapters.auto import AutoAdapter, normalized_pixels
 
-LM_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _MAX_CACHED_LAYOUTS = 16
 
 
@@ -106,11 +105,6 @@ class Qwen2VLAdapter(AutoAdapter):
     @cached_property
     def _layouts(self) -> dict[tuple, dict[str, Any]]:
         return {}
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """Attention and MLP projections of the language model."""
-        return LM_LINEAR_LAYERS
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -11,6 +11,8 @@ from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.tiny import TINY_FAMILIES
 
 FAMILIES = sorted(TINY_FAMILIES)
+# What each family adapter listed by hand before `VLMAdapter.lora_target_modules` derived it from the LM.
+DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +25,12 @@ class TestFamilyAdapters(AdapterConformance):
     @classmethod
     def adapter(cls, request, tiny_checkpoint):
         return build_adapter(TINY_FAMILIES[request.param].adapter, pretrained=str(tiny_checkpoint(request.param)))
+
+    def test_lora_targets_are_the_decoder_projections(self, adapter):
+        """The derived default names exactly the LM's attention and MLP projections: nothing of the vision tower
+        (SigLIP's `out_proj`, `fc1`, `fc2`), the projector or the LM head."""
+        derived = adapter.lora_target_modules
+        assert sorted(derived) == sorted(DECODER_PROJECTIONS), f"{type(adapter).__name__} ({adapter.pretrained})"
 
 
 class TestAutoAdapter(AdapterConformance):

@@ -102,6 +102,17 @@ def test_adapter_pieces_rebuild_the_models_own_forward(toy_adapter):
     torch.testing.assert_close(logits, vlm.lm_head(hidden), atol=1e-5, rtol=1e-4)
 
 
+def test_lora_targets_are_derived_from_the_language_model(toy_checkpoint, toy_adapter):
+    # The six projections the example used to list by hand; ToyVLM's vision tower has the same names, the LM's only.
+    assert toy_adapter.lora_target_modules == ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+    class EmbeddingOnlyLM(ToyVLMAdapter):
+        language_model = property(lambda self: self.vlm.language_model.embed_tokens)
+
+    with pytest.raises(TypeError, match="EmbeddingOnlyLM: its language_model has no nn.Linear.*override"):
+        _ = EmbeddingOnlyLM(str(toy_checkpoint)).lora_target_modules
+
+
 def test_images_of_other_sizes_are_resized(toy_adapter):
     # Resizing keeps a flat colour flat, so a 64x48 image encodes like the same colour at the native 32x32.
     colour = torch.tensor([0.9, 0.2, 0.5]).view(1, 3, 1, 1)

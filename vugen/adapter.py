@@ -37,6 +37,8 @@ class VLMAdapter(nn.Module, ABC):
         hidden_size: the language model's width.
         patch_stride: pixels of the encoder's input per feature token along one side.
         language_model: the decoder stack that LoRA wraps (no LM head, no vision tower).
+
+    Derived from those unless a subclass says otherwise: `lora_target_modules` (the LM's linear layers).
     """
 
     pretrained: str
@@ -84,9 +86,22 @@ class VLMAdapter(nn.Module, ABC):
         """The language model's decoder stack: the module LoRA wraps."""
 
     @property
-    @abstractmethod
     def lora_target_modules(self) -> list[str] | str:
-        """peft `target_modules`, relative to `language_model` (so never inside the vision tower)."""
+        """peft `target_modules`, relative to `language_model` (so never inside the vision tower).
+
+        Derived from `language_model` by default: the name of every `nn.Linear` in it (peft's `all-linear`, limited
+        to the LM), which for a decoder LM are the attention and MLP projections (`q_proj`, ..., `down_proj`).
+        Override it only to narrow the choice, or for a model whose LM has no `nn.Linear` layers.
+        """
+        linear = {
+            name.rsplit(".", 1)[-1] for name, m in self.language_model.named_modules() if isinstance(m, nn.Linear)
+        }
+        if not linear:
+            raise TypeError(
+                f"{type(self).__name__}: its language_model has no nn.Linear layer for LoRA to wrap; override "
+                "`lora_target_modules` with the peft `target_modules` of this model"
+            )
+        return sorted(linear)
 
     @property
     @abstractmethod

@@ -28,9 +28,9 @@ class ToyVLMAdapter(VLMAdapter):
         trust_remote_code: contract parity only: ToyVLM's code is this package's own, never the checkpoint's.
     """
 
-    # Constant parts of the contract can be plain class attributes: the LM's linear layers, by name, for peft
-    # (ToyVLM's names; they also occur in the vision tower, but LoRA only ever wraps `language_model`).
-    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    # Constant parts of the contract can be plain class attributes. `lora_target_modules` needs none: the contract
+    # derives it from `language_model` (ToyVLM's LM linear layers; the same names in the vision tower are not
+    # touched, LoRA only ever wraps `language_model`).
     block_classes: set[type[nn.Module]] = {Block}  # FSDP / activation-checkpointing units
 
     def __init__(
