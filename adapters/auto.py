@@ -219,10 +219,15 @@ class AutoAdapter(VLMAdapter):
             )
         return (height, width)
 
+    @property
+    def _probe_size(self) -> tuple[int, int]:
+        """Size of the images the adapter measures itself on: the native one, or a small one that fits one window."""
+        return self.native_size or (2 * self.size_multiple, 2 * self.size_multiple)
+
     @cached_property
     def _probe(self) -> tuple[int, int]:
         """(D, stride) measured by encoding one blank image: exact for any family, paid once."""
-        side = self.native_size or (2 * self.size_multiple, 2 * self.size_multiple)  # small: fits one window
+        side = self._probe_size
         features = self.encode_images(torch.zeros(1, 3, *side, device=self.device))
         rows = math.isqrt(features.shape[1] * side[0] // side[1])
         return features.shape[-1], side[0] // rows
@@ -256,19 +261,50 @@ class AutoAdapter(VLMAdapter):
         return self.select_features(output, inputs, batch=images.shape[0])
 
     def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
-        """The model's pixel inputs, built by the checkpoint's own image processor."""
-        overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(self.image_processor, k)}
-        batch = self.image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
+        """The model's pixel inputs: normalised on the adapter's device when the encoder reads plain pixels
+        (`reads_plain_pixels`), else built by the checkpoint's own image processor."""
+        if self.reads_plain_pixels:
+            return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
         return {
             k: v.to(self.device, self.dtype if v.is_floating_point() else None)
-            for k, v in batch.items()
-            if isinstance(v, Tensor)
+            for k, v in self.processor_inputs(images).items()
         }
+
+    def processor_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """What the checkpoint's image processor makes of `images` (no resizing, rescaling or cropping: vugen has
+        sized them already), as tensors on the CPU."""
+        overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(self.image_processor, k)}
+        batch = self.image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    @cached_property
+    def reads_plain_pixels(self) -> bool:
+        """Whether the encoder reads plain `[B, 3, H, W]` pixels normalised with the processor's mean and std.
+
+        Measured once, on a random probe at the native size: of what the image processor returns, `get_image_features`
+        must read only `pixel_values`, shaped like the images and equal to `normalized_pixels`. Then `pixel_inputs`
+        computes exactly that on the device and skips the CPU round trip (LLaVA, PaliGemma, InternVL, Gemma 3, any
+        LLaVA-like VLM). Flat patches (Qwen), 5-D tiles with a pixel mask (Idefics3) or a processor that normalises
+        otherwise keep the processor. A family adapter may declare it (`reads_plain_pixels = False`) instead.
+        """
+        mean, std = (getattr(self.image_processor, name, None) for name in ("image_mean", "image_std"))
+        if mean is None or std is None:
+            return False
+        probe = torch.rand(2, 3, *self._probe_size, generator=torch.Generator().manual_seed(0))
+        inputs = self.accepted_image_inputs(self.processor_inputs(probe))
+        if set(inputs) != {"pixel_values"} or inputs["pixel_values"].shape != probe.shape:
+            return False
+        plain = normalized_pixels(probe, self.image_processor, torch.float32)
+        return torch.allclose(inputs["pixel_values"].float(), plain, rtol=0, atol=1e-5)  # rounding, not another op
+
+    def accepted_image_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The entries of `inputs` that the VLM's `get_image_features` takes by name (not Gemma 3's `num_crops`)."""
+        accepted = inspect.signature(self.vlm.model.get_image_features).parameters
+        return {k: v for k, v in inputs.items() if k in accepted}
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
         """Call the VLM's `get_image_features` with the inputs its signature accepts."""
-        accepted = inspect.signature(self.vlm.model.get_image_features).parameters
-        return self.vlm.model.get_image_features(**{k: v for k, v in inputs.items() if k in accepted})
+        return self.vlm.model.get_image_features(**self.accepted_image_inputs(inputs))
 
     def select_features(self, output: Any, inputs: dict[str, Tensor], batch: int) -> Tensor:
         """Pick the configured feature source out of `output` and return raster `[B, N, D]`."""

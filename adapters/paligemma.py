@@ -1,9 +1,10 @@
 """PaliGemma (`PaliGemmaForConditionalGeneration`): a SigLIP tower, a linear projector, a Gemma (1 or 2) LM.
 
-What introspection alone gets less well:
-- the pixels are plain `[B, 3, H, W]` at the tower's fixed size, so they are normalised on the device;
-- PaliGemma has no chat template: its prompts are a prefix `<bos>{prompt}\\n` (what `PaliGemmaProcessor` writes
-  after the image tokens), so `tokenize` writes exactly that;
+What introspection alone gets wrong: PaliGemma has no chat template; its prompts are a prefix `<bos>{prompt}\\n`
+(what `PaliGemmaProcessor` writes after the image tokens), so `tokenize` writes exactly that.
+
+What `AutoAdapter` already does right for it:
+- the pixels are plain `[B, 3, H, W]` at the tower's fixed size, normalised on the device (`reads_plain_pixels`);
 - PaliGemma sets `use_bidirectional_attention` on its Gemma, so the attention modules are not causal and, when
   a batch has no padding (the mask is then skipped for sdpa / flash attention), every token sees the future.
   `run_language_model` asks for causal attention explicitly, so the prompt's KV cache is the same whatever
@@ -15,18 +16,13 @@ Gemma's `sqrt(hidden_size)` embedding scale lives in the embedding module (`Gemm
 
 from __future__ import annotations
 
-from torch import Tensor
 from transformers import BatchEncoding
 
-from vugen_adapters.auto import AutoAdapter, normalized_pixels
+from vugen_adapters.auto import AutoAdapter
 
 
 class PaliGemmaAdapter(AutoAdapter):
     """PaliGemma and PaliGemma 2 checkpoints (`google/paligemma*`). Arguments as for `AutoAdapter`."""
-
-    def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
-        """Plain normalised pixels at the tower's native size."""
-        return {"pixel_values": normalized_pixels(images, self.image_processor, self.dtype)}
 
     def tokenize(self, prompts: list[str]) -> BatchEncoding:
         """Left-padded prompts in PaliGemma's prefix format `<bos>{prompt}\\n` (the chat template if one is set)."""

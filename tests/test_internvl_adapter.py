@@ -43,13 +43,6 @@ def shuffled(vision: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return grid.permute(0, 1, 3, 2, 4, 5).reshape(vision.shape[0], rows * cols // 4, -1)
 
 
-def test_fast_pixels_equal_the_hf_processor(adapter):
-    x = images()
-    fast = adapter.pixel_inputs(x)["pixel_values"]
-    reference = AutoAdapter.pixel_inputs(adapter, x)["pixel_values"]  # GotOcr2 processor, no cropping
-    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-6)
-
-
 def test_list_patch_size_is_read(adapter):
     assert list(adapter.vision_config.patch_size) == [4, 4]
     assert adapter.vit_patch_size == 4 and adapter.token_grid(32, 32) == (8, 8)
