@@ -1,4 +1,5 @@
-"""Every built-in family adapter, and `AutoAdapter` on every family, pass the conformance suite."""
+"""Every built-in family adapter, and `AutoAdapter` on every family, pass the conformance suite; what the families
+share is derived once (LoRA targets, the plain-pixel fast path) and equals what each family used to declare."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gemma 3 adapter on a tiny checkpoint: fast pixels, pooled projector order, sliding-window KV cache."""
+"""Gemma 3 adapter on a tiny checkpoint: pooled projector order, sliding-window KV cache, the text path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InternVL adapter on tiny checkpoints: fast pixels, the tokens the projector reads, pixel-shuffle order."""
+"""InternVL adapter on tiny checkpoints: the tokens the projector reads, pixel-shuffle order."""
 
 from __future__ import annotations
 

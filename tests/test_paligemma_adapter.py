@@ -1,4 +1,4 @@
-"""PaliGemma adapter on a tiny checkpoint: fast pixels, prefix format, causal Gemma, the model's own text path."""
+"""PaliGemma adapter on a tiny checkpoint: prefix format, causal Gemma, the model's own text path."""
 
 from __future__ import annotations
 
