@@ -60,8 +60,33 @@ ImageAttention = Literal["bidirectional", "causal"]
 _BASE_PIXELS = 3 * 256 * 256  # no time shift for the pixel decoder at 256x256 RGB (JiT's reference resolution)
 
 
+class _Settings:
+    """What the frozen settings dataclasses share: a checked JSON reading and the JSON record."""
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], source: str | None = None) -> Any:
+        """The settings of a JSON record (``vugen.json``, ``sampling.json``), every key checked.
+
+        Raises:
+            ValueError: Naming ``source`` and an unknown key, or a bad value.
+        """
+        source = source or f"{cls.__name__} settings"
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"{source}: expected an object of {cls.__name__} settings, got {type(settings).__name__}")
+        _check_keys(cls, settings, source)
+        try:
+            return cls(**settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (tuples as lists)."""
+        record = dataclasses.asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
+
+
 @dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Settings):
     """How a flow is integrated from noise to data. Frozen: derive variants with :meth:`with_overrides`.
 
     Args:
@@ -93,15 +118,6 @@ class SamplingConfig:
         if self.time_shift is not None and not float(self.time_shift) > 0:
             raise ValueError(f"time_shift must be > 0 (or None), got {self.time_shift!r}")
 
-    @classmethod
-    def from_dict(cls, settings: Mapping[str, Any], source: str = "sampling settings") -> SamplingConfig:
-        """A config from a JSON record, every key checked.
-
-        Raises:
-            ValueError: Naming ``source`` and an unknown key, or a bad value.
-        """
-        return _from_dict(cls, settings, source)
-
     def with_overrides(self, **overrides: Any) -> SamplingConfig:
         """This config with the given settings replaced; None means "keep" (so optional arguments pass through).
 
@@ -112,15 +128,9 @@ class SamplingConfig:
         given = {key: value for key, value in overrides.items() if value is not None}
         return dataclasses.replace(self, **given) if given else self
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON record (``sampling.json``, ``vugen.json``)."""
-        record = dataclasses.asdict(self)
-        record["guidance_interval"] = list(self.guidance_interval) if self.guidance_interval else None
-        return record
-
 
 @dataclass(frozen=True)
-class LatentSamplerConfig:
+class LatentSamplerConfig(_Settings):
     """The shape of a :class:`LatentSampler`: its LoRA, its attention in the latent block, its flow head.
 
     Args:
@@ -152,29 +162,6 @@ class LatentSamplerConfig:
             )
         if self.head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {self.head!r}")
-
-    @classmethod
-    def from_dict(cls, settings: Mapping[str, Any], source: str = "latent sampler settings") -> LatentSamplerConfig:
-        """A config from a JSON record, every key checked.
-
-        Raises:
-            ValueError: Naming ``source`` and an unknown key, or a bad value.
-        """
-        return _from_dict(cls, settings, source)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON record (``vugen.json``)."""
-        return dataclasses.asdict(self)
-
-
-def _from_dict(cls: type, settings: Mapping[str, Any], source: str) -> Any:
-    if not isinstance(settings, Mapping):
-        raise ValueError(f"{source}: expected an object of {cls.__name__} settings, got {type(settings).__name__}")
-    _check_keys(cls, settings, source)
-    try:
-        return cls(**settings)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{source}: {error}") from error
 
 
 def _check_keys(cls: type, settings: Mapping[str, Any], source: str) -> None:
