@@ -10,7 +10,7 @@ from jsonargparse import ArgumentParser
 
 from vugen.adapter import VLMAdapter
 from vugen.cli import VugenCLI
-from vugen.data.latent_writer import cache_latents
+from vugen.commands.cache_latents import cache_latents
 from vugen.registry import get_adapter_class
 
 ROOT = Path(__file__).resolve().parents[1]

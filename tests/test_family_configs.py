@@ -24,7 +24,7 @@ from jsonargparse import ArgumentParser, Namespace
 from transformers import AutoConfig
 
 from tests.test_configs import ROOT, ParseOnlyCLI
-from vugen.data.latent_writer import cache_latents
+from vugen.commands.cache_latents import cache_latents
 from vugen.registry import get_adapter_class
 
 FAMILIES = sorted(p.parent.name for p in ROOT.glob("configs/*/adapter.yaml"))

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from tests.fixtures_bundle import IMAGE_SIZE, make_stage
 from tests.helpers import QUIET_TRAINER
 from vugen.callbacks import EMA
-from vugen.commands import export, generate
+from vugen.commands.benchmarks import export_dpg, export_geneval
+from vugen.commands.export import export
+from vugen.commands.generate import generate
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.distributed import resolve_rank
-from vugen.eval.export import export_dpg, export_geneval
 from vugen.pipeline import VugenPipeline
 from vugen.stages.sampler import SamplerStage
 

@@ -23,10 +23,11 @@ from safetensors import safe_open
 from tests.helpers import replace_vlm_weights
 from tests.test_image_text_data import write_folder, write_shards
 from vugen.cli import main as vugen_main
+from vugen.commands.cache_latents import cache_latents
 from vugen.data.image_text import ImageTextDataModule
 from vugen.data.latent_cache import LatentCacheDataModule, LatentCacheDataset
 from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index, reducer_sha256
-from vugen.data.latent_writer import cache_latents, write_latent_cache
+from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.fingerprint import vlm_fingerprint
 from vugen.nn import DimensionReducer

@@ -1,7 +1,7 @@
 """The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
 
 vugen fit --config configs/demo/decoder.yaml
-vugen adapters | tiny | cache-latents | generate | export | export-geneval | export-dpg
+vugen adapters | tiny | cache-latents | generate | export | export-geneval | export-dpg   (vugen.commands)
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from vugen.checkpoint import HYPERPARAMETERS, WRITER, check_writer, checked_hyperparameters, read_checkpoint
-from vugen.commands import export, generate
-from vugen.data.latent_writer import cache_latents
+from vugen.commands import COMMANDS
 from vugen.errors import TRACEBACK_ENV, known_error_message
-from vugen.eval.export import export_dpg, export_geneval
-from vugen.registry import adapter_class_path, adapter_sources, get_adapter_class, list_adapters
-from vugen_adapters.tiny import build_tiny_vlm
+from vugen.registry import adapter_class_path, get_adapter_class, list_adapters
 
 _CKPT_PATH_KEYWORDS = ("best", "last", "hpc")  # Lightning resolves these itself
 
@@ -168,35 +165,6 @@ def _expects_adapter(cls: type | tuple[type, ...]) -> bool:
 
     types = cls if isinstance(cls, tuple) else (cls,)
     return any(isinstance(t, type) and issubclass(t, VLMAdapter) for t in types)
-
-
-def print_adapters() -> None:
-    """`vugen adapters`: one line per registered adapter name and its class."""
-    for name, source in sorted(adapter_sources().items()):
-        print(f"{name:<12} {source}")
-
-
-def tiny(family: str, directory: str, seed: int = 0) -> None:
-    """`vugen tiny FAMILY DIR`: write a tiny random offline checkpoint of a VLM family (tests, demo).
-
-    Args:
-        family: a family of `vugen_adapters.tiny.TINY_FAMILIES` (llava, qwen2_vl, ...).
-        directory: output folder; load it with the family's adapter as `pretrained`.
-        seed: seed of the random weights.
-    """
-    print(build_tiny_vlm(family, directory, seed=seed))
-
-
-# vugen's own commands, each a typed function whose signature and docstring are its --help (litgpt style).
-COMMANDS = {
-    "adapters": print_adapters,
-    "tiny": tiny,
-    "cache-latents": cache_latents,
-    "generate": generate,
-    "export": export,
-    "export-geneval": export_geneval,
-    "export-dpg": export_dpg,
-}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,29 +1,20 @@
-"""`vugen generate` (text -> PNGs from a bundle) and `vugen export` (sampler checkpoint -> bundle).
-
-Both are plain functions that jsonargparse turns into commands (``vugen/cli.py``); image ``k`` of prompt ``i`` uses
-seed ``seed + i * n + k``, as everywhere (see :mod:`vugen.pipeline`).
-"""
+"""`vugen generate`: text -> PNGs from a bundle; image ``k`` of prompt ``i`` uses seed ``seed + i * n + k``, as
+everywhere (see :mod:`vugen.pipeline`)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
 from rich.progress import track
 from torchvision.utils import make_grid
 
-from vugen.callbacks import EMA
-from vugen.checkpoint import check_writer, read_checkpoint
 from vugen.diffusion import Method
 from vugen.distributed import resolve_device
-from vugen.finite import require_finite
-from vugen.generation import image_seeds
-from vugen.pipeline import VugenPipeline, to_pil
-from vugen.stages.sampler import SamplerStage
+from vugen.pipeline import VugenPipeline, image_seeds, to_pil
 
-__all__ = ["export", "generate"]
+__all__ = ["generate"]
 
 
 def _slug(prompt: str, limit: int = 48) -> str:
@@ -94,8 +85,7 @@ def generate(
     files, images = [], []
     for start in track(range(0, len(jobs), batch_size), description="generating"):
         batch = jobs[start : start + batch_size]
-        prompts_and_seeds = [job[2] for job in batch], [job[3] for job in batch]
-        tensor = pipe.sample(*prompts_and_seeds, steps=steps, guidance_scale=cfg, solver=sampler).cpu()
+        tensor = pipe.sample([job[2] for job in batch], [job[3] for job in batch], steps, cfg, sampler).cpu()
         for (i, k, text, _), image in zip(batch, to_pil(tensor), strict=True):
             files.append(folder / f"{i:05d}-{_slug(text)}-{k}.png")
             image.save(files[-1])
@@ -104,44 +94,3 @@ def generate(
     files.append(folder / "grid.png")
     to_pil(grid[None])[0].save(files[-1])
     return files
-
-
-def export(
-    checkpoint: str,
-    out: str,
-    weights: Literal["auto", "ema", "training"] = "auto",
-    trust_remote_code: bool = False,
-) -> Path | None:
-    """`vugen export CKPT OUT`: turn a latent-sampler (SamplerStage) Lightning checkpoint into a bundle.
-
-    The VLM and the decoder export are rebuilt from the configuration recorded in the checkpoint, so they must be
-    reachable where this runs. The checkpoint is data: its adapter must be a registered one, and it cannot turn
-    ``trust_remote_code`` on (see :meth:`~vugen.stages.base.AdapterStage.load_from_checkpoint`).
-
-    Args:
-        checkpoint: A ``.ckpt`` written while training ``SamplerStage``.
-        out: The bundle folder (replaced atomically).
-        weights: ``ema``: the averages of the run's ``vugen.callbacks.EMA`` (an error if it had none); ``training``:
-            the checkpoint's training weights; ``auto``: the averages when the checkpoint has them.
-        trust_remote_code: Let the VLM checkpoint run its own modelling code: runs code from the VLM checkpoint;
-            pin revision. Never taken from the checkpoint.
-
-    Returns:
-        The bundle folder.
-
-    Raises:
-        NonFiniteError: The weights to export hold NaN or Inf (a diverged run); nothing is written.
-    """
-    if weights not in ("auto", "ema", "training"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'training', got {weights!r}")
-    saved = read_checkpoint(checkpoint)  # mmap: only the EMA averages are read from it, below
-    check_writer(saved, checkpoint, SamplerStage, "vugen export")
-    stage = SamplerStage.load_from_checkpoint(checkpoint, map_location="cpu", trust_remote_code=trust_remote_code)
-    source = "training weights"
-    if weights != "training":
-        updates = EMA.apply_checkpoint(stage, saved)
-        if updates is None and weights == "ema":
-            raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
-        source = "training weights" if updates is None else "EMA averages"
-    require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
-    return stage.pipeline().save_pretrained(out)

@@ -1,4 +1,4 @@
-"""Benchmark exporters: generate images in the layouts the GenEval and DPG-Bench scorers read.
+"""`vugen export-geneval` and `vugen export-dpg`: generate images in the layouts the GenEval and DPG-Bench scorers read.
 
 The scorers run in their own environments (mmdet 2.x / modelscope stacks); vugen only writes their inputs.
 

@@ -1,0 +1,55 @@
+"""`vugen export CKPT OUT`: a latent-sampler (SamplerStage) checkpoint becomes a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from vugen.callbacks import EMA
+from vugen.checkpoint import check_writer, read_checkpoint
+from vugen.finite import require_finite
+from vugen.pipeline import VugenPipeline
+from vugen.stages.sampler import SamplerStage
+
+__all__ = ["export"]
+
+
+def export(
+    checkpoint: str,
+    out: str,
+    weights: Literal["auto", "ema", "training"] = "auto",
+    trust_remote_code: bool = False,
+) -> Path | None:
+    """`vugen export CKPT OUT`: turn a latent-sampler (SamplerStage) Lightning checkpoint into a bundle.
+
+    The VLM and the decoder export are rebuilt from the configuration recorded in the checkpoint, so they must be
+    reachable where this runs. The checkpoint is data: its adapter must be a registered one, and it cannot turn
+    ``trust_remote_code`` on (see :meth:`~vugen.stages.base.AdapterStage.load_from_checkpoint`).
+
+    Args:
+        checkpoint: A ``.ckpt`` written while training ``SamplerStage``.
+        out: The bundle folder (replaced atomically).
+        weights: ``ema``: the averages of the run's ``vugen.callbacks.EMA`` (an error if it had none); ``training``:
+            the checkpoint's training weights; ``auto``: the averages when the checkpoint has them.
+        trust_remote_code: Let the VLM checkpoint run its own modelling code: runs code from the VLM checkpoint;
+            pin revision. Never taken from the checkpoint.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        NonFiniteError: The weights to export hold NaN or Inf (a diverged run); nothing is written.
+    """
+    if weights not in ("auto", "ema", "training"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'training', got {weights!r}")
+    saved = read_checkpoint(checkpoint)  # mmap: only the EMA averages are read from it, below
+    check_writer(saved, checkpoint, SamplerStage, "vugen export")
+    stage = SamplerStage.load_from_checkpoint(checkpoint, map_location="cpu", trust_remote_code=trust_remote_code)
+    source = "training weights"
+    if weights != "training":
+        updates = EMA.apply_checkpoint(stage, saved)
+        if updates is None and weights == "ema":
+            raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
+        source = "training weights" if updates is None else "EMA averages"
+    require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
+    return VugenPipeline.from_stage(stage).save_pretrained(out)

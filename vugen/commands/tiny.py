@@ -1,0 +1,22 @@
+"""`vugen tiny FAMILY DIR`: a tiny random offline VLM checkpoint (tests, the demo).
+
+The only vugen module besides the registry that imports the bundled adapters package: the tiny checkpoints are
+built from each family's own config class there.
+"""
+
+from __future__ import annotations
+
+from vugen_adapters.tiny import build_tiny_vlm
+
+__all__ = ["tiny"]
+
+
+def tiny(family: str, directory: str, seed: int = 0) -> None:
+    """`vugen tiny FAMILY DIR`: write a tiny random offline checkpoint of a VLM family (tests, demo).
+
+    Args:
+        family: a family of `vugen_adapters.tiny.TINY_FAMILIES` (llava, qwen2_vl, ...).
+        directory: output folder; load it with the family's adapter as `pretrained`.
+        seed: seed of the random weights.
+    """
+    print(build_tiny_vlm(family, directory, seed=seed))
