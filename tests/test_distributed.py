@@ -358,7 +358,8 @@ def test_the_torchrun_example_trains_a_stage_with_fsdp2(tiny_llava, tmp_path):
 def test_export_geneval_on_two_torchrun_processes_writes_the_bytes_of_one_process(
     tiny_llava, decoder_export, tmp_path, monkeypatch
 ):
-    """`vugen export-geneval` under torchrun: each process takes its prompts (RANK / WORLD_SIZE from torchrun)."""
+    """`vugen export-geneval` under torchrun: Lightning joins the processes torchrun started (devices and num_nodes
+    default to LOCAL_WORLD_SIZE and WORLD_SIZE / LOCAL_WORLD_SIZE) and each predicts its share of the prompts."""
     bundle = VugenPipeline.from_stage(make_stage(tiny_llava, decoder_export)).save_pretrained(tmp_path / "bundle")
     metadata = tmp_path / "evaluation_metadata.jsonl"
     metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
@@ -381,6 +382,6 @@ def test_export_geneval_on_two_torchrun_processes_writes_the_bytes_of_one_proces
     one = tree(tmp_path / "one")
     assert len(one) == 1 + 3 * 4  # the sidecar, then per prompt its metadata, 2 samples and the grid
     assert tree(tmp_path / "two") == one
-    # Each process generated its own prompts: prompt i on rank i % 2 (its progress line names its shard).
+    # One process group of the two torchrun processes (Lightning's line on each rank).
     logs = {rank: "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"{rank}/*.log")) for rank in (0, 1)}
-    assert "rank 0/2" in logs[0] and "rank 1/2" in logs[1], logs
+    assert all(f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in logs[rank] for rank in (0, 1)), logs

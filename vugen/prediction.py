@@ -1,14 +1,106 @@
-"""TEMPORARY stub until the prediction module lands."""
+"""Text-to-image prediction with Lightning: the predict step shared by everything that generates images
+(:func:`predict_images`) and :class:`PipelinePredictor`, a LightningModule over a saved bundle.
+
+``Trainer.predict`` with a :class:`~vugen.data.prompts.PromptDataModule` and a writer of
+:mod:`vugen.callbacks.prediction_writers` generates a prompt set across processes: each prompt's ``n`` images are one
+``sample`` call with the prompt's own seeds, so every image is the same whatever the batch size or the number of
+processes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from vugen.bundle import CONFIG_FILE
+from vugen.data.prompts import PromptBatch
+from vugen.diffusion import Method
+from vugen.pipeline import VugenPipeline, sampling_overrides
+
+__all__ = ["ImageSampler", "PipelinePredictor", "predict_images"]
 
 
-def predict_images(pipeline: Any, batch: dict[str, Any]) -> dict[str, Any]:
+class ImageSampler(Protocol):
+    """Anything that generates one image per (prompt, seed) pair."""
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]``, image ``j`` from ``prompts[j]`` and ``seeds[j]``."""
+        ...
+
+
+def predict_images(sampler: ImageSampler, batch: PromptBatch) -> Tensor:
+    """The images of every prompt of ``batch``: ``[P, n, 3, H, W]`` in ``[0, 1]``, on the CPU.
+
+    One ``sampler.sample`` call per prompt with its ``n`` seeds (the benchmark exporters' batches), so an image never
+    depends on which prompts share its batch or process.
+    """
     images = [
-        pipeline.sample([p] * len(s), list(s)).cpu() for p, s in zip(batch["prompts"], batch["seeds"], strict=True)
+        sampler.sample([prompt] * len(seeds), list(seeds)).cpu()
+        for prompt, seeds in zip(batch["prompts"], batch["seeds"], strict=True)
     ]
-    return {"images": torch.stack(images)}
+    return torch.stack(images)
+
+
+class PipelinePredictor(LightningModule):
+    """Predicts images of prompts with a saved bundle (``VugenPipeline.from_pretrained``), for ``Trainer.predict``.
+
+    ``vugen predict --model vugen.prediction.PipelinePredictor --model.bundle DIR --data PromptDataModule ...`` or
+    the ``vugen export-geneval`` / ``export-dpg`` / ``generate`` commands. The pipeline follows the module to the
+    trainer's device.
+
+    Args:
+        bundle: A bundle folder (``vugen export``, ``VugenPipeline.save_pretrained``).
+        steps: Flow-matching steps (default: the bundle's).
+        guidance_scale: Classifier-free guidance scale (default: the bundle's; 1 = none).
+        solver: The ODE / SDE solver, ``euler``, ``heun`` or ``sde`` (default: the bundle's).
+        trust_remote_code: Let the VLM checkpoint run its own modelling code. Never taken from the bundle.
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        solver: Method | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bundle = Path(bundle)
+        with (self.bundle / CONFIG_FILE).open("rb") as handle:  # before loading: loading checks files against it
+            self.bundle_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        self.pipeline = VugenPipeline.from_pretrained(bundle, trust_remote_code=trust_remote_code)
+        # The settings given, as keyword arguments of VugenPipeline.sample (the one place they are named).
+        self.overrides = sampling_overrides(steps, guidance_scale, solver)
+
+    def on_predict_start(self) -> None:
+        """Move the pipeline to the device the trainer put this module on."""
+        self.pipeline.to(self.device)
+
+    def sample(self, prompts: list[str], seeds: list[int]) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` with the pipeline and this module's settings."""
+        return self.pipeline.sample(prompts, seeds, **self.overrides)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        """The images of each prompt of ``batch``, ``[P, n, 3, H, W]`` on the CPU (:func:`predict_images`)."""
+        return predict_images(self, batch)
+
+    def generation_record(self) -> dict[str, Any]:
+        """What the prediction writers record: the bundle (path, sha256 of its ``vugen.json``), image size, and the
+        sampling settings used (the bundle's, with this module's overrides)."""
+        return {
+            "bundle": str(self.bundle.resolve()),
+            "bundle_vugen_json_sha256": self.bundle_sha256,
+            "image_size": self.pipeline.image_size,
+            "sampling": _as_dict(self.pipeline.sampling) | self.overrides,
+            "decoder_sampling": _as_dict(self.pipeline.stage.decoder_sampling),
+        }
+
+
+def _as_dict(settings: Any) -> dict[str, Any]:
+    """Sampling settings as a plain dict, whether a mapping or a settings dataclass with ``to_dict()``."""
+    return settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)

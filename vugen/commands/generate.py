@@ -1,41 +1,22 @@
-"""`vugen generate`: text -> PNGs from a bundle; image ``k`` of prompt ``i`` uses seed ``seed + i * n + k``, as
-everywhere (see :mod:`vugen.pipeline`)."""
+"""`vugen generate`: text -> PNGs from a bundle (:class:`~vugen.callbacks.ImageFolderWriter`'s layout).
+
+``Trainer.predict`` of a :class:`~vugen.prediction.PipelinePredictor` over a
+:class:`~vugen.data.prompts.PromptDataModule`; image ``k`` of prompt ``i`` uses seed ``seed + i * n + k``, as
+everywhere, so the files are the same on one process or many (``--devices N``, or torchrun: see
+:mod:`vugen.commands.benchmarks`).
+"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
-from rich.progress import track
-from torchvision.utils import make_grid
-
+from vugen.callbacks.prediction_writers import ImageFolderWriter
+from vugen.commands._predict import predict
+from vugen.data.prompts import PromptDataModule
 from vugen.diffusion import Method
-from vugen.distributed import resolve_device
-from vugen.pipeline import VugenPipeline, image_seeds, to_pil
+from vugen.prediction import PipelinePredictor
 
 __all__ = ["generate"]
-
-
-def _slug(prompt: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-") or "prompt"
-
-
-def _read_prompts(prompt: str | None, prompts: str | None) -> list[str]:
-    if (prompt is None) == (prompts is None):
-        raise ValueError(
-            "give exactly one of --prompt (one prompt) and --prompts (a text file, one prompt per line), "
-            f"got prompt={prompt!r} and prompts={prompts!r}"
-        )
-    if prompt is not None:
-        return [prompt]
-    path = Path(prompts)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: no such file {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"--prompts: {path} holds no prompt (expected one per line)")
-    return lines
 
 
 def generate(
@@ -47,50 +28,52 @@ def generate(
     steps: int | None = None,
     cfg: float | None = None,
     seed: int = 0,
-    sampler: Method | None = None,
+    solver: Method | None = None,
     num_images_per_prompt: int = 1,
     batch_size: int = 8,
-    device: str | None = None,
+    accelerator: str = "auto",
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    strategy: str = "auto",
 ) -> list[Path]:
     """`vugen generate --bundle DIR --prompt TEXT | --prompts FILE --out DIR`: write PNGs of generated images.
 
-    Writes ``OUT/<index:05d>-<slug>-<k>.png`` (image ``k`` of prompt ``index``, seed ``seed + index * n + k``) and
-    ``OUT/grid.png`` (one row per prompt when ``num_images_per_prompt > 1``, else rows of 8).
+    Writes ``OUT/<index:05d>-<slug>-<k>.png`` (image ``k`` of prompt ``index``, seed ``seed + index * n + k``),
+    ``OUT/grid.png`` (one row per prompt when ``num_images_per_prompt > 1``, else rows of 8) and
+    ``OUT/vugen_sampling.json`` (the settings used).
 
     Args:
         bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``).
         out: Output folder (created).
         prompt: One prompt. Give this or ``prompts``.
-        prompts: A text file with one prompt per line (blank lines skipped).
+        prompts: A prompt set: a text file with one prompt per line (blank lines skipped), a ``.jsonl`` file of
+            objects with a ``prompt``, or a folder of ``<id>.txt`` files.
         steps: Flow-matching steps (default: the bundle's).
         cfg: Classifier-free guidance scale (default: the bundle's; 1 = none).
         seed: Base seed.
-        sampler: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
-        num_images_per_prompt: Images per prompt.
-        batch_size: Images generated together.
-        device: Torch device (default: the GPU if there is one, else the CPU).
+        solver: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
+        num_images_per_prompt: Images per prompt (generated together).
+        batch_size: Prompts per prediction batch (changes no image).
+        accelerator: Lightning accelerator: ``auto`` (a GPU when there is one), ``cpu``, ``gpu``, ...
+        devices: Processes on this machine, one per device; default: what torchrun started, else 1.
+        num_nodes: Machines; default: what torchrun started, else 1.
+        strategy: Lightning strategy (``auto``: DDP for several devices).
 
     Returns:
-        The PNG files written, grid last.
+        The PNG files of every prompt, grid last.
     """
-    texts = _read_prompts(prompt, prompts)
-    if num_images_per_prompt < 1 or batch_size < 1:
+    if (prompt is None) == (prompts is None):
         raise ValueError(
-            f"need num_images_per_prompt >= 1 and batch_size >= 1, got {num_images_per_prompt}, {batch_size}"
+            "give exactly one of --prompt (one prompt) and --prompts (a prompt file or folder), "
+            f"got prompt={prompt!r} and prompts={prompts!r}"
         )
-    pipe = VugenPipeline.from_pretrained(bundle).to(resolve_device(device))
-    n, folder = num_images_per_prompt, Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, k, text, s) for i, text in enumerate(texts) for k, s in enumerate(image_seeds(seed, i, n))]
-    files, images = [], []
-    for start in track(range(0, len(jobs), batch_size), description="generating"):
-        batch = jobs[start : start + batch_size]
-        tensor = pipe.sample([job[2] for job in batch], [job[3] for job in batch], steps, cfg, sampler).cpu()
-        for (i, k, text, _), image in zip(batch, to_pil(tensor), strict=True):
-            files.append(folder / f"{i:05d}-{_slug(text)}-{k}.png")
-            image.save(files[-1])
-        images.append(tensor)
-    grid = make_grid(torch.cat(images), nrow=n if n > 1 else 8)
-    files.append(folder / "grid.png")
-    to_pil(grid[None])[0].save(files[-1])
-    return files
+    data = PromptDataModule(
+        [prompt] if prompt is not None else prompts,
+        images_per_prompt=num_images_per_prompt,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    writer = ImageFolderWriter(out)
+    predictor = PipelinePredictor(bundle, steps=steps, guidance_scale=cfg, solver=solver)
+    predict(predictor, data, writer, accelerator, devices, num_nodes, strategy)
+    return [*writer.image_paths(data), writer.out_dir / "grid.png"]

@@ -1,4 +1,5 @@
-"""Reading captioned images: decoding, the square transform, and skipping unreadable samples.
+"""Reading captioned images: decoding, the square transform, and skipping unreadable samples; and :func:`to_pil`, the
+float -> 8-bit conversion of every image vugen writes.
 
 Shared by the two image-text sources (:mod:`vugen.data.image_folder`, :mod:`vugen.data.image_shards`). Samples are
 ``{"images": float32 [3, S, S] in [0, 1], "captions": str}``: every image is converted to RGB (palette, L, RGBA:
@@ -19,8 +20,10 @@ from typing import Any, BinaryIO
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -43,6 +46,11 @@ def image_transform(image_size: int) -> v2.Compose:
     return v2.Compose(
         [v2.Resize(image_size), v2.CenterCrop(image_size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     )
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` in ``[0, 1]`` -> RGB images (torchvision's float -> uint8 scaling)."""
+    return [to_pil_image(to_dtype(image.detach().cpu(), torch.uint8, scale=True)) for image in images]
 
 
 def load_rgb(source: str | Path | BinaryIO) -> Image.Image:
