@@ -26,7 +26,8 @@ from vugen.registry import adapter_class_path, get_adapter_class, list_adapters
 _CKPT_PATH_KEYWORDS = ("best", "last", "hpc")  # Lightning resolves these itself
 
 DESCRIPTION = (
-    "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below; "
+    "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below (`vugen predict`: "
+    "images of a vugen.data.prompts.PromptDataModule, saved by a prediction writer of vugen.callbacks); "
     "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen tiny FAMILY DIR` (write a tiny "
     "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
     "(text -> PNGs from a bundle), `vugen export` (sampler checkpoint -> bundle), `vugen export-geneval` / "

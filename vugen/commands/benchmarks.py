@@ -4,9 +4,8 @@ read (:class:`~vugen.callbacks.GenEvalWriter`, :class:`~vugen.callbacks.DPGBench
 The scorers run in their own environments (mmdet 2.x / modelscope stacks); vugen only writes their inputs. Both
 commands are ``Trainer.predict`` of a :class:`~vugen.prediction.PipelinePredictor` over a
 :class:`~vugen.data.prompts.PromptDataModule`: each prompt's images are one batch with seeds ``seed + i * n + k``,
-so every file is the same on one process or many. Several processes: ``--devices N`` (Lightning starts them), or
-``torchrun --nproc_per_node N --no-python -- vugen export-geneval ...`` (``--``: else torchrun takes vugen's options
-for its own); rank ``r`` of ``W`` generates prompts ``r, r + W, ...``. Global rank 0 writes
+so every file is the same on one process or many (how to start several: the commands' docstrings, and
+:mod:`vugen.commands._predict`); rank ``r`` of ``W`` generates prompts ``r, r + W, ...``. Global rank 0 writes
 ``OUT/vugen_sampling.json`` last: every sampling setting, the seed rule, the bundle and the sha256 of its
 ``vugen.json``.
 """
@@ -52,7 +51,8 @@ def export_geneval(
         solver: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
         grid: Also write each prompt's ``grid.png`` (one row).
         accelerator: Lightning accelerator: ``auto`` (a GPU when there is one), ``cpu``, ``gpu``, ...
-        devices: Processes on this machine, one per device; default: what torchrun started, else 1.
+        devices: Processes on this machine, one per device, started by Lightning (DDP; gloo on CPUs); default:
+            what torchrun started (``torchrun --nproc_per_node N --no-python -- vugen COMMAND ...``), else 1.
         num_nodes: Machines; default: what torchrun started, else 1.
         strategy: Lightning strategy (``auto``: DDP for several devices).
     """
@@ -89,7 +89,8 @@ def export_dpg(
         cfg: Classifier-free guidance scale (default: the bundle's).
         solver: ``euler``, ``heun`` or ``sde`` (default: the bundle's).
         accelerator: Lightning accelerator: ``auto`` (a GPU when there is one), ``cpu``, ``gpu``, ...
-        devices: Processes on this machine, one per device; default: what torchrun started, else 1.
+        devices: Processes on this machine, one per device, started by Lightning (DDP; gloo on CPUs); default:
+            what torchrun started (``torchrun --nproc_per_node N --no-python -- vugen COMMAND ...``), else 1.
         num_nodes: Machines; default: what torchrun started, else 1.
         strategy: Lightning strategy (``auto``: DDP for several devices).
     """

@@ -2,8 +2,7 @@
 
 ``Trainer.predict`` of a :class:`~vugen.prediction.PipelinePredictor` over a
 :class:`~vugen.data.prompts.PromptDataModule`; image ``k`` of prompt ``i`` uses seed ``seed + i * n + k``, as
-everywhere, so the files are the same on one process or many (``--devices N``, or torchrun: see
-:mod:`vugen.commands.benchmarks`).
+everywhere, so the files are the same on one process or many (``--devices N``, or torchrun).
 """
 
 from __future__ import annotations
@@ -55,7 +54,8 @@ def generate(
         num_images_per_prompt: Images per prompt (generated together).
         batch_size: Prompts per prediction batch (changes no image).
         accelerator: Lightning accelerator: ``auto`` (a GPU when there is one), ``cpu``, ``gpu``, ...
-        devices: Processes on this machine, one per device; default: what torchrun started, else 1.
+        devices: Processes on this machine, one per device, started by Lightning (DDP; gloo on CPUs); default:
+            what torchrun started (``torchrun --nproc_per_node N --no-python -- vugen COMMAND ...``), else 1.
         num_nodes: Machines; default: what torchrun started, else 1.
         strategy: Lightning strategy (``auto``: DDP for several devices).
 
