@@ -73,11 +73,11 @@ class _ImageWriter(BasePredictionWriter):
                 f"{name} needs {type(pl_module).__name__}.generation_record() -> dict (the settings recorded in "
                 f"{SIDECAR_FILE}); the module has no such method"
             )
-        self.check_prompts(trainer.datamodule)
+        self.prepare(trainer.datamodule)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def check_prompts(self, data: PromptDataModule) -> None:
-        """Raise if this layout cannot hold ``data``'s prompts."""
+    def prepare(self, data: PromptDataModule) -> None:
+        """Raise if this layout cannot hold ``data``'s prompts; note what writing them needs."""
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Remove the sidecar of an earlier prediction: the new one marks this prediction complete."""
@@ -149,7 +149,7 @@ class GenEvalWriter(_ImageWriter):
         self.grid = grid
         self._keeps_lines = False
 
-    def check_prompts(self, data: PromptDataModule) -> None:
+    def prepare(self, data: PromptDataModule) -> None:
         """Keep the JSONL lines of a ``.jsonl`` prompt set."""
         self._keeps_lines = data.prompt_set.format == "jsonl"
 
@@ -180,8 +180,8 @@ class DPGBenchWriter(_ImageWriter):
 
     benchmark = "dpg_bench"
 
-    def check_prompts(self, data: PromptDataModule) -> None:
-        """A folder of ``<id>.txt`` prompts, 4 images each."""
+    def prepare(self, data: PromptDataModule) -> None:
+        """Require a folder of ``<id>.txt`` prompts, 4 images each."""
         if data.prompt_set.format != "dpg_folder":
             raise ValueError(
                 "DPGBenchWriter names each image after its prompt file: the prompts must be a folder of <id>.txt "
