@@ -94,7 +94,7 @@ def test_generate_parses_its_command_line(bundle, pipe, tmp_path):
     CLI(generate, args=args)
 
     assert sorted(p.name for p in out.iterdir()) == ["00000-a-blue-square-0.png", "grid.png", "vugen_sampling.json"]
-    expected = pipe.sample(["a blue square"], [4], steps=1, guidance_scale=1.0, sampler="heun")
+    expected = pipe.sample(["a blue square"], [4], steps=1, guidance_scale=1.0, solver="heun")
     assert_same_image(pixels(out / "00000-a-blue-square-0.png"), expected[0])
     assert (expected - pipe.sample(["a blue square"], [4])).abs().max() > 2 / 255  # the options were used
 
@@ -119,9 +119,9 @@ def test_export_turns_a_sampler_checkpoint_into_a_bundle(pretrained, decoder_exp
     assert export(str(tmp_path / "sampler.ckpt"), str(tmp_path / "bundle")) == tmp_path / "bundle"
 
     reloaded = SamplerStage.load_from_checkpoint(tmp_path / "sampler.ckpt", map_location="cpu").eval()
-    expected = reloaded.generate(["a red circle"], [0])
+    expected = reloaded.pipeline().sample(["a red circle"], [0])
     assert torch.equal(VugenPipeline.from_pretrained(tmp_path / "bundle").sample(["a red circle"], [0]), expected)
-    assert torch.equal(stage.eval().generate(["a red circle"], [0]), expected)  # the weights as trained
+    assert torch.equal(stage.eval().pipeline().sample(["a red circle"], [0]), expected)  # the weights as trained
 
 
 def test_export_takes_the_ema_averages_when_the_checkpoint_has_them(pretrained, decoder_export, tmp_path):
@@ -132,8 +132,9 @@ def test_export_takes_the_ema_averages_when_the_checkpoint_has_them(pretrained, 
     trainer = Trainer(max_steps=3, callbacks=[ema], **QUIET_TRAINER | {"limit_val_batches": 0})
     trainer.fit(stage, datamodule=data)
     trainer.save_checkpoint(tmp_path / "ema.ckpt")
-    averages = {name[len("bridge.") :]: value for name, value in ema.averages.items() if name.startswith("bridge.")}
-    trained = {name: p.detach() for name, p in stage.bridge.named_parameters()}
+    prefix = "latent_sampler.bridge."
+    averages = {name.removeprefix(prefix): value for name, value in ema.averages.items() if name.startswith(prefix)}
+    trained = {name: p.detach() for name, p in stage.latent_sampler.bridge.named_parameters()}
     assert not torch.equal(averages["in_proj.weight"], trained["in_proj.weight"])
 
     for weights, expected in (("auto", averages), ("ema", averages), ("training", trained)):
@@ -173,7 +174,7 @@ def test_geneval_export_writes_its_layout_file_by_file(bundle, pipe, tmp_path):
 
     sidecar = json.loads((out / "vugen_sampling.json").read_text())
     assert sidecar["benchmark"] == "geneval" and sidecar["images_per_prompt"] == 2 and sidecar["seed"] == 100
-    assert sidecar["sampling"] == {**pipe.sampling, "steps": 1} and sidecar["image_size"] == IMAGE_SIZE
+    assert sidecar["sampling"] == {**pipe.sampling.to_dict(), "steps": 1} and sidecar["image_size"] == IMAGE_SIZE
     assert sidecar["bundle"] == str(bundle.resolve())
     assert sidecar["bundle_vugen_json_sha256"] == hashlib.sha256((bundle / "vugen.json").read_bytes()).hexdigest()
     assert sidecar["seed_rule"] == "image k of prompt i uses seed + i * images_per_prompt + k"

@@ -24,10 +24,12 @@ from PIL import Image
 from torch.utils.data import SequentialSampler
 from torchvision.utils import make_grid
 
+from tests.cli_harness import demo_config
+from tests.crafted_files import trained_checkpoint
+from tests.fixtures_bundle import TINY_SAMPLER, make_stage
 from tests.test_configs import ParseOnlyCLI
 from tests.test_distributed import launch_env
 from tests.test_generate_cli import DPG_PROMPTS, GENEVAL_LINES, tree
-from vugen import pipeline
 from vugen.callbacks import SIDECAR_FILE, DPGBenchWriter, GenEvalWriter
 from vugen.cli import main, run
 from vugen.commands.benchmarks import export_geneval
@@ -67,9 +69,9 @@ def reference_geneval(pipe: VugenPipeline, lines: list[str], n: int, seed: int, 
     for i, line in enumerate(lines):
         images = pipe.sample([json.loads(line)["prompt"]] * n, image_seeds(seed, i, n), **overrides).cpu()
         files[f"{i:05d}/metadata.jsonl"] = (line + "\n").encode()
-        for k, image in enumerate(pipeline.to_pil(images)):
+        for k, image in enumerate(to_pil(images)):
             files[f"{i:05d}/samples/{k:04d}.png"] = png(image)
-        files[f"{i:05d}/grid.png"] = png(pipeline.to_pil(make_grid(images, nrow=n)[None])[0])
+        files[f"{i:05d}/grid.png"] = png(to_pil(make_grid(images, nrow=n)[None])[0])
     return files
 
 
@@ -125,11 +127,6 @@ def test_prompt_sets_of_each_kind_give_prompts_seeds_and_records(tmp_path):
         "seed": 10,
         "seed_rule": "image k of prompt i uses seed + i * images_per_prompt + k",
     }
-
-
-def test_the_seed_rule_is_the_pipelines():
-    for seed, index, n in [(0, 0, 1), (7, 3, 4), (100, 2, 2)]:
-        assert image_seeds(seed, index, n) == pipeline.image_seeds(seed, index, n)
 
 
 def bad_sets(tmp_path: Path) -> list[tuple[object, type, str]]:
@@ -242,8 +239,8 @@ def test_export_geneval_writes_the_bytes_of_the_exporter_it_replaces(bundle, pip
         "bundle": str(bundle.resolve()),
         "bundle_vugen_json_sha256": PipelinePredictor(str(bundle)).bundle_sha256,
         "image_size": pipe.image_size,
-        "sampling": {**pipe.sampling, "steps": 1},
-        "decoder_sampling": pipe.stage.decoder_sampling,
+        "sampling": {**pipe.sampling.to_dict(), "steps": 1},
+        "decoder_sampling": pipe.decoder_sampling.to_dict(),
     }
 
     # Trainer.predict by hand, batches of 2 prompts: the same files, sidecar included.
@@ -269,7 +266,11 @@ def test_vugen_predict_writes_the_demo_config_layout_with_a_bundle(bundle, pipe,
     lines = [json.dumps({"prompt": prompt}) for prompt in prompts]  # a list's prompts get a minimal metadata line
     assert without_sidecar(tree(tmp_path / "out")) == reference_geneval(pipe, lines, n=2, seed=3)
     sidecar = json.loads((tmp_path / "out" / SIDECAR_FILE).read_text())
-    assert sidecar["prompts"] == prompts and sidecar["prompt_format"] == "list" and sidecar["sampling"] == pipe.sampling
+    assert (
+        sidecar["prompts"] == prompts
+        and sidecar["prompt_format"] == "list"
+        and sidecar["sampling"] == pipe.sampling.to_dict()
+    )
 
 
 def test_the_predict_config_layers_over_the_sampler_config():
@@ -331,3 +332,61 @@ def test_two_ddp_processes_write_the_bytes_of_one(bundle, tmp_path, metadata):
         assert tree(tmp_path / f"{name}-2") == tree(tmp_path / f"{name}-1")
     assert len(tree(tmp_path / "geneval-1")) == 1 + 3 * 4  # the sidecar; per prompt its metadata, 2 images, a grid
     assert len(tree(tmp_path / "generate-1")) == 1 + 3 * 2 + 1  # the sidecar, 2 images per prompt, the grid
+
+
+# ---------------------------------------------------------------------------------------------------- with a checkpoint
+@pytest.fixture(scope="module")
+def sampler_run(pretrained, decoder_export, tmp_path_factory) -> dict[str, Path]:
+    """A trained sampler checkpoint, its bundle (``vugen export``), and the demo's sampler + predict configs pointed
+    at them: 3 held-out prompts, 2 images each, GenEval layout."""
+    root = tmp_path_factory.mktemp("predict-stage")
+    checkpoint = trained_checkpoint(make_stage(pretrained, decoder_export), root / "sampler.ckpt")
+    arguments = {key: value.to_dict() for key, value in TINY_SAMPLER.items()}
+    sampler_config = demo_config("sampler", root, pretrained, decoder_export=str(decoder_export), **arguments)
+    predict = yaml.safe_load((ROOT / "configs/demo/predict.yaml").read_text())
+    prompts = predict["data"]["init_args"]["prompts"][:3]
+    predict["data"]["init_args"].update(prompts=prompts, images_per_prompt=2, seed=0)
+    predict["trainer"] |= {"enable_progress_bar": False}
+    (root / "predict.yaml").write_text(yaml.safe_dump(predict))
+    metadata = root / "heldout.jsonl"
+    metadata.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
+    run(["export", str(checkpoint), str(root / "bundle")])
+    return {"root": root, "checkpoint": checkpoint, "sampler": sampler_config, "metadata": metadata}
+
+
+def predict_command(run: dict[str, Path], out: Path) -> list[str]:
+    configs = ["--config", str(run["sampler"]), "--config", str(run["root"] / "predict.yaml")]
+    writer_out = ["--trainer.callbacks.init_args.out_dir", str(out)]
+    return ["predict", *configs, *writer_out, "--ckpt_path", str(run["checkpoint"])]
+
+
+def test_vugen_predict_on_a_sampler_checkpoint_writes_the_bytes_of_export_geneval(
+    sampler_run, decoder_export, tmp_path
+):
+    """The issue's check: `vugen predict --config sampler.yaml --config predict.yaml --ckpt_path sampler.ckpt` (the
+    stage's predict_step) writes the held-out GenEval layout byte for byte as `vugen export-geneval` does from the
+    checkpoint's exported bundle (the sidecars differ only in where the weights came from)."""
+    run(predict_command(sampler_run, tmp_path / "predict"))
+    bundle = sampler_run["root"] / "bundle"
+    run(["export-geneval", str(bundle), str(sampler_run["metadata"]), str(tmp_path / "export"), "--n", "2"])
+
+    predicted, exported = tree(tmp_path / "predict"), tree(tmp_path / "export")
+    assert sorted(predicted) == sorted(exported) and len(predicted) == 3 * 4 + 1  # samples, grid, metadata; sidecar
+    assert without_sidecar(predicted) == without_sidecar(exported)
+    assert len(set(without_sidecar(predicted).values())) == 3 * 4  # no two files alike: the check is not vacuous
+    stage_sidecar, bundle_sidecar = json.loads(predicted[SIDECAR_FILE]), json.loads(exported[SIDECAR_FILE])
+    assert stage_sidecar["source"] == {"stage": "SamplerStage", "decoder_export": str(decoder_export)}
+    for key in ("sampling", "decoder_sampling", "image_size", "seed", "seed_rule", "images_per_prompt"):
+        assert stage_sidecar[key] == bundle_sidecar[key], key
+
+
+@pytest.mark.slow
+def test_vugen_predict_on_two_ddp_processes_writes_the_bytes_of_one(sampler_run, tmp_path):
+    """The same command with ``--trainer.devices 2 --trainer.strategy ddp`` (a subprocess: DDP re-runs the command
+    line) writes the same files, sidecar included: rank 0 takes prompts 0 and 2, rank 1 prompt 1."""
+    run(predict_command(sampler_run, tmp_path / "one"))
+    command = [str(Path(sys.executable).parent / "vugen"), *predict_command(sampler_run, tmp_path / "two")]
+    command += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")

@@ -80,6 +80,7 @@ __all__ = [
     "read_config",
     "read_decoder_export",
     "save_bundle",
+    "sha256_of",
     "write_decoder_export",
 ]
 
@@ -189,7 +190,7 @@ def save_bundle(
         _save_lora(staging / "lora", sampler, lora)
         # every file written so far: all but vugen.json (which holds the hashes) and the model card (free to edit)
         files = sorted(path for path in staging.rglob("*") if path.is_file())
-        record["sha256"] = {str(path.relative_to(staging)): _sha256(path) for path in files}
+        record["sha256"] = {str(path.relative_to(staging)): sha256_of(path) for path in files}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _model_card(record).save(staging / "README.md")
     return Path(directory)
@@ -417,7 +418,7 @@ def _check_sha256(directory: Path, recorded: Mapping[str, str]) -> None:
         path = directory / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing ({CONFIG_FILE} records its sha256)")
-        found = _sha256(path)
+        found = sha256_of(path)
         if found != digest:
             raise BundleError(
                 f"{path} was changed or damaged after the bundle was written (truncated, half-copied?): its sha256 "
@@ -500,7 +501,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {error}") from error
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file as hex, read in chunks (weight files can be large)."""
     with path.open("rb") as handle:
         return sha_fileobj(handle).hex()  # read in chunks: weight files can be large
 

@@ -6,7 +6,6 @@
   flow-matching generator of reduced latents, shaped by a :class:`LatentSamplerConfig` (LoRA, attention, flow head).
   The sampler stage trains it; the pipeline generates with it.
 - :func:`decode_latents`: reduced latents -> images with the pixel decoder.
-- :func:`image_seeds`: the seed rule every generation path uses.
 
 Sequence per sample: ``[prompt tokens][BOI][latent tokens]``, where a latent token is ``in_proj(z_t) + position +
 time``. The hidden states at the latent tokens become velocities. Attention is causal over the prompt and, by
@@ -51,7 +50,6 @@ __all__ = [
     "LatentSamplerConfig",
     "SamplingConfig",
     "decode_latents",
-    "image_seeds",
 ]
 
 LORA_ADAPTER_NAME = "default"  # peft's adapter name inside the language model
@@ -169,15 +167,6 @@ def _check_keys(cls: type, settings: Mapping[str, Any], source: str) -> None:
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown setting {unknown[0]!r}; {cls.__name__} has {', '.join(known)}")
-
-
-def image_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
-    """Seeds of the ``n`` images of prompt ``prompt_index``: ``seed + prompt_index * n + k``.
-
-    Every generation path (the pipeline call, ``vugen generate``, ``vugen predict``, the benchmark exports) uses this
-    rule, so an image depends on its prompt's index and the base seed only, not on batching or the rank count.
-    """
-    return [seed + prompt_index * n + k for k in range(n)]
 
 
 class LatentSampler(nn.Module):

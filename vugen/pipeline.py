@@ -8,7 +8,7 @@ modules (shared, not copied); :meth:`VugenPipeline.from_pretrained` loads a bund
 
 Seeds: image ``k`` of prompt ``i`` uses seed ``seed + i * n + k`` (``n`` images per prompt) everywhere (the pipeline
 call, ``vugen generate``, ``vugen predict``, the benchmark exports), so an image does not depend on batching or on the
-rank count (:func:`vugen.generation.image_seeds`).
+rank count (:func:`vugen.data.prompts.image_seeds`).
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 
 from vugen.adapter import VLMAdapter
 from vugen.bundle import bundle_record, load_bundle, save_bundle
-from vugen.generation import LatentSampler, SamplingConfig, decode_latents, image_seeds
+from vugen.data.image_io import to_pil
+from vugen.data.prompts import image_seeds
+from vugen.generation import LatentSampler, SamplingConfig, decode_latents
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 
-__all__ = ["VugenPipeline", "to_pil"]
+__all__ = ["VugenPipeline"]
 
 
 class VugenPipeline:
@@ -180,8 +181,3 @@ def _eval_mode(modules: Any) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.train(training)
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """``[B, 3, H, W]`` in ``[0, 1]`` -> RGB images (torchvision's float -> uint8 scaling)."""
-    return [to_pil_image(to_dtype(image.detach().cpu(), torch.uint8, scale=True)) for image in images]

@@ -9,7 +9,6 @@ processes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,10 +16,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from vugen.bundle import CONFIG_FILE
+from vugen.bundle import CONFIG_FILE, sha256_of
 from vugen.data.prompts import PromptBatch
 from vugen.diffusion import Method
-from vugen.pipeline import VugenPipeline, sampling_overrides
+from vugen.pipeline import VugenPipeline
 
 __all__ = ["ImageSampler", "PipelinePredictor", "predict_images"]
 
@@ -71,11 +70,11 @@ class PipelinePredictor(LightningModule):
     ) -> None:
         super().__init__()
         self.bundle = Path(bundle)
-        with (self.bundle / CONFIG_FILE).open("rb") as handle:  # before loading: loading checks files against it
-            self.bundle_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        self.bundle_sha256 = sha256_of(self.bundle / CONFIG_FILE)  # before loading: loading checks files against it
         self.pipeline = VugenPipeline.from_pretrained(bundle, trust_remote_code=trust_remote_code)
-        # The settings given, as keyword arguments of VugenPipeline.sample (the one place they are named).
-        self.overrides = sampling_overrides(steps, guidance_scale, solver)
+        given = {"steps": steps, "guidance_scale": guidance_scale, "solver": solver}
+        self.overrides = {key: value for key, value in given.items() if value is not None}
+        self.sampling = self.pipeline.sampling.with_overrides(**self.overrides)  # a bad setting fails here, at once
 
     def on_predict_start(self) -> None:
         """Move the pipeline to the device the trainer put this module on."""
@@ -96,11 +95,6 @@ class PipelinePredictor(LightningModule):
             "bundle": str(self.bundle.resolve()),
             "bundle_vugen_json_sha256": self.bundle_sha256,
             "image_size": self.pipeline.image_size,
-            "sampling": _as_dict(self.pipeline.sampling) | self.overrides,
-            "decoder_sampling": _as_dict(self.pipeline.stage.decoder_sampling),
+            "sampling": self.sampling.to_dict(),
+            "decoder_sampling": self.pipeline.decoder_sampling.to_dict(),
         }
-
-
-def _as_dict(settings: Any) -> dict[str, Any]:
-    """Sampling settings as a plain dict, whether a mapping or a settings dataclass with ``to_dict()``."""
-    return settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)

@@ -8,7 +8,6 @@ from typing import Literal
 from vugen.callbacks import EMA
 from vugen.checkpoint import check_writer, read_checkpoint
 from vugen.finite import require_finite
-from vugen.pipeline import VugenPipeline
 from vugen.stages.sampler import SamplerStage
 
 __all__ = ["export"]
@@ -52,4 +51,4 @@ def export(
             raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
         source = "training weights" if updates is None else "EMA averages"
     require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
-    return VugenPipeline.from_stage(stage).save_pretrained(out)
+    return stage.pipeline().save_pretrained(out)

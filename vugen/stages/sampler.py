@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from vugen.adapter import VLMAdapter
 from vugen.bundle import read_decoder_export
 from vugen.data.batches import batch_images
+from vugen.data.prompts import PromptBatch
 from vugen.diffusion import Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
 from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, LatentSamplerConfig, SamplingConfig
 from vugen.pipeline import VugenPipeline
@@ -272,10 +273,10 @@ class SamplerStage(AdapterStage):
         return [*lora, *bridge.children(), bridge]
 
     # ------------------------------------------------------------------ prediction
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Images of a :class:`~vugen.data.prompts.PromptDataModule` batch with :meth:`pipeline`, one prompt's
-        images at a time, as ``vugen export-geneval`` makes them from the exported bundle (see
-        :func:`vugen.prediction.predict_images`)."""
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
+        """The images ``[P, n, 3, H, W]`` of a :class:`~vugen.data.prompts.PromptDataModule` batch with
+        :meth:`pipeline`, one prompt's images at a time, as ``vugen export-geneval`` makes them from the exported
+        bundle (see :func:`vugen.prediction.predict_images`)."""
         return predict_images(self.pipeline(), batch)
 
     def generation_record(self) -> dict[str, Any]:
