@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["VugenError", "known_error_message"]
+__all__ = ["VugenError", "check_positive", "known_error_message"]
 
 TRACEBACK_ENV = "VUGEN_TRACEBACK"
 
@@ -39,6 +39,16 @@ class VugenError(Exception):
 
     The message is complete on its own: what is wrong, where (file, key or argument) and what to do.
     """
+
+
+def check_positive(name: str, value: int) -> None:
+    """An argument check: ``value`` must be an integer >= 1 (not a bool).
+
+    Raises:
+        ValueError: ``"{name} must be a positive integer, got {value!r}"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def known_error_message(error: BaseException) -> str | None:

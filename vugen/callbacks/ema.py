@@ -16,6 +16,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from vugen.errors import check_positive
+
 __all__ = ["EMA"]
 
 
@@ -55,16 +57,12 @@ class EMA(Callback):
     ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        if update_every_n_steps < 1:
-            raise ValueError(f"EMA update_every_n_steps must be >= 1, got {update_every_n_steps}")
+        check_positive("EMA update_every_n_steps", update_every_n_steps)
         if start_step < 0:
             raise ValueError(f"EMA start_step must be >= 0, got {start_step}")
-        self.decay = decay
-        self.warmup = warmup
-        self.update_every_n_steps = update_every_n_steps
-        self.start_step = start_step
-        self.apply_at_end = apply_at_end
-        self.swap_for_eval = swap_for_eval
+        self.decay, self.warmup = decay, warmup
+        self.update_every_n_steps, self.start_step = update_every_n_steps, start_step
+        self.apply_at_end, self.swap_for_eval = apply_at_end, swap_for_eval
         self._averages: dict[str, Tensor] | None = None
         self._num_updates = 0
         self._last_step = 0

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
 from vugen.data.batches import batch_images
+from vugen.errors import check_positive
 
 __all__ = ["ReconstructionGrid", "reconstruction_grid"]
 
@@ -67,17 +68,12 @@ class ReconstructionGrid(Callback):
         tag: str = "reconstructions",
         split: Literal["val", "train"] = "val",
     ) -> None:
-        if num_images < 1:
-            raise ValueError(f"ReconstructionGrid num_images must be >= 1, got {num_images}")
-        if every_n_validations < 1:
-            raise ValueError(f"ReconstructionGrid every_n_validations must be >= 1, got {every_n_validations}")
+        check_positive("ReconstructionGrid num_images", num_images)
+        check_positive("ReconstructionGrid every_n_validations", every_n_validations)
         if split not in ("val", "train"):
             raise ValueError(f"ReconstructionGrid split must be 'val' or 'train', got {split!r}")
-        self.num_images = num_images
-        self.every_n_validations = every_n_validations
-        self.seed = seed
-        self.tag = tag
-        self.split = split
+        self.num_images, self.every_n_validations = num_images, every_n_validations
+        self.seed, self.tag, self.split = seed, tag, split
         self._images: dict[str, Tensor] = {}  # fixed images per split, on CPU
         self._validations = 0
         self._said_no_logger = False

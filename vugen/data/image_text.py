@@ -36,7 +36,7 @@ from vugen.data.image_io import (
 )
 from vugen.data.image_shards import ImageTextShards
 from vugen.data.resumable import ResumableDataLoader
-from vugen.data.shapes_datamodule import check_positive
+from vugen.errors import check_positive
 
 __all__ = ["ImageTextDataModule"]
 

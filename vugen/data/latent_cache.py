@@ -54,7 +54,7 @@ from vugen.data.latent_index import (
     read_index,
 )
 from vugen.data.resumable import ResumableDataLoader
-from vugen.data.shapes_datamodule import check_positive
+from vugen.errors import check_positive
 from vugen.nn.reducer import DimensionReducer
 
 __all__ = ["LatentCacheDataModule", "LatentCacheDataset"]

@@ -27,7 +27,7 @@ from vugen.atomic import atomic_directory
 from vugen.data.batches import batch_images
 from vugen.data.image_io import collate_skipping_none
 from vugen.data.latent_index import FORMAT, INDEX_FILE, VERSION, fingerprint
-from vugen.data.shapes_datamodule import check_positive
+from vugen.errors import check_positive
 from vugen.nn.reducer import DimensionReducer
 
 

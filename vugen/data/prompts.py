@@ -25,7 +25,7 @@ from typing import Any, Literal, TypedDict
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from vugen.data.shapes_datamodule import check_positive
+from vugen.errors import check_positive
 
 __all__ = [
     "SEED_RULE",

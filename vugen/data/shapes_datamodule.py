@@ -9,11 +9,7 @@ from torch.utils.data import DataLoader
 
 from vugen.data.resumable import ResumableDataLoader
 from vugen.data.shapes import ShapesDataset, check_image_size
-
-
-def check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+from vugen.errors import check_positive
 
 
 class ShapesDataModule(LightningDataModule):
