@@ -8,8 +8,8 @@ Rows:
   warm-up steps dropped, runs interleaved; the loop's loss is first checked equal to ``training_step``'s.
 - ``decoder/mfu``: FLOP/s achieved by the Lightning step (FLOPs of one step counted by ``FlopCounterMode``) vs the
   machine's matmul FLOP/s measured now in the precision's dtype; the ratio is the model FLOP utilisation.
-- ``decoder/sample/<method>/<steps>``: ms per image of ``DecoderStage.decode`` vs a hand loop of Euler (or Heun)
-  steps calling the decoder directly from the same noise (outputs checked equal once per method).
+- ``decoder/sample/<solver>/<steps>``: ms per image of ``DecoderStage.decode`` vs a hand loop of Euler (or Heun)
+  steps calling the decoder directly from the same noise (outputs checked equal once per solver).
 
 The frozen VLM is the tiny offline LLaVA (``vugen_adapters.tiny``): its cost is small next to the decoder's.
 """
@@ -54,7 +54,7 @@ __all__ = ["DecoderBenchConfig", "add_arguments", "configure", "plain_loss", "pl
 NAME = "decoder"
 LEARNING_RATE = 1e-4
 TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
-_SAMPLERS = ("euler", "heun")
+_SOLVERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class DecoderBenchConfig:
     repeats: int = field(metadata={"help": "interleaved runs of each side (x3 for the peak matmul)"})
     sample_batch_size: int = field(metadata={"help": "images per sampling call"})
     sample_steps: tuple[int, ...] = field(metadata={"help": "sampling step counts"})
-    samplers: tuple[str, ...] = field(metadata={"help": "sampling methods", "choices": _SAMPLERS})
+    solvers: tuple[str, ...] = field(metadata={"help": "ODE solvers of sampling", "choices": _SOLVERS})
     peak_size: int = field(metadata={"help": "side of the square matmul that measures the peak FLOP/s"})
 
     def __post_init__(self) -> None:
@@ -90,9 +90,9 @@ class DecoderBenchConfig:
 
 
 PRESETS = {
-    "quick": DecoderBenchConfig(16, 4, 32, 1, 2, 8, 4, 3, 1, 2, 2, (2, 4), _SAMPLERS, 256),
-    "cpu": DecoderBenchConfig(32, 4, 192, 4, 3, 16, 16, 10, 3, 3, 4, (5, 10, 25, 50), _SAMPLERS, 2048),
-    "cuda": DecoderBenchConfig(256, 16, 768, 12, 12, 16, 32, 20, 5, 3, 32, (5, 10, 25, 50), _SAMPLERS, 8192),
+    "quick": DecoderBenchConfig(16, 4, 32, 1, 2, 8, 4, 3, 1, 2, 2, (2, 4), _SOLVERS, 256),
+    "cpu": DecoderBenchConfig(32, 4, 192, 4, 3, 16, 16, 10, 3, 3, 4, (5, 10, 25, 50), _SOLVERS, 2048),
+    "cuda": DecoderBenchConfig(256, 16, 768, 12, 12, 16, 32, 20, 5, 3, 32, (5, 10, 25, 50), _SOLVERS, 8192),
 }
 
 
@@ -251,7 +251,7 @@ def _mfu_row(
 
 # ---------------------------------------------------------------------------------------------------- sampling
 def plain_sample(
-    decoder: PixelDecoder, latents: Tensor, grid: tuple[int, int], noise: Tensor, steps: int, method: str, shift: float
+    decoder: PixelDecoder, latents: Tensor, grid: tuple[int, int], noise: Tensor, steps: int, solver: str, shift: float
 ) -> Tensor:
     """Integrate the flow by hand with an x-prediction ``decoder``: Euler steps, or Heun's with a final Euler step.
 
@@ -271,7 +271,7 @@ def plain_sample(
     x = noise
     for k, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=True)):
         v0 = velocity(x, t0)
-        if method == "heun" and k < steps - 1:
+        if solver == "heun" and k < steps - 1:
             x = x + 0.5 * (t1 - t0) * (v0 + velocity(x + (t1 - t0) * v0, t1))
         else:
             x = x + (t1 - t0) * v0
@@ -288,37 +288,37 @@ def _sampling_rows(stage: DecoderStage, images: Tensor, config: DecoderBenchConf
         generator = torch.Generator(settings.device).manual_seed(0)
         return torch.randn(count, 3, *size, generator=generator, device=settings.device).to(stage.param_dtype)
 
-    def framework(steps: int, method: str) -> Tensor:
+    def framework(steps: int, solver: str) -> Tensor:
         generator = torch.Generator(settings.device).manual_seed(0)
         with settings.autocast():
-            return stage.decode(latents, grid, size, generator=generator, sampler=method, steps=steps)
+            return stage.decode(latents, grid, size, generator=generator, solver=solver, steps=steps)
 
     @torch.no_grad()
-    def plain(steps: int, method: str) -> Tensor:
+    def plain(steps: int, solver: str) -> Tensor:
         with settings.autocast():
             start = noise()
-            return plain_sample(stage.decoder, latents, grid, start, steps, method, stage.shift_for(start))
+            return plain_sample(stage.decoder, latents, grid, start, steps, solver, stage.shift_for(start))
 
     result = []
-    for method in config.samplers:
-        progress(f"decoder: sampling with {method}, steps {list(config.sample_steps)}")
-        _check_same_images(framework(min(config.sample_steps), method), plain(min(config.sample_steps), method))
+    for solver in config.solvers:
+        progress(f"decoder: sampling with {solver}, steps {list(config.sample_steps)}")
+        _check_same_images(framework(min(config.sample_steps), solver), plain(min(config.sample_steps), solver))
         for steps in config.sample_steps:
             times = interleaved(
                 {
-                    "vugen": lambda s=steps, m=method: [timed(lambda: framework(s, m), settings.device)],
-                    "plain": lambda s=steps, m=method: [timed(lambda: plain(s, m), settings.device)],
+                    "vugen": lambda s=steps, m=solver: [timed(lambda: framework(s, m), settings.device)],
+                    "plain": lambda s=steps, m=solver: [timed(lambda: plain(s, m), settings.device)],
                 },
                 config.repeats,
             )
-            calls = 2 * steps - 1 if method == "heun" else steps
+            calls = 2 * steps - 1 if solver == "heun" else steps
             result.append(
                 Row.from_samples(
-                    f"decoder/sample/{method}/{steps}",
+                    f"decoder/sample/{solver}/{steps}",
                     "ms/image",
                     [1e3 * t / count for t in times["vugen"]],
                     [1e3 * t / count for t in times["plain"]],
-                    compares=f"DecoderStage.decode / hand {method} loop",
+                    compares=f"DecoderStage.decode / hand {solver} loop",
                     target=TARGET_RATIO,
                     detail=f"{_describe(config, count)}; {calls} decoder calls x {config.repeats} runs",
                 )

@@ -3,10 +3,10 @@ against its reference in the same run.
 
 Rows:
 
-- ``sampler/generate/<method>/<steps>``: ms per image of ``SamplerStage.generate_latents``, which runs the prompt
-  once and reuses its KV cache at every flow step, vs :func:`uncached_latents`: the same sampler loop and guidance
-  re-running the whole ``[prompt][BOI][latents]`` sequence through ``SamplerStage.velocity`` at every step (the
-  latents of both are checked equal first). Classifier-free guidance doubles the batch of both.
+- ``sampler/generate/<solver>/<steps>``: ms per image of ``LatentSampler.generate`` (the stage's latent sampler),
+  which runs the prompt once and reuses its KV cache at every flow step, vs :func:`uncached_latents`: the same solver
+  loop and guidance re-running the whole ``[prompt][BOI][latents]`` sequence through ``LatentSampler.velocity`` at
+  every step (the latents of both are checked equal first). Classifier-free guidance doubles the batch of both.
 - ``sampler/generate/ideal``: the lowest ratio the cache can give, ``T_img / (T_prompt + T_img)``, from forward times
   measured now: ``T_prompt`` the ``[prompt][BOI]`` pass, ``T_img`` one cached latent step (with its cache copy). Its
   inverse ``(T_prompt + T_img) / T_img`` is the ideal speedup, in the detail column.
@@ -53,9 +53,8 @@ from benchmarks.common import (
     timed,
 )
 from vugen.adapter import positions_from_mask
-from vugen.diffusion import (
-    METHODS,
-)
+from vugen.diffusion import METHODS
+from vugen.generation import LatentSampler, SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
@@ -99,7 +98,7 @@ class SamplerBenchConfig:
     prompt_tokens: int = field(metadata={"help": "chat-templated prompt length in tokens (at least)"})
     prompts: int = field(metadata={"help": "prompts per generation call"})
     sample_steps: int = field(metadata={"help": "flow steps per generation"})
-    method: str = field(metadata={"help": "sampling method of generation", "choices": METHODS[:2]})
+    solver: str = field(metadata={"help": "ODE solver of generation", "choices": METHODS[:2]})
     forward_calls: int = field(metadata={"help": "timed forwards of each part per run, for the ideal ratio"})
     batch_size: int = field(metadata={"help": "training batch"})
     train_steps: int = field(metadata={"help": "timed optimizer steps per run"})
@@ -182,9 +181,7 @@ def build_stage(directory: Path, config: SamplerBenchConfig) -> SamplerStage:
         str(export),
         lora_rank=config.lora_rank,
         head_width=config.head_width,
-        sampler=config.method,
-        sample_steps=config.sample_steps,
-        guidance_scale=GUIDANCE_SCALE,
+        sampling=SamplingConfig(solver=config.solver, steps=config.sample_steps, guidance_scale=GUIDANCE_SCALE),
         optimizer=optimizer,
     )
     generator = torch.Generator().manual_seed(0)
@@ -216,49 +213,51 @@ def _describe(stage: SamplerStage, prompt_tokens: int) -> str:
     vision = stage.adapter.vlm.config.vision_config
     return (
         f"LM w{lm.hidden_size} d{lm.num_hidden_layers}, ViT w{vision.hidden_size} d{vision.num_hidden_layers}; "
-        f"P={prompt_tokens}+BOI N={stage.bridge.num_tokens}"
+        f"P={prompt_tokens}+BOI N={stage.latent_sampler.bridge.num_tokens}"
     )
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-def uncached_latents(stage: SamplerStage, prompts: list[str], seeds: list[int]) -> Tensor:
-    """What ``stage.generate_latents(prompts, seeds)`` computes, without the prompt cache.
+def uncached_latents(sampler: LatentSampler, prompts: list[str], seeds: list[int], sampling: SamplingConfig) -> Tensor:
+    """What ``sampler.generate(prompts, seeds, sampling)`` computes, without the prompt cache.
 
-    The same noise, sampler loop and classifier-free guidance, but every flow step runs the whole
-    ``[prompt][BOI][latents]`` sequence through ``SamplerStage.velocity``.
+    The same noise, solver loop and classifier-free guidance, but every flow step runs the whole
+    ``[prompt][BOI][latents]`` sequence through ``LatentSampler.velocity``.
 
     Returns:
         Latents ``[B, N, d]``.
     """
-    settings = stage.sampling
-    prefix_embeds, prefix_mask = stage.prefix(stage.guided_prompts(prompts, settings))
+    prefix_embeds, prefix_mask = sampler.prefix(sampler.guided_prompts(prompts, sampling))
 
     def velocity(z_t: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-        return stage.velocity(z_t, t, prefix_embeds[rows], prefix_mask[rows])
+        return sampler.velocity(z_t, t, prefix_embeds[rows], prefix_mask[rows])
 
-    return stage.integrate(velocity, seeds, settings)
+    return sampler.integrate(velocity, seeds, sampling)
 
 
 def _generation_rows(
     stage: SamplerStage, prompts: list[str], config: SamplerBenchConfig, settings: Settings
 ) -> list[Row]:
     stage.eval()
+    sampler, sampling = stage.latent_sampler, stage.sampling
     seeds = list(range(len(prompts)))
     prompt_tokens = stage.adapter.tokenize(prompts)["input_ids"].shape[1]
 
     @torch.no_grad()
     def cached() -> Tensor:
         with settings.autocast():
-            return stage.generate_latents(prompts, seeds)
+            return sampler.generate(prompts, seeds, sampling)
 
     @torch.no_grad()
     def uncached() -> Tensor:
         with settings.autocast():
-            return uncached_latents(stage, prompts, seeds)
+            return uncached_latents(sampler, prompts, seeds, sampling)
 
     progress(f"sampler: generation with and without the prompt cache ({config.repeats} runs each)")
     with torch.no_grad():  # in full precision: bf16 rounds the cached and the full sequence differently
-        _check_same_latents(stage.generate_latents(prompts, seeds), uncached_latents(stage, prompts, seeds))
+        _check_same_latents(
+            sampler.generate(prompts, seeds, sampling), uncached_latents(sampler, prompts, seeds, sampling)
+        )
     cached()  # warm-up of both sides: first-call allocations and kernel selection
     uncached()
     times = interleaved(
@@ -268,14 +267,14 @@ def _generation_rows(
         },
         config.repeats,
     )
-    count, steps, method = len(prompts), config.sample_steps, config.method
-    calls = 2 * steps - 1 if method == "heun" else steps
+    count, steps, solver = len(prompts), config.sample_steps, config.solver
+    calls = 2 * steps - 1 if solver == "heun" else steps
     generate = Row.from_samples(
-        f"sampler/generate/{method}/{steps}",
+        f"sampler/generate/{solver}/{steps}",
         "ms/image",
         [1e3 * t / count for t in times["cached"]],
         [1e3 * t / count for t in times["uncached"]],
-        compares="generate_latents (prompt KV cache) / full sequence every step",
+        compares="LatentSampler.generate (prompt KV cache) / full sequence every step",
         target=TARGET_RATIO,  # the cache must never cost time
         detail=(
             f"{_describe(stage, prompt_tokens)}; {count} prompt(s) x CFG {GUIDANCE_SCALE:g}; {calls} LM calls x "
@@ -289,7 +288,7 @@ def _check_same_latents(cached: Tensor, uncached: Tensor) -> None:
     error = (cached - uncached).abs().max().item()
     if error > 1e-3 * max(1.0, uncached.abs().max().item()):
         raise RuntimeError(
-            f"the uncached reference no longer matches SamplerStage.generate_latents (max abs difference {error:.3g});"
+            f"the uncached reference no longer matches LatentSampler.generate (max abs difference {error:.3g});"
             " update benchmarks/sampler.py:uncached_latents"
         )
 
@@ -298,25 +297,26 @@ def _check_same_latents(cached: Tensor, uncached: Tensor) -> None:
 def _ideal_row(
     stage: SamplerStage, prompts: list[str], prompt_tokens: int, config: SamplerBenchConfig, settings: Settings
 ) -> Row:
-    """Forward times of the two parts of a sequence, on the CFG batch as ``generate_latents`` runs them."""
-    all_prompts = prompts + [""] * len(prompts)
-    prefix_embeds, prefix_mask = stage.prefix(all_prompts)
+    """Forward times of the two parts of a sequence, on the CFG batch as ``LatentSampler.generate`` runs them."""
+    sampler = stage.latent_sampler
+    all_prompts = sampler.guided_prompts(prompts, stage.sampling)
+    prefix_embeds, prefix_mask = sampler.prefix(all_prompts)
     positions = positions_from_mask(prefix_mask, prefix_mask.shape[1])
-    image_from = stage._image_from(prefix_mask)
+    image_from = sampler.image_from(prefix_mask)
 
     def prompt_pass() -> tuple[Tensor, Any]:
         with settings.autocast():
-            return stage._run(prefix_embeds, prefix_mask, positions, image_from)
+            return sampler.run(prefix_embeds, prefix_mask, positions, image_from)
 
     hidden, cache = prompt_pass()
     rows = torch.arange(len(all_prompts), device=prefix_embeds.device)
-    shape = (len(all_prompts), stage.bridge.num_tokens, stage.bridge.latent_dim)
+    shape = (len(all_prompts), sampler.bridge.num_tokens, sampler.bridge.latent_dim)
     z_t = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(prefix_embeds)
     t = torch.full((len(all_prompts),), 0.5, device=z_t.device)
 
     def latent_step() -> Tensor:
         with settings.autocast():
-            return stage._cached_velocity(z_t, t, rows, cache, prefix_mask, hidden[:, -1])
+            return sampler._cached_velocity(z_t, t, rows, cache, prefix_mask, hidden[:, -1])
 
     latent_step()  # warm-up: first-call allocations
     progress(f"sampler: forward times of the prompt and of a cached latent step ({config.repeats} runs each)")
@@ -350,8 +350,8 @@ def _ideal_row(
 def _training_batches(stage: SamplerStage, config: SamplerBenchConfig, settings: Settings) -> dict[str, dict[str, Any]]:
     """The same samples as images and as latent-cache latents (what ``write_latent_cache`` stores)."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(config.batch_size, 3, stage.image_size, stage.image_size, generator=generator)
-    images = images.to(settings.device)
+    size = stage.latent_sampler.image_size
+    images = torch.rand(config.batch_size, 3, size, size, generator=generator).to(settings.device)
     captions = make_prompts(stage.adapter, config.batch_size, config.prompt_tokens)
     with torch.no_grad():
         latents = stage.reducer.eval().encode(stage.adapter.encode_images(images))
@@ -428,6 +428,6 @@ def _training_rows(
         [config.batch_size / t for t in times["latents"]],
         [config.batch_size / t for t in times["images"]],
         compares="latent cache / images (speedup; Lightning fit both)",
-        detail=f"{sizes}; images: {stage.image_size}px through the ViT + reducer each step",
+        detail=f"{sizes}; images: {stage.latent_sampler.image_size}px through the ViT + reducer each step",
     )
     return [step, throughput]

@@ -1,6 +1,6 @@
 """`python -m benchmarks.run --quick`: it runs end to end, prints the environment and table, and writes rows whose
 numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly. The sampler
-benchmark's uncached reference generates the latents that `SamplerStage.generate_latents` does."""
+benchmark's uncached reference generates the latents that `LatentSampler.generate` does."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from benchmarks.sampler import PRESETS as SAMPLER_PRESETS
 from benchmarks.sampler import build_stage, make_prompts, uncached_latents
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_SAMPLING = [f"decoder/sample/{method}/{steps}" for method in ("euler", "heun") for steps in (2, 4)]
+QUICK_SAMPLING = [f"decoder/sample/{solver}/{steps}" for solver in ("euler", "heun") for steps in (2, 4)]
 QUICK_SAMPLER = ["sampler/generate/euler/2", "sampler/generate/ideal", "sampler/train_step", "sampler/train_throughput"]
 
 
@@ -67,12 +67,12 @@ def test_quick_run_writes_consistent_rows(tmp_path):
         (["--decoder-image-size", "18"], "--decoder-image-size (18) must be a multiple of --decoder-patch-size (4)"),
         (["--decoder-width", "30"], "--decoder-width (30) must be a multiple of 4 and of --decoder-heads (2)"),
         (["--decoder-sample-steps", "5", "0"], "--decoder-sample-steps must be >= 1, got (5, 0)"),
-        (["--decoder-samplers", "sde"], "argument --decoder-samplers: invalid choice: 'sde'"),
+        (["--decoder-solvers", "sde"], "argument --decoder-solvers: invalid choice: 'sde'"),
         (["--only", "nothing"], "argument --only: invalid choice: 'nothing'"),
         (["--sampler-lm-heads", "3"], "--sampler-lm-heads (3) must be even and divide --sampler-lm-width (64)"),
         (["--sampler-latent-dim", "32"], "--sampler-latent-dim (32) must be below --sampler-vision-width (32)"),
         (["--sampler-prompt-tokens", "0"], "--sampler-prompt-tokens must be >= 1, got 0"),
-        (["--sampler-method", "sde"], "argument --sampler-method: invalid choice: 'sde'"),
+        (["--sampler-solver", "sde"], "argument --sampler-solver: invalid choice: 'sde'"),
     ],
 )
 def test_bad_flags_fail_before_measuring_and_name_the_flag(args, message, capsys):
@@ -90,11 +90,12 @@ def sampler_stage(tmp_path_factory):
 
 
 def test_the_uncached_reference_generates_the_latents_of_the_prompt_cache(sampler_stage):
+    sampler, sampling = sampler_stage.latent_sampler, sampler_stage.sampling
     prompts = make_prompts(sampler_stage.adapter, 2, 24)
     with torch.no_grad():
-        cached = sampler_stage.generate_latents(prompts, [0, 1])
-        uncached = uncached_latents(sampler_stage, prompts, [0, 1])
-        other_prompts = uncached_latents(sampler_stage, prompts[::-1], [0, 1])
+        cached = sampler.generate(prompts, [0, 1], sampling)
+        uncached = uncached_latents(sampler, prompts, [0, 1], sampling)
+        other_prompts = uncached_latents(sampler, prompts[::-1], [0, 1], sampling)
     torch.testing.assert_close(uncached, cached, atol=1e-5, rtol=1e-4)
     # Not equal by accident: the latents depend on the prompt (the perturbed LoRA and bridge read it).
     assert (other_prompts - cached).abs().max() > 1e-2
