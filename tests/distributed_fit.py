@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vugen.data.shapes import ShapesDataset
-from vugen.nn import DimensionReducer, PixelDecoder
+from vugen.nn import DimensionReducer, LatentBridge, PixelDecoder
 from vugen.stages import DecoderStage, ReducerStage
 from vugen.stages.base import AdapterStage
 from vugen.stages.sampler import SamplerStage
@@ -70,11 +69,17 @@ def training_images() -> ShapesDataset:
 
 
 BRIDGE_METHODS = ("embed", "begin_image", "velocity")
+BRIDGE_PATH = "latent_sampler.bridge"  # the sampler stage's latent bridge, as the stage's module names give it
+
+
+def sampler_bridge(stage: LightningModule) -> LatentBridge | None:
+    """The sampler stage's latent bridge (None for other stages)."""
+    return stage.get_submodule(BRIDGE_PATH) if isinstance(stage, SamplerStage) else None
 
 
 def bridge_methods(stage: LightningModule) -> dict[str, int]:
     """Identity of the functions behind the sampler bridge's forward methods (empty for other stages)."""
-    bridge = getattr(stage, "bridge", None)
+    bridge = sampler_bridge(stage)
     return {name: id(getattr(bridge, name).__func__) for name in BRIDGE_METHODS} if bridge is not None else {}
 
 
@@ -82,7 +87,7 @@ class CaptionedLatents(Dataset):
     """The sampler stage's examples: the Shapes captions with fixed random ``[num_tokens, LATENT_DIM]`` latents.
 
     Args:
-        num_tokens: Latent tokens per example (the sampler's ``bridge.num_tokens``).
+        num_tokens: Latent tokens per example (the latent bridge's ``num_tokens``).
     """
 
     def __init__(self, num_tokens: int) -> None:
@@ -101,7 +106,8 @@ class CaptionedLatents(Dataset):
 
 def training_data(stage: AdapterStage) -> Dataset:
     """The examples of every run of ``stage``, in global order."""
-    return CaptionedLatents(stage.bridge.num_tokens) if isinstance(stage, SamplerStage) else training_images()
+    bridge = sampler_bridge(stage)
+    return CaptionedLatents(bridge.num_tokens) if bridge is not None else training_images()
 
 
 class GlobalBatches(LightningDataModule):
@@ -224,9 +230,13 @@ class Probe(Callback):
         # Before configure_model: sharding renames the classes that `block_classes` looks for.
         self.block_names = sorted(c.__name__ for c in pl_module.adapter.block_classes)
         self.report["lora_layers"] = sorted(n for n, m in pl_module.named_modules() if hasattr(m, "lora_A"))
-        self.report["bridge_children"] = [
-            f"bridge.{n}" for n, _ in getattr(pl_module, "bridge", nn.Module()).named_children()
-        ]
+        # The sampler's bridge and each of its children, by their names in the stage (as the FSDP2 units are named).
+        bridge = sampler_bridge(pl_module)
+        self.report["bridge_modules"] = (
+            [BRIDGE_PATH, *(f"{BRIDGE_PATH}.{name}" for name, _ in bridge.named_children())]
+            if bridge is not None
+            else []
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if isinstance(trainer.strategy, ModelParallelStrategy):
@@ -238,7 +248,7 @@ class Probe(Callback):
             self.report["configure_model_twice_same_params"] = before == after
             self.report["configure_model_twice_same_bridge_methods"] = methods == bridge_methods(pl_module)
             # FSDP2 gathers the bridge's parameters in its registered methods: they are wrapped (instance attributes).
-            bridge = getattr(pl_module, "bridge", None)
+            bridge = sampler_bridge(pl_module)
             self.report["bridge_methods_wrapped"] = sorted(m for m in BRIDGE_METHODS if bridge and m in vars(bridge))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

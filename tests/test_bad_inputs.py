@@ -95,7 +95,8 @@ def test_fitting_the_sampler_on_a_cache_of_other_vlm_weights_names_the_change(ti
     cache = write_latent_cache(data, adapter, reducer, tmp_path / "latents", progress=False)
     replace_vlm_weights(vlm)  # same path, same size, other weights: the cached latents are stale
 
-    config_file = demo_config("sampler", tmp_path, vlm, decoder_export=str(export), **TINY_SAMPLER)
+    tiny = TINY_SAMPLER | {"sampling": TINY_SAMPLER["sampling"].to_dict()}  # the config's record of it
+    config_file = demo_config("sampler", tmp_path, vlm, decoder_export=str(export), **tiny)
     config = yaml.safe_load(config_file.read_text())
     config["trainer"] |= {"max_steps": 1, "limit_val_batches": 0, "callbacks": [], "enable_checkpointing": False}
     config["data"]["init_args"] |= {"cache_dir": str(cache), "val_cache_dir": None, "batch_size": 2}
@@ -158,11 +159,14 @@ def test_export_refuses_a_checkpoint_with_nan_weights(pretrained, decoder_export
     trainer.fit(make_stage(pretrained, decoder_export), ShapesDataModule(image_size=16, train_size=2, batch_size=2))
     trainer.save_checkpoint(tmp_path / "sampler.ckpt")
     checkpoint = torch.load(tmp_path / "sampler.ckpt", weights_only=True)
-    checkpoint["state_dict"]["bridge.in_proj.weight"][0, 0] = float("nan")
+    checkpoint["state_dict"]["latent_sampler.bridge.in_proj.weight"][0, 0] = float("nan")
     torch.save(checkpoint, tmp_path / "nan.ckpt")
     result = run_vugen("export", "nan.ckpt", "bundle", cwd=tmp_path)
     assert_one_line_error(
-        result, "refusing to export the training weights of nan.ckpt", "bridge.in_proj.weight holds NaN", code=1
+        result,
+        "refusing to export the training weights of nan.ckpt",
+        "latent_sampler.bridge.in_proj.weight holds NaN",
+        code=1,
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["nan.ckpt", "sampler.ckpt"]
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tests.helpers import QUIET_TRAINER
 from vugen.cli import VugenCLI
 from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.generation import SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen_adapters.llava import LlavaAdapter
@@ -44,7 +45,7 @@ def make_reducer(adapter, **kwargs) -> DimensionReducer:
 
 
 def make_stage(adapter, **kwargs) -> DecoderStage:
-    settings = {"reducer": make_reducer(adapter), "sample_steps": 2, "optimizer": ADAM}
+    settings = {"reducer": make_reducer(adapter), "sampling": SamplingConfig(solver="heun", steps=2), "optimizer": ADAM}
     return DecoderStage(adapter, make_decoder(), **(settings | kwargs))
 
 
@@ -168,7 +169,7 @@ def test_decode_follows_its_settings(trained):
     stage = trained[0].eval()
     latents, grid = stage.encode(images())
     generator = torch.Generator().manual_seed(3)
-    one_step = stage.decode(latents, grid, (IMAGE_SIZE, IMAGE_SIZE), generator, sampler="euler", steps=1)
+    one_step = stage.decode(latents, grid, (IMAGE_SIZE, IMAGE_SIZE), generator, solver="euler", steps=1)
     noise = torch.randn(latents.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         x_pred = stage.decoder(noise, torch.zeros(len(noise)), latents, grid)

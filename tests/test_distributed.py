@@ -29,7 +29,6 @@ from tests.fixtures_bundle import make_decoder_export, make_stage
 from tests.test_generate_cli import GENEVAL_LINES, tree
 from vugen.cli import main as vugen_main
 from vugen.nn import DimensionReducer, PixelDecoder
-from vugen.pipeline import VugenPipeline
 from vugen.stages import DecoderStage, ReducerStage
 from vugen.stages.sampler import SamplerStage
 from vugen_adapters.llava import LlavaAdapter
@@ -163,7 +162,7 @@ def test_two_processes_train_exactly_as_one_on_the_same_global_batches(runs, str
     final = single.weights(f"{stage}-weights.pt")
     assert max(float((final[k] - start[k]).abs().max()) for k in start) > 1000 * TOLERANCE
     if stage == "sampler":  # every kind of weight trained: LoRA A and B in the LM, and the bridge
-        for part in (".lora_A.", ".lora_B.", "bridge."):
+        for part in (".lora_A.", ".lora_B.", f"{fit.BRIDGE_PATH}."):
             assert max(float((final[k] - start[k]).abs().max()) for k in start if part in k) > 1000 * TOLERANCE, part
     assert_same_weights(parallel.weights(f"{stage}-weights.pt"), final, atol=TOLERANCE)
 
@@ -197,7 +196,7 @@ def test_fsdp2_shards_each_lora_layer_and_the_bridge_as_units_of_their_own(runs)
         sharding, units = report["sharding"], set(report["sharding"]["units"])
         lora_units = {f"{layer}.{kind}.default" for layer in report["lora_layers"] for kind in ("lora_A", "lora_B")}
         assert report["lora_layers"] and lora_units <= units
-        assert report["bridge_children"] and set(report["bridge_children"]) <= units
+        assert len(report["bridge_modules"]) > 1 and set(report["bridge_modules"]) <= units  # the bridge, children
         # Every trainable weight is sharded: FSDP2 averages the gradients of its own parameters only.
         assert sharding["trainable_plain"] == []
         trainable = sharding["trainable"]
@@ -231,10 +230,12 @@ def test_checkpoint_loads_into_a_single_process_stage_without_vlm_weights(runs, 
     path = consolidated_state(run, stage, strategy, tmp_path)
     state = torch.load(path, weights_only=True)["state_dict"]
     # No frozen weight: of the VLM only the sampler's LoRA layers, nor the sampler's frozen reducer and decoder.
-    assert not [key for key in state if key.startswith("adapter.") and ".lora_A." not in key and ".lora_B." not in key]
+    vlm = "latent_sampler.adapter." if stage == "sampler" else "adapter."
+    assert not [key for key in state if key.startswith(vlm) and ".lora_A." not in key and ".lora_B." not in key]
     if stage == "sampler":
-        assert not [key for key in state if key.startswith(("reducer.", "decoder."))]
-        assert sum(key.startswith("bridge.") for key in state) > 0 and sum(".lora_" in key for key in state) > 0
+        assert not [key for key in state if key.startswith(("reducer.", "decoder.", "adapter."))]
+        assert sum(key.startswith(f"{fit.BRIDGE_PATH}.") for key in state) > 0
+        assert sum(key.startswith(vlm) and ".lora_" in key for key in state) > 0  # the VLM's prefix: not vacuous
     trained = run.weights(f"{stage}-weights.pt")
     assert set(state) == set(trained) | CHECKPOINT_EXTRAS[stage]
     loaded = STAGE_CLASSES[stage].load_from_checkpoint(path)  # adapter (and decoder export) rebuilt from hparams
@@ -262,7 +263,7 @@ def test_export_dir_holds_the_trained_weights(runs, strategy, stage):
         parts = {"reducer": (DimensionReducer, export / "reducer"), "decoder": (PixelDecoder, export / "decoder")}
         sampling = json.loads((export / "sampling.json").read_text())
         assert sampling == {
-            "sampler": "heun",
+            "solver": "heun",
             "steps": 25,
             "guidance_scale": 1.0,
             "guidance_interval": None,
@@ -360,7 +361,7 @@ def test_export_geneval_on_two_torchrun_processes_writes_the_bytes_of_one_proces
 ):
     """`vugen export-geneval` under torchrun: Lightning joins the processes torchrun started (devices and num_nodes
     default to LOCAL_WORLD_SIZE and WORLD_SIZE / LOCAL_WORLD_SIZE) and each predicts its share of the prompts."""
-    bundle = VugenPipeline.from_stage(make_stage(tiny_llava, decoder_export)).save_pretrained(tmp_path / "bundle")
+    bundle = make_stage(tiny_llava, decoder_export).pipeline().save_pretrained(tmp_path / "bundle")
     metadata = tmp_path / "evaluation_metadata.jsonl"
     metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
     options = ["--n", "2", "--seed", "5"]

@@ -258,7 +258,8 @@ def test_sampler_recipe():
     assert (model.head, model.head_width, model.head_depth) == ("mlp", 1024, 3)
     assert model.prompt_dropout == 0.1
     assert (model.time_schedule, model.time_mean, model.time_std, model.time_shift) == ("logit_normal", 0.0, 1.0, None)
-    assert (model.sampler, model.sample_steps, model.guidance_scale) == ("euler", 50, 4.0)
+    sampling = {"solver": "euler", "steps": 50, "guidance_scale": 4.0, "guidance_interval": None, "time_shift": None}
+    assert model.sampling.as_dict() == sampling  # no sampling shift: the training shift
     assert model.image_size is None  # the decoder export's: the cache's token grid
     assert model.activation_checkpointing is True
     callbacks = {c.class_path: c.init_args for c in trainer.callbacks}

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 from tests.fixtures_bundle import make_stage as make_sampler_stage
 from tests.helpers import QUIET_TRAINER
-from vugen.bundle import save_bundle
 from vugen.callbacks import NonFiniteGuard
 from vugen.finite import NonFiniteError, first_non_finite, require_finite
 from vugen.nn import DimensionReducer, PixelDecoder
@@ -294,11 +293,9 @@ def test_a_decoder_export_of_nan_weights_is_refused(adapter, tmp_path):
 
 
 def test_a_bundle_of_nan_weights_is_refused(pretrained, decoder_export, tmp_path):
-    stage = make_sampler_stage(pretrained, decoder_export)
+    pipeline = make_sampler_stage(pretrained, decoder_export).pipeline()
     with torch.no_grad():
-        stage.lora_b_layers()[0].weight[0, 0] = float("nan")
-    with pytest.raises(
-        NonFiniteError, match=r"refusing to write the bundle .*bundle: adapter\..*lora_B\.default\.weight"
-    ):
-        save_bundle(stage, tmp_path / "bundle")
+        pipeline.latent_sampler.lora_b_layers()[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"refusing to write the bundle .*bundle: lora\..*lora_B\.weight"):
+        pipeline.save_pretrained(tmp_path / "bundle")
     assert list(tmp_path.iterdir()) == []

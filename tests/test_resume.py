@@ -101,9 +101,9 @@ def stage_args(stage: str, tiny_llava: str, reducer: Path | None, sampler_inputs
     elif stage == "decoder":
         decoder = {"width": 32, "depth": 1, "num_heads": 2, "patch_size": 8}
         model += [f"--model.init_args.decoder.init_args.{key}={value}" for key, value in decoder.items()]
-        model += [f"--model.init_args.reducer_path={reducer}", "--model.init_args.sample_steps=2"]
+        model += [f"--model.init_args.reducer_path={reducer}", "--model.init_args.sampling.steps=2"]
     else:
-        sampler = {"lora_rank": 4, "lora_alpha": 4.0, "head_width": 32, "head_depth": 1, "sample_steps": 2}
+        sampler = {"lora_rank": 4, "lora_alpha": 4.0, "head_width": 32, "head_depth": 1, "sampling.steps": 2}
         model = [arg for arg in model if "export_dir" not in arg]
         model += [f"--model.init_args.{key}={value}" for key, value in sampler.items()]
         model += [f"--model.init_args.decoder_export={sampler_inputs['export']}"]
