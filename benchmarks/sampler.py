@@ -54,7 +54,7 @@ from benchmarks.common import (
 )
 from vugen.adapter import positions_from_mask
 from vugen.diffusion import METHODS
-from vugen.generation import LatentSampler, SamplingConfig
+from vugen.generation import LatentSampler, LatentSamplerConfig, SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
@@ -179,8 +179,7 @@ def build_stage(directory: Path, config: SamplerBenchConfig) -> SamplerStage:
     stage = SamplerStage(
         adapter,
         str(export),
-        lora_rank=config.lora_rank,
-        head_width=config.head_width,
+        latent_sampler=LatentSamplerConfig(lora_rank=config.lora_rank, head_width=config.head_width),
         sampling=SamplingConfig(solver=config.solver, steps=config.sample_steps, guidance_scale=GUIDANCE_SCALE),
         optimizer=optimizer,
     )

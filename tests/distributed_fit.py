@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vugen.data.shapes import ShapesDataset
+from vugen.generation import LatentSamplerConfig
 from vugen.nn import DimensionReducer, LatentBridge, PixelDecoder
 from vugen.stages import DecoderStage, ReducerStage
 from vugen.stages.base import AdapterStage
@@ -143,9 +144,7 @@ def build_stage(name: str, checkpoint: str, pca_init: bool = False, decoder_expo
         stage = SamplerStage(
             adapter,
             decoder_export,
-            lora_rank=4,
-            head_width=32,
-            head_depth=1,
+            latent_sampler=LatentSamplerConfig(lora_rank=4, head_width=32, head_depth=1),
             prompt_dropout=0.25,
             optimizer=functools.partial(torch.optim.SGD, lr=0.5),  # its gradients are ~10x smaller than the others'
         )

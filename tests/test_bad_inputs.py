@@ -95,7 +95,7 @@ def test_fitting_the_sampler_on_a_cache_of_other_vlm_weights_names_the_change(ti
     cache = write_latent_cache(data, adapter, reducer, tmp_path / "latents", progress=False)
     replace_vlm_weights(vlm)  # same path, same size, other weights: the cached latents are stale
 
-    tiny = TINY_SAMPLER | {"sampling": TINY_SAMPLER["sampling"].to_dict()}  # the config's record of it
+    tiny = {key: value.to_dict() for key, value in TINY_SAMPLER.items()}  # the config's record of them
     config_file = demo_config("sampler", tmp_path, vlm, decoder_export=str(export), **tiny)
     config = yaml.safe_load(config_file.read_text())
     config["trainer"] |= {"max_steps": 1, "limit_val_batches": 0, "callbacks": [], "enable_checkpointing": False}

@@ -252,10 +252,9 @@ def test_sampler_recipe():
     model, trainer = config.model.init_args, config.trainer
     assert (trainer.accelerator, trainer.strategy, trainer.precision) == ("gpu", "ddp", "bf16-mixed")
     assert "attn_implementation" not in adapter_node("llava", "sampler.yaml")["init_args"]  # sdpa: honours 4-D masks
-    lora = (model.lora_rank, model.lora_alpha, model.lora_dropout, model.lora_scope)
-    assert lora == (64, 64.0, 0.0, "image_tokens")
-    assert model.image_attention == "bidirectional"
-    assert (model.head, model.head_width, model.head_depth) == ("mlp", 1024, 3)
+    shape = {"lora_rank": 64, "lora_alpha": 64.0, "lora_dropout": 0.0, "lora_scope": "image_tokens"}
+    shape |= {"image_attention": "bidirectional", "head": "mlp", "head_width": 1024, "head_depth": 3}
+    assert model.latent_sampler.as_dict() == shape
     assert model.prompt_dropout == 0.1
     assert (model.time_schedule, model.time_mean, model.time_std, model.time_shift) == ("logit_normal", 0.0, 1.0, None)
     sampling = {"solver": "euler", "steps": 50, "guidance_scale": 4.0, "guidance_interval": None, "time_shift": None}

@@ -103,7 +103,8 @@ def stage_args(stage: str, tiny_llava: str, reducer: Path | None, sampler_inputs
         model += [f"--model.init_args.decoder.init_args.{key}={value}" for key, value in decoder.items()]
         model += [f"--model.init_args.reducer_path={reducer}", "--model.init_args.sampling.steps=2"]
     else:
-        sampler = {"lora_rank": 4, "lora_alpha": 4.0, "head_width": 32, "head_depth": 1, "sampling.steps": 2}
+        shape = {"lora_rank": 4, "lora_alpha": 4.0, "head_width": 32, "head_depth": 1}
+        sampler = {f"latent_sampler.{key}": value for key, value in shape.items()} | {"sampling.steps": 2}
         model = [arg for arg in model if "export_dir" not in arg]
         model += [f"--model.init_args.{key}={value}" for key, value in sampler.items()]
         model += [f"--model.init_args.decoder_export={sampler_inputs['export']}"]
