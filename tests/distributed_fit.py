@@ -156,9 +156,8 @@ def build_stage(name: str, checkpoint: str, pca_init: bool = False, decoder_expo
                     parameter.add_(0.05 * torch.randn_like(parameter))
         return stage
     if name == "reducer":  # no latent noise: the single process takes a whole global batch, not micro-batches
-        return ReducerStage(
-            adapter, LATENT_DIM, hidden_dim=32, num_blocks=1, noise_gamma=0.0, pca_init=pca_init, optimizer=SGD
-        )
+        reducer = DimensionReducer(adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1, noise_gamma=0.0)
+        return ReducerStage(adapter, reducer, pca_init=pca_init, optimizer=SGD)
     decoder = PixelDecoder(
         LATENT_DIM, patch_size=4, width=32, depth=2, num_heads=2, image_size=IMAGE_SIZE, cond_drop_prob=0.25
     )

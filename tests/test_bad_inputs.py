@@ -52,7 +52,12 @@ def test_missing_config_file_names_it(tmp_path):
 
 def test_an_adapter_argument_error_is_its_own_message(reducer_config):
     result = run_vugen(
-        "fit", "--config", reducer_config, "--model.init_args.latent_dim", "999", cwd=reducer_config.parent
+        "fit",
+        "--config",
+        reducer_config,
+        "--model.init_args.reducer.init_args.latent_dim",
+        "999",
+        cwd=reducer_config.parent,
     )
     line = assert_one_line_error(result, "latent_dim", "999", code=1)
     assert "Union" not in line and "Namespace" not in line
@@ -66,7 +71,7 @@ def test_unknown_adapter_name_lists_the_registered_ones(reducer_config):
 
 
 def test_traceback_flag_shows_the_trace(reducer_config):
-    args = ("fit", "--config", reducer_config, "--model.init_args.latent_dim", "999")
+    args = ("fit", "--config", reducer_config, "--model.init_args.reducer.init_args.latent_dim", "999")
     result = run_vugen(*args, "--traceback", cwd=reducer_config.parent)
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "latent_dim must satisfy" in result.stderr
@@ -132,7 +137,8 @@ def test_a_fit_without_training_batches_keeps_the_trained_export(tiny_checkpoint
     before is left byte for byte. Before: the untrained reducer replaced it."""
     export = tmp_path / "export"
     adapter = LlavaAdapter(str(tiny_checkpoint("llava")))
-    trained = ReducerStage(adapter, latent_dim=8, hidden_dim=128, export_dir=str(export))
+    reducer = DimensionReducer(adapter.feature_dim, latent_dim=8, hidden_dim=128)
+    trained = ReducerStage(adapter, reducer, export_dir=str(export))
     Trainer(max_steps=2, **QUIET_TRAINER).fit(trained, ShapesDataModule(train_size=16, val_size=8, batch_size=8))
     before = {path.name: path.read_bytes() for path in export.iterdir()}
     images = tmp_path / "images"

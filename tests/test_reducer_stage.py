@@ -41,7 +41,8 @@ def adapter(tiny_llava) -> LlavaAdapter:
 def make_stage(adapter, **kwargs) -> ReducerStage:
     # Linear-exact settings: without latent normalisation and noise, the PCA init is exactly PCA.
     settings = {"latent_dim": LATENT_DIM, "hidden_dim": 64, "normalize_latents": False, "noise_gamma": 0.0}
-    return ReducerStage(adapter, optimizer=ADAM, **(settings | kwargs))
+    reducer = DimensionReducer(adapter.feature_dim, **(settings | kwargs))
+    return ReducerStage(adapter, reducer, optimizer=ADAM)
 
 
 def make_data() -> ShapesDataModule:
@@ -159,7 +160,11 @@ def test_export_reducer_round_trip(trained, tmp_path):
 
 def test_bad_inputs_name_the_argument(adapter):
     with pytest.raises(TypeError, match="adapter must be a VLMAdapter"):
-        ReducerStage(adapter={"class_path": "vugen_adapters.llava.LlavaAdapter"})
+        ReducerStage(adapter={"class_path": "vugen_adapters.llava.LlavaAdapter"}, reducer=DimensionReducer(32, 8))
+    with pytest.raises(
+        ValueError, match="reads feature_dim=48 channels but the adapter's features have feature_dim=32"
+    ):
+        ReducerStage(adapter, DimensionReducer(48, 8))
     with pytest.raises(ValueError, match="'images'"):
         make_stage(adapter).training_step({"captions": ["a red circle"]}, 0)
 
@@ -219,6 +224,7 @@ DDP_SCRIPT = """
 import sys, torch
 from lightning.pytorch import Trainer, seed_everything
 from vugen.data.shapes_datamodule import ShapesDataModule
+from vugen.nn import DimensionReducer
 from vugen.stages import ReducerStage
 from vugen_adapters.llava import LlavaAdapter
 
@@ -233,7 +239,8 @@ class Probe(ReducerStage):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     seed_everything(0)
-    stage = Probe(LlavaAdapter(sys.argv[1]), latent_dim=8, hidden_dim=64)
+    adapter = LlavaAdapter(sys.argv[1])
+    stage = Probe(adapter, DimensionReducer(adapter.feature_dim, latent_dim=8, hidden_dim=64))
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
                       enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(stage, ShapesDataModule(train_size=256, batch_size=16))

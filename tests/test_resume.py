@@ -97,7 +97,10 @@ def stage_args(stage: str, tiny_llava: str, reducer: Path | None, sampler_inputs
     """Small sizes of the stage's model and data on top of its demo config."""
     model = [f"--model.init_args.adapter.init_args.pretrained={tiny_llava}", "--model.init_args.export_dir=null"]
     if stage == "reducer":
-        model += ["--model.init_args.hidden_dim=16", "--model.init_args.num_blocks=1"]
+        model += [
+            "--model.init_args.reducer.init_args.hidden_dim=16",
+            "--model.init_args.reducer.init_args.num_blocks=1",
+        ]
     elif stage == "decoder":
         decoder = {"width": 32, "depth": 1, "num_heads": 2, "patch_size": 8}
         model += [f"--model.init_args.decoder.init_args.{key}={value}" for key, value in decoder.items()]
@@ -420,7 +423,8 @@ def test_shards_resume_exactly_under_lightning(tiny_llava, tmp_path):
 
     def fit(name: str, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        stage = ReducerStage(LlavaAdapter(tiny_llava), 8, hidden_dim=16, num_blocks=1)
+        adapter = LlavaAdapter(tiny_llava)
+        stage = ReducerStage(adapter, DimensionReducer(adapter.feature_dim, 8, hidden_dim=16, num_blocks=1))
         data = ImageTextDataModule(shards=pattern, image_size=16, batch_size=2, num_workers=2, shuffle_buffer=4)
         checkpoints = ModelCheckpoint(tmp_path / name, every_n_train_steps=5, save_top_k=-1, filename="{step}")
         callbacks = [checkpoints, SaveWeights(str(tmp_path / f"{name}.pt"))]

@@ -33,7 +33,7 @@ from vugen.generation import LatentSamplerConfig, SamplingConfig
 from vugen.nn.reducer import DimensionReducer
 from vugen.stages.training_record import replacement_warning, training_record, write_training_record
 
-__all__ = ["AdapterStage", "argument_config"]
+__all__ = ["AdapterStage", "argument_config", "check_reads_adapter"]
 
 # What `load_from_checkpoint` uses to rebuild the module (and its adapter) from the recorded configuration;
 # one of Lightning's allow-listed instantiators.
@@ -367,6 +367,20 @@ class AdapterStage(LightningModule):
                 f"checkpoint?): missing {missing}, unexpected {result.unexpected_keys}"
             )
         return result._replace(missing_keys=missing)
+
+
+def check_reads_adapter(reducer: DimensionReducer, adapter: VLMAdapter, source: str) -> DimensionReducer:
+    """``reducer``, checked to read the adapter's features (``source`` names it in the error).
+
+    Raises:
+        ValueError: Its ``feature_dim`` is not the adapter's, naming both and what to set.
+    """
+    if reducer.feature_dim != adapter.feature_dim:
+        raise ValueError(
+            f"{source} reads feature_dim={reducer.feature_dim} channels but the adapter's features have "
+            f"feature_dim={adapter.feature_dim}: set the reducer's feature_dim to {adapter.feature_dim}"
+        )
+    return reducer
 
 
 def _rebuilt_keys(stage: AdapterStage, keys: Any, prefix: str) -> list[str]:

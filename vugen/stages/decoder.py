@@ -29,7 +29,7 @@ from vugen.generation import SamplingConfig, decode_latents, pixel_shift
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
-from vugen.stages.base import AdapterStage
+from vugen.stages.base import AdapterStage, check_reads_adapter
 
 __all__ = ["DecoderStage"]
 
@@ -301,11 +301,7 @@ def _resolve_reducer(
         local_folder_or_hub_id(reducer_path, "DecoderStage reducer_path")  # a mistyped folder fails at once
         reducer = DimensionReducer.from_pretrained(reducer_path)
     source = f"reducer_path={reducer_path!r}" if reducer_path else "reducer"
-    if reducer.feature_dim != adapter.feature_dim:
-        raise ValueError(
-            f"{source} reads feature_dim={reducer.feature_dim} channels but the adapter's features have "
-            f"feature_dim={adapter.feature_dim}"
-        )
+    check_reads_adapter(reducer, adapter, source)
     if reducer.latent_dim != decoder.latent_dim:
         raise ValueError(
             f"{source} has latent_dim={reducer.latent_dim} but the decoder expects latent_dim={decoder.latent_dim}"

@@ -20,7 +20,7 @@ from torch import Tensor
 from vugen.adapter import VLMAdapter
 from vugen.data.batches import batch_images
 from vugen.nn.reducer import DimensionReducer, explained_variance, pca_explained_variance
-from vugen.stages.base import AdapterStage
+from vugen.stages.base import AdapterStage, check_reads_adapter
 
 __all__ = ["ReducerStage"]
 
@@ -35,13 +35,9 @@ class ReducerStage(AdapterStage):
     Args:
         adapter: The frozen VLM, e.g. ``{class_path: vugen_adapters.llava.LlavaAdapter, init_args: {pretrained:
             ...}}``. Its weights never train and are not written to checkpoints.
-        latent_dim: ``d``, channels per latent token (``d < D``, the adapter's ``feature_dim``).
-        hidden_dim: Width of the reducer's residual-MLP branches.
-        num_blocks: Residual MLP blocks in the encoder and in the decoder branch.
-        mlp_ratio: MLP expansion inside each residual block.
-        noise_gamma: Training-time latent noise ``z + alpha * eps``, ``alpha ~ U[0, noise_gamma]``; 0 disables.
-        normalize_latents: Per-token channel normalisation of the latents (LayerNorm without affine).
-        cosine_weight: Weight of the ``1 - cos`` term of the reconstruction loss.
+        reducer: The reducer to train, e.g. ``{class_path: vugen.nn.DimensionReducer, init_args: {feature_dim:
+            1152, latent_dim: 32}}``: its ``feature_dim`` must be the adapter's (the error says which), its
+            ``latent_dim`` is ``d < D``, the rest its architecture and loss (see :class:`~vugen.nn.DimensionReducer`).
         pca_init: Before the first optimisation step, initialise the reducer as the PCA reducer of the features
             of the first training batch (rank 0's batch, broadcast to every rank under DDP). Deterministic for a
             given seed and data order; skipped when the module already holds a fitted or trained reducer (a
@@ -58,30 +54,15 @@ class ReducerStage(AdapterStage):
     def __init__(
         self,
         adapter: VLMAdapter,
-        latent_dim: int = 32,
-        hidden_dim: int = 1024,
-        num_blocks: int = 2,
-        mlp_ratio: float = 2.0,
-        noise_gamma: float = 0.1,
-        normalize_latents: bool = True,
-        cosine_weight: float = 1.0,
+        reducer: DimensionReducer,
         pca_init: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
     ) -> None:
         super().__init__(adapter, optimizer, lr_scheduler)
-        self.record_hyperparameters(adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.reducer = DimensionReducer(
-            feature_dim=adapter.feature_dim,
-            latent_dim=latent_dim,
-            hidden_dim=hidden_dim,
-            num_blocks=num_blocks,
-            mlp_ratio=mlp_ratio,
-            noise_gamma=noise_gamma,
-            normalize_latents=normalize_latents,
-            cosine_weight=cosine_weight,
-        )
+        self.record_hyperparameters(adapter=adapter, reducer=reducer, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.reducer = check_reads_adapter(reducer, adapter, "ReducerStage reducer")
         self.enable_pca_init(pca_init)
         self.export_dir = export_dir
 
