@@ -322,7 +322,8 @@ def test_the_torchrun_example_trains_a_stage_with_fsdp2(tiny_llava, tmp_path):
         config["trainer"].pop(key)
     config["trainer"] |= {"max_steps": 2, "logger": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path)}
     config["model"]["init_args"]["adapter"]["init_args"]["pretrained"] = tiny_llava
-    config["model"]["init_args"] |= {"hidden_dim": 32, "pca_init": False, "export_dir": None}
+    config["model"]["init_args"] |= {"pca_init": False, "export_dir": None}
+    config["model"]["init_args"]["reducer"]["init_args"]["hidden_dim"] = 32
     config["data"]["init_args"] |= {"image_size": 16, "train_size": 32, "batch_size": 8}
     (tmp_path / "reducer.yaml").write_text(yaml.safe_dump(config))
     env = launch_env() | {
