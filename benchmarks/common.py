@@ -1,7 +1,9 @@
-"""What every benchmark module shares: run settings, timing, spread statistics, FLOP counting, result rows, the table.
+"""What every benchmark module shares: run settings, flags, timing, spread statistics, FLOP counting, the plain
+training loop, result rows, the table.
 
-A benchmark module (``benchmarks/<name>.py``) follows :class:`Benchmark`: it declares its flags, turns them into a
-checked config, and returns :class:`Row` objects; ``benchmarks/run.py`` registers it with one line.
+A benchmark module (``benchmarks/<name>.py``) declares its sizes as a config dataclass of :func:`flag` fields with a
+preset per device, measures inside :func:`quiet_workspace` and returns :class:`Row` objects; its :class:`Benchmark`
+(name, config class, presets, rows) is what ``benchmarks/run.py`` lists in ``BENCHMARKS``.
 """
 
 from __future__ import annotations
@@ -11,21 +13,28 @@ import contextlib
 import dataclasses
 import os
 import platform
+import tempfile
 import time
 import typing
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import lightning
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 from torch.utils import flop_counter
 from torch.utils.data import DataLoader
+from transformers.utils import logging as transformers_logging
 
 __all__ = [
+    "LEARNING_RATE",
+    "TARGET_RATIO",
     "Benchmark",
     "Row",
     "Settings",
@@ -34,17 +43,23 @@ __all__ = [
     "config_from_args",
     "count_flops",
     "environment",
+    "flag",
     "interleaved",
     "intervals_after",
     "lightning_steps",
     "matmul_flops_per_second",
+    "plain_steps",
     "print_report",
     "progress",
+    "quiet_workspace",
     "synchronize",
     "timed",
+    "train_step_row",
 ]
 
 PRECISIONS = ("32-true", "bf16-mixed")
+LEARNING_RATE = 1e-4  # AdamW's, in the stages and in their plain reference loops
+TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
 
 _aten = torch.ops.aten
 
@@ -102,19 +117,6 @@ class Settings:
         return contextlib.nullcontext()
 
 
-class Benchmark(Protocol):
-    """What ``run.py`` needs of a benchmark module (a module object satisfies it structurally)."""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this benchmark's flags (prefixed with its name) to ``parser``."""
-
-    def configure(self, settings: Settings, args: argparse.Namespace) -> Any:
-        """The checked config from the preset of ``settings`` and the given flags; ValueError naming a bad flag."""
-
-    def rows(self, settings: Settings, config: Any) -> list[Row]:
-        """Measure and return the result rows."""
-
-
 @dataclass(frozen=True)
 class Row:
     """One result: a measured median against a reference median of the same run, and their ratio.
@@ -160,11 +162,42 @@ def _median_iqr(samples: Sequence[float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark module as ``run.py`` registers it: its flags and presets, and what it measures.
+
+    Args:
+        name: Prefix of its rows (``<name>/<case>``) and of its flags (``--<name>-<field>``).
+        config_type: Frozen dataclass of its sizes and repeat counts, one :func:`flag` field per flag.
+        presets: A ``config_type`` instance per preset name of :attr:`Settings.preset` (``quick``, ``cpu``, ``cuda``).
+        rows: Measures with the run's settings and the checked config, and returns the result rows.
+    """
+
+    name: str
+    config_type: type
+    presets: dict[str, Any]
+    rows: Callable[[Settings, Any], list[Row]]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this benchmark's ``--<name>-*`` flags to ``parser``."""
+        add_config_arguments(parser, self.name, self.config_type)
+
+    def configure(self, settings: Settings, args: argparse.Namespace) -> Any:
+        """The preset of ``settings`` with the given ``--<name>-*`` flags; ValueError naming a bad flag."""
+        return config_from_args(args, self.name, self.presets[settings.preset])
+
+
+def flag(help_text: str, **options: Any) -> Any:
+    """A config field that :func:`add_config_arguments` turns into a flag with this help (no default: the presets
+    give the values); ``options`` are further ``add_argument`` options (e.g. ``choices``)."""
+    return dataclasses.field(metadata={"help": help_text, **options})
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, prefix: str, config_type: type) -> None:
     """Add one ``--<prefix>-<field>`` flag per field of the dataclass ``config_type`` (default: its preset).
 
     A ``tuple[T, ...]`` field takes one or more values; a field's ``metadata`` holds its ``help`` and any other
-    ``add_argument`` options (e.g. ``choices``).
+    ``add_argument`` options (e.g. ``choices``), as :func:`flag` writes them.
     """
     group = parser.add_argument_group(f"{prefix} benchmark (defaults: the preset of --device / --quick)")
     hints = typing.get_type_hints(config_type)
@@ -177,7 +210,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, prefix: str, config_ty
             options |= {"nargs": "+", "type": typing.get_args(kind)[0]}
         else:
             options["type"] = kind
-        group.add_argument(_flag(prefix, field.name), **options)
+        group.add_argument(_flag_name(prefix, field.name), **options)
 
 
 def config_from_args(args: argparse.Namespace, prefix: str, preset: Any) -> Any:
@@ -193,10 +226,10 @@ def check_positive(config: Any, prefix: str) -> None:
         value = getattr(config, field.name)
         values = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, int) and v < 1 for v in values):
-            raise ValueError(f"{_flag(prefix, field.name)} must be >= 1, got {value}")
+            raise ValueError(f"{_flag_name(prefix, field.name)} must be >= 1, got {value}")
 
 
-def _flag(prefix: str, name: str) -> str:
+def _flag_name(prefix: str, name: str) -> str:
     return f"--{prefix}-{name.replace('_', '-')}"
 
 
@@ -306,6 +339,19 @@ def print_report(rows: Sequence[Row], env: dict[str, Any], console: Console | No
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------------- measuring
+@contextlib.contextmanager
+def quiet_workspace() -> Iterator[Path]:
+    """A temporary directory to build models in, with transformers' progress bars off and Lightning's advice that
+    does not apply to the benchmarks silenced: in-memory batches need no loader workers, validation is not
+    benchmarked, and frozen modules (the VLM, the sampler's reducer and decoder) stay in eval mode on purpose."""
+    transformers_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        for message in ("does not have many workers", "no `val_dataloader`", "module\\(s\\) in eval mode"):
+            warnings.filterwarnings("ignore", message=f".*{message}.*")
+        yield Path(tmp)
+
+
 class StepClock(lightning.Callback):
     """Reads the clock at the end of every optimizer step, after the device has finished it."""
 
@@ -338,3 +384,32 @@ def lightning_steps(
     # batch_size=None: the loader yields the prepared batch itself, already on the device.
     trainer.fit(stage, DataLoader([batch] * (warmup_steps + train_steps), batch_size=None))
     return intervals_after(clock.stamps, warmup_steps)
+
+
+def plain_steps(
+    stage: torch.nn.Module, loss: Callable[[], Tensor], warmup_steps: int, train_steps: int, settings: Settings
+) -> list[float]:
+    """Seconds per optimizer step of the plain PyTorch loop that :func:`lightning_steps` is compared with.
+
+    Each step computes ``loss()`` under the precision's autocast (as Lightning's precision plugin does), runs backward,
+    an AdamW step on the stage's trainable parameters and zero_grad; clocked alike, after ``warmup_steps`` untimed.
+    """
+    stage.to(settings.device).train()  # Lightning's teardown moves the module back to the CPU
+    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    stamps = []
+    for _ in range(warmup_steps + train_steps):
+        with settings.autocast():
+            value = loss()
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        synchronize(settings.device)
+        stamps.append(time.perf_counter())
+    return intervals_after(stamps, warmup_steps)
+
+
+def train_step_row(name: str, fit: Sequence[float], plain: Sequence[float], compares: str, detail: str) -> Row:
+    """The ``ms/step`` row of :func:`lightning_steps` against :func:`plain_steps` times (seconds), held to
+    ``TARGET_RATIO``."""
+    fit_ms, plain_ms = [1e3 * t for t in fit], [1e3 * t for t in plain]
+    return Row.from_samples(name, "ms/step", fit_ms, plain_ms, compares=compares, target=TARGET_RATIO, detail=detail)

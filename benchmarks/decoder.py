@@ -16,31 +16,30 @@ The frozen VLM is the tiny offline LLaVA (``vugen_adapters.tiny``): its cost is 
 
 from __future__ import annotations
 
-import argparse
 import functools
-import tempfile
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.utils import logging as transformers_logging
 
 from benchmarks.common import (
+    LEARNING_RATE,
+    TARGET_RATIO,
+    Benchmark,
     Row,
     Settings,
-    add_config_arguments,
     check_positive,
-    config_from_args,
     count_flops,
+    flag,
     interleaved,
-    intervals_after,
     lightning_steps,
     matmul_flops_per_second,
+    plain_steps,
     progress,
-    synchronize,
+    quiet_workspace,
     timed,
+    train_step_row,
 )
 from vugen.diffusion import flow_matching_inputs, flow_matching_loss, sample_timesteps, time_grid
 from vugen.diffusion.prediction import DEFAULT_MIN_DENOM
@@ -49,11 +48,9 @@ from vugen.stages import DecoderStage
 from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
 
-__all__ = ["DecoderBenchConfig", "add_arguments", "configure", "plain_loss", "plain_sample", "rows"]
+__all__ = ["BENCHMARK", "PRESETS", "DecoderBenchConfig", "plain_loss", "plain_sample", "rows"]
 
 NAME = "decoder"
-LEARNING_RATE = 1e-4
-TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
 _SOLVERS = ("euler", "heun")
 
 
@@ -61,20 +58,20 @@ _SOLVERS = ("euler", "heun")
 class DecoderBenchConfig:
     """Sizes and repeat counts of the decoder benchmark (each field is a ``--decoder-<field>`` flag)."""
 
-    image_size: int = field(metadata={"help": "image side in pixels"})
-    patch_size: int = field(metadata={"help": "decoder patch side in pixels"})
-    width: int = field(metadata={"help": "decoder width (reducer hidden width too)"})
-    depth: int = field(metadata={"help": "decoder blocks"})
-    heads: int = field(metadata={"help": "decoder attention heads"})
-    latent_dim: int = field(metadata={"help": "latent channels, below the tiny LLaVA's 32 feature channels"})
-    batch_size: int = field(metadata={"help": "training batch"})
-    train_steps: int = field(metadata={"help": "timed optimizer steps per run"})
-    warmup_steps: int = field(metadata={"help": "untimed optimizer steps first in each run"})
-    repeats: int = field(metadata={"help": "interleaved runs of each side (x3 for the peak matmul)"})
-    sample_batch_size: int = field(metadata={"help": "images per sampling call"})
-    sample_steps: tuple[int, ...] = field(metadata={"help": "sampling step counts"})
-    solvers: tuple[str, ...] = field(metadata={"help": "ODE solvers of sampling", "choices": _SOLVERS})
-    peak_size: int = field(metadata={"help": "side of the square matmul that measures the peak FLOP/s"})
+    image_size: int = flag("image side in pixels")
+    patch_size: int = flag("decoder patch side in pixels")
+    width: int = flag("decoder width (reducer hidden width too)")
+    depth: int = flag("decoder blocks")
+    heads: int = flag("decoder attention heads")
+    latent_dim: int = flag("latent channels, below the tiny LLaVA's 32 feature channels")
+    batch_size: int = flag("training batch")
+    train_steps: int = flag("timed optimizer steps per run")
+    warmup_steps: int = flag("untimed optimizer steps first in each run")
+    repeats: int = flag("interleaved runs of each side (x3 for the peak matmul)")
+    sample_batch_size: int = flag("images per sampling call")
+    sample_steps: tuple[int, ...] = flag("sampling step counts")
+    solvers: tuple[str, ...] = flag("ODE solvers of sampling", choices=_SOLVERS)
+    peak_size: int = flag("side of the square matmul that measures the peak FLOP/s")
 
     def __post_init__(self) -> None:
         check_positive(self, NAME)
@@ -96,24 +93,9 @@ PRESETS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``--decoder-*`` flags."""
-    add_config_arguments(parser, NAME, DecoderBenchConfig)
-
-
-def configure(settings: Settings, args: argparse.Namespace) -> DecoderBenchConfig:
-    """The preset of ``settings`` with the given ``--decoder-*`` flags; ValueError naming a bad flag."""
-    return config_from_args(args, NAME, PRESETS[settings.preset])
-
-
 def rows(settings: Settings, config: DecoderBenchConfig) -> list[Row]:
     """Measure training steps, FLOP utilisation and sampling (see the module docstring)."""
-    transformers_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # Lightning's advice that does not apply here: in-memory batches need no loader workers, validation is
-        # not benchmarked, and the frozen VLM stays in eval mode on purpose.
-        for message in ("does not have many workers", "no `val_dataloader`", "module\\(s\\) in eval mode"):
-            warnings.filterwarnings("ignore", message=f".*{message}.*")
+    with quiet_workspace() as tmp:
         stage = _build_stage(LlavaAdapter(str(build_tiny_vlm("llava", tmp))), config)
         generator = torch.Generator().manual_seed(0)
         train_images, sample_images = (
@@ -125,6 +107,9 @@ def rows(settings: Settings, config: DecoderBenchConfig) -> list[Row]:
         train_row, step_times = _training_row(stage, batch, config, settings)
         mfu_row = _mfu_row(stage, batch, step_times, config, settings)
         return [train_row, mfu_row, *_sampling_rows(stage, sample_images, config, settings)]
+
+
+BENCHMARK = Benchmark(NAME, DecoderBenchConfig, PRESETS, rows)
 
 
 def _build_stage(adapter: LlavaAdapter, config: DecoderBenchConfig) -> DecoderStage:
@@ -186,42 +171,21 @@ def _plain_backward(stage: DecoderStage, batch: dict[str, Tensor], settings: Set
     loss.backward()
 
 
-def _plain_steps(
-    stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
-) -> list[float]:
-    stage.to(settings.device).train()  # Lightning's teardown moves the module back to the CPU
-    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=LEARNING_RATE)
-    stamps = []
-    for _ in range(config.warmup_steps + config.train_steps):
-        _plain_backward(stage, batch, settings)
-        optimizer.step()
-        optimizer.zero_grad()
-        synchronize(settings.device)
-        stamps.append(time.perf_counter())
-    return intervals_after(stamps, config.warmup_steps)
-
-
 def _training_row(
     stage: DecoderStage, batch: dict[str, Tensor], config: DecoderBenchConfig, settings: Settings
 ) -> tuple[Row, list[float]]:
     """The step-time row and the Lightning step times (seconds)."""
     progress(f"decoder: training steps, Lightning vs plain loop ({config.repeats} runs each)")
+    loss = functools.partial(plain_loss, stage, batch["images"])
     times = interleaved(
         {
             "lightning": lambda: lightning_steps(stage, batch, config.warmup_steps, config.train_steps, settings),
-            "plain": lambda: _plain_steps(stage, batch, config, settings),
+            "plain": lambda: plain_steps(stage, loss, config.warmup_steps, config.train_steps, settings),
         },
         config.repeats,
     )
-    row = Row.from_samples(
-        "decoder/train_step",
-        "ms/step",
-        [1e3 * t for t in times["lightning"]],
-        [1e3 * t for t in times["plain"]],
-        compares="Lightning fit / plain loop",
-        target=TARGET_RATIO,
-        detail=f"{_describe(config, config.batch_size)}; {config.train_steps} steps x {config.repeats} runs",
-    )
+    detail = f"{_describe(config, config.batch_size)}; {config.train_steps} steps x {config.repeats} runs"
+    row = train_step_row("decoder/train_step", times["lightning"], times["plain"], "Lightning fit / plain loop", detail)
     return row, times["lightning"]
 
 

@@ -19,11 +19,8 @@ import torch
 from benchmarks import decoder, sampler
 from benchmarks.common import PRECISIONS, Benchmark, Settings, environment, print_report
 
-# One line per benchmark module: name -> module with add_arguments / configure / rows (see common.Benchmark).
-BENCHMARKS: dict[str, Benchmark] = {
-    "decoder": decoder,
-    "sampler": sampler,
-}
+# One entry per benchmark module: its BENCHMARK (name, config class, presets, rows; see common.Benchmark).
+BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (decoder.BENCHMARK, sampler.BENCHMARK)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS), metavar="NAME")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the environment and rows as JSON")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's)")
-    for module in BENCHMARKS.values():
-        module.add_arguments(parser)
+    for benchmark in BENCHMARKS.values():
+        benchmark.add_arguments(parser)
     return parser
 
 

@@ -23,34 +23,33 @@ latents depend on them. Prompts are Shapes-style captions grown to ``prompt_toke
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
-import tempfile
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import LlavaConfig, LlavaForConditionalGeneration
-from transformers.utils import logging as transformers_logging
 
 from benchmarks.common import (
+    LEARNING_RATE,
+    TARGET_RATIO,
+    Benchmark,
     Row,
     Settings,
-    add_config_arguments,
     check_positive,
-    config_from_args,
+    flag,
     interleaved,
-    intervals_after,
     lightning_steps,
+    plain_steps,
     progress,
-    synchronize,
+    quiet_workspace,
     timed,
+    train_step_row,
 )
 from vugen.adapter import positions_from_mask
 from vugen.diffusion import METHODS
@@ -62,18 +61,16 @@ from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
 
 __all__ = [
+    "BENCHMARK",
+    "PRESETS",
     "SamplerBenchConfig",
-    "add_arguments",
     "build_stage",
-    "configure",
     "make_prompts",
     "rows",
     "uncached_latents",
 ]
 
 NAME = "sampler"
-LEARNING_RATE = 1e-4
-TARGET_RATIO = 1.05  # framework overhead allowed over the plain loop
 GUIDANCE_SCALE = 3.0  # SamplerStage's default: the CFG batch is twice the prompts
 PERTURBATION = 0.05  # std of the noise added to the trainable weights (LoRA B and the head's output start at zero)
 # Caption words of the Shapes data set, cycled to build prompts of a given token length.
@@ -87,23 +84,23 @@ _WORDS = (
 class SamplerBenchConfig:
     """Sizes and repeat counts of the sampler benchmark (each field is a ``--sampler-<field>`` flag)."""
 
-    lm_width: int = field(metadata={"help": "language model hidden size"})
-    lm_depth: int = field(metadata={"help": "language model layers"})
-    lm_heads: int = field(metadata={"help": "language model attention heads (half as many key/value heads)"})
-    vision_width: int = field(metadata={"help": "vision tower hidden size"})
-    vision_depth: int = field(metadata={"help": "vision tower layers"})
-    latent_dim: int = field(metadata={"help": "latent channels, below the vision tower's width"})
-    head_width: int = field(metadata={"help": "width of the bridge's MLP flow head (reducer hidden width too)"})
-    lora_rank: int = field(metadata={"help": "LoRA rank"})
-    prompt_tokens: int = field(metadata={"help": "chat-templated prompt length in tokens (at least)"})
-    prompts: int = field(metadata={"help": "prompts per generation call"})
-    sample_steps: int = field(metadata={"help": "flow steps per generation"})
-    solver: str = field(metadata={"help": "ODE solver of generation", "choices": METHODS[:2]})
-    forward_calls: int = field(metadata={"help": "timed forwards of each part per run, for the ideal ratio"})
-    batch_size: int = field(metadata={"help": "training batch"})
-    train_steps: int = field(metadata={"help": "timed optimizer steps per run"})
-    warmup_steps: int = field(metadata={"help": "untimed optimizer steps first in each run"})
-    repeats: int = field(metadata={"help": "interleaved runs of each side"})
+    lm_width: int = flag("language model hidden size")
+    lm_depth: int = flag("language model layers")
+    lm_heads: int = flag("language model attention heads (half as many key/value heads)")
+    vision_width: int = flag("vision tower hidden size")
+    vision_depth: int = flag("vision tower layers")
+    latent_dim: int = flag("latent channels, below the vision tower's width")
+    head_width: int = flag("width of the bridge's MLP flow head (reducer hidden width too)")
+    lora_rank: int = flag("LoRA rank")
+    prompt_tokens: int = flag("chat-templated prompt length in tokens (at least)")
+    prompts: int = flag("prompts per generation call")
+    sample_steps: int = flag("flow steps per generation")
+    solver: str = flag("ODE solver of generation", choices=METHODS[:2])
+    forward_calls: int = flag("timed forwards of each part per run, for the ideal ratio")
+    batch_size: int = flag("training batch")
+    train_steps: int = flag("timed optimizer steps per run")
+    warmup_steps: int = flag("untimed optimizer steps first in each run")
+    repeats: int = flag("interleaved runs of each side")
 
     def __post_init__(self) -> None:
         check_positive(self, NAME)
@@ -126,31 +123,19 @@ PRESETS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``--sampler-*`` flags."""
-    add_config_arguments(parser, NAME, SamplerBenchConfig)
-
-
-def configure(settings: Settings, args: argparse.Namespace) -> SamplerBenchConfig:
-    """The preset of ``settings`` with the given ``--sampler-*`` flags; ValueError naming a bad flag."""
-    return config_from_args(args, NAME, PRESETS[settings.preset])
-
-
 def rows(settings: Settings, config: SamplerBenchConfig) -> list[Row]:
     """Measure generation with and without the prompt cache, and training steps (see the module docstring)."""
-    transformers_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # Lightning's advice that does not apply here: in-memory batches need no loader workers, validation is
-        # not benchmarked, and the frozen VLM, reducer and decoder stay in eval mode on purpose.
-        for message in ("does not have many workers", "no `val_dataloader`", "module\\(s\\) in eval mode"):
-            warnings.filterwarnings("ignore", message=f".*{message}.*")
+    with quiet_workspace() as tmp:
         progress(f"sampler: building the LLaVA (LM w{config.lm_width} d{config.lm_depth}) and the stage")
-        stage = build_stage(Path(tmp), config).to(settings.device)
+        stage = build_stage(tmp, config).to(settings.device)
         prompts = make_prompts(stage.adapter, config.prompts, config.prompt_tokens)
         generation = _generation_rows(stage, prompts, config, settings)
         batches = _training_batches(stage, config, settings)
         _check_same_loss(stage, batches)
         return [*generation, *_training_rows(stage, batches, config, settings)]
+
+
+BENCHMARK = Benchmark(NAME, SamplerBenchConfig, PRESETS, rows)
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -377,23 +362,6 @@ def _check_same_loss(stage: SamplerStage, batches: dict[str, dict[str, Any]]) ->
         )
 
 
-def _plain_steps(
-    stage: SamplerStage, batch: dict[str, Any], config: SamplerBenchConfig, settings: Settings
-) -> list[float]:
-    stage.to(settings.device).train()  # Lightning's teardown moves the module back to the CPU
-    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=LEARNING_RATE)
-    stamps = []
-    for _ in range(config.warmup_steps + config.train_steps):
-        with settings.autocast():
-            loss = stage.loss(batch, drop_prompts=True)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        synchronize(settings.device)
-        stamps.append(time.perf_counter())
-    return intervals_after(stamps, config.warmup_steps)
-
-
 def _training_rows(
     stage: SamplerStage, batches: dict[str, dict[str, Any]], config: SamplerBenchConfig, settings: Settings
 ) -> list[Row]:
@@ -401,10 +369,11 @@ def _training_rows(
     fit_steps = functools.partial(
         lightning_steps, stage, warmup_steps=config.warmup_steps, train_steps=config.train_steps, settings=settings
     )
+    loss = functools.partial(stage.loss, batches["latents"], drop_prompts=True)
     times = interleaved(
         {
             "latents": lambda: fit_steps(batches["latents"]),
-            "plain": lambda: _plain_steps(stage, batches["latents"], config, settings),
+            "plain": lambda: plain_steps(stage, loss, config.warmup_steps, config.train_steps, settings),
             "images": lambda: fit_steps(batches["images"]),
         },
         config.repeats,
@@ -412,15 +381,8 @@ def _training_rows(
     prompt_tokens = stage.adapter.tokenize(batches["latents"]["captions"])["input_ids"].shape[1]
     runs = f"{config.train_steps} steps x {config.repeats} runs"
     sizes = f"{_describe(stage, prompt_tokens)}; B={config.batch_size}; {runs}"
-    step = Row.from_samples(
-        "sampler/train_step",
-        "ms/step",
-        [1e3 * t for t in times["latents"]],
-        [1e3 * t for t in times["plain"]],
-        compares="Lightning fit / plain loop (latent batches)",
-        target=TARGET_RATIO,
-        detail=sizes,
-    )
+    compares = "Lightning fit / plain loop (latent batches)"
+    step = train_step_row("sampler/train_step", times["latents"], times["plain"], compares, sizes)
     throughput = Row.from_samples(
         "sampler/train_throughput",
         "samples/s",

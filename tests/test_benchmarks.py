@@ -1,20 +1,23 @@
 """`python -m benchmarks.run --quick`: it runs end to end, prints the environment and table, and writes rows whose
-numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly. The sampler
-benchmark's uncached reference generates the latents that `LatentSampler.generate` does."""
+numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly; each benchmark's
+flags override its preset. The sampler benchmark's uncached reference generates the latents that
+`LatentSampler.generate` does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import Row, intervals_after
-from benchmarks.run import main
+from benchmarks.common import Row, Settings, intervals_after, quiet_workspace
+from benchmarks.run import BENCHMARKS, build_parser, main
 from benchmarks.sampler import PRESETS as SAMPLER_PRESETS
 from benchmarks.sampler import build_stage, make_prompts, uncached_latents
 
@@ -82,6 +85,38 @@ def test_bad_flags_fail_before_measuring_and_name_the_flag(args, message, capsys
     stderr = capsys.readouterr().err
     assert message in stderr
     assert "decoder:" not in stderr and "sampler:" not in stderr  # nothing was measured
+
+
+def test_each_benchmark_takes_its_preset_with_the_given_flags():
+    quick = Settings(torch.device("cpu"), "32-true", quick=True)
+    parser = build_parser()
+    decoder, sampler = BENCHMARKS["decoder"], BENCHMARKS["sampler"]
+    assert decoder.configure(quick, parser.parse_args([])) == decoder.presets["quick"]
+    assert sampler.configure(dataclasses.replace(quick, quick=False), parser.parse_args([])) == sampler.presets["cpu"]
+    args = parser.parse_args(["--decoder-sample-steps", "3", "5", "--sampler-solver", "heun", "--sampler-prompts", "2"])
+    assert decoder.configure(quick, args) == dataclasses.replace(decoder.presets["quick"], sample_steps=(3, 5))
+    assert sampler.configure(quick, args) == dataclasses.replace(sampler.presets["quick"], solver="heun", prompts=2)
+
+
+# Lightning's wording of the advice that does not apply to the benchmarks (lightning/pytorch/trainer/...).
+LIGHTNING_ADVICE = [
+    "The 'train_dataloader' does not have many workers which may be a bottleneck. Consider increasing ...",
+    "You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.",
+    "Found 2 module(s) in eval mode at the start of training. This may lead to unexpected behavior ...",
+]
+
+
+def test_quiet_workspace_silences_only_lightnings_advice_and_only_inside():
+    with quiet_workspace() as tmp, warnings.catch_warnings(record=True) as caught:
+        assert tmp.is_dir()
+        for message in [*LIGHTNING_ADVICE, "other advice"]:
+            warnings.warn(message, UserWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == ["other advice"]
+    assert not tmp.exists()
+    with warnings.catch_warnings(record=True) as caught:  # the filters end with the workspace
+        for message in LIGHTNING_ADVICE:
+            warnings.warn(message, UserWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == LIGHTNING_ADVICE
 
 
 @pytest.fixture(scope="module")
