@@ -41,8 +41,8 @@ def reducer_stage(adapter: LlavaAdapter, lr: float = 1e-3, cls: type = ReducerSt
     """A small reducer stage, the same initial weights every time, deterministic training (no noise, no PCA)."""
     torch.manual_seed(0)
     optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    settings = {"latent_dim": 8, "hidden_dim": 32, "num_blocks": 1, "noise_gamma": 0.0, "pca_init": False}
-    return cls(adapter, optimizer=optimizer, **(settings | kwargs))
+    reducer = DimensionReducer(adapter.feature_dim, 8, hidden_dim=32, num_blocks=1, noise_gamma=0.0)
+    return cls(adapter, reducer, pca_init=False, optimizer=optimizer, **kwargs)
 
 
 def good_batches(n: int) -> list[dict[str, Tensor]]:
@@ -282,7 +282,10 @@ def test_a_decoder_export_of_nan_weights_is_refused(adapter, tmp_path):
     stage = DecoderStage(adapter, decoder, reducer=reducer)
     with torch.no_grad():
         decoder.latent_proj.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"DecoderStage: refusing to export to .*: decoder.latent_proj.weight"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"DecoderStage: refusing to export the reducer and decoder to .*: decoder.latent_proj.weight",
+    ):
         stage.export(tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
     with torch.no_grad():

@@ -114,7 +114,9 @@ def test_a_config_names_an_adapter_by_its_registered_name(tiny_checkpoint):
         "--model=vugen.stages.ReducerStage",
         "--model.adapter=llava",
         f"--model.adapter.pretrained={tiny_checkpoint('llava')}",
-        "--model.latent_dim=4",
+        "--model.reducer=vugen.nn.DimensionReducer",
+        "--model.reducer.feature_dim=32",
+        "--model.reducer.latent_dim=4",
         "--data=vugen.data.shapes_datamodule.ShapesDataModule",
         "--trainer.logger=false",
     ]

@@ -58,7 +58,8 @@ ImageAttention = Literal["bidirectional", "causal"]
 _BASE_PIXELS = 3 * 256 * 256  # no time shift for the pixel decoder at 256x256 RGB (JiT's reference resolution)
 
 
-class _Settings:
+@dataclass(frozen=True)
+class _Settings:  # a dataclass too: jsonargparse then reads its subclasses as plain (class_path-free) dataclasses
     """What the frozen settings dataclasses share: a checked JSON reading and the JSON record."""
 
     @classmethod
