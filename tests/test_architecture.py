@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("contract", "vugen vugen.adapter vugen.registry vugen.testing"),
     ("models", "vugen.nn vugen.diffusion"),
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
-    ("inference", "vugen.generation vugen.bundle vugen.pipeline vugen.prediction"),
+    ("inference", "vugen.generation vugen.decoder_export vugen.bundle vugen.pipeline vugen.prediction"),
     ("training", "vugen.stages vugen.checkpoint"),
     ("commands", "vugen.commands vugen.cli vugen.demo"),
     ("plug-ins", "vugen_adapters"),
@@ -36,8 +36,13 @@ LAYERS: tuple[tuple[str, str], ...] = (
 ISOLATED = ("vugen.nn", "vugen.diffusion")  # import nothing of vugen outside their own package
 CONTRACT_BASE = ("vugen.adapter",)  # the adapter contract builds on the foundation only
 # generation is the lowest part of inference: the formats and the pipeline build on it
-BUILT_ON = {"vugen.generation": ("vugen.bundle", "vugen.pipeline")}
-NO_TRAINING_CODE = ("vugen.generation", "vugen.bundle", "vugen.pipeline")  # inference without Lightning
+BUILT_ON = {"vugen.generation": ("vugen.decoder_export", "vugen.bundle", "vugen.pipeline")}
+NO_TRAINING_CODE = (
+    "vugen.generation",
+    "vugen.decoder_export",
+    "vugen.bundle",
+    "vugen.pipeline",
+)  # inference without Lightning
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 PLUGIN_SEES = ("foundation", "contract")  # vugen_adapters imports only these layers of vugen
 # The one import of the plug-ins from vugen: `vugen tiny` runs their debug recipes (found otherwise by entry points).

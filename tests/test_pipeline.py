@@ -16,7 +16,8 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures_bundle import IMAGE_SIZE, make_stage
-from vugen.bundle import BundleError, read_decoder_export
+from vugen.bundle import BundleError
+from vugen.decoder_export import read_decoder_export
 from vugen.fingerprint import vlm_fingerprint
 from vugen.generation import SamplingConfig
 from vugen.nn import PixelDecoder

@@ -1,13 +1,8 @@
-"""vugen's on-disk inference formats: the decoder-stage export and the :class:`~vugen.pipeline.VugenPipeline` bundle.
-
-A **decoder-stage export** (``DecoderStage``'s ``export_dir``, read by the sampler stage and inside every bundle)::
-
-    reducer/  decoder/                  DimensionReducer / PixelDecoder ``save_pretrained`` folders
-    sampling.json                       the decoder's SamplingConfig (``solver``, ``steps``, ``guidance_scale``, ...)
+"""The bundle of :class:`~vugen.pipeline.VugenPipeline`: writing, validating and loading it.
 
 A **bundle** is one folder, written atomically by :func:`save_bundle` (``VugenPipeline.save_pretrained``)::
 
-    reducer/  decoder/  sampling.json   the decoder-stage export
+    reducer/  decoder/  sampling.json   the decoder-stage export (:mod:`vugen.decoder_export`)
     bridge/                             the latent bridge (LatentBridge.save_pretrained)
     lora/                               a peft adapter folder of the language model's LoRA
     vugen.json                          format version, base VLM (adapter class_path + init args, and its content
@@ -57,6 +52,7 @@ from torch import Tensor, nn
 import vugen
 from vugen.adapter import VLMAdapter
 from vugen.atomic import atomic_directory
+from vugen.decoder_export import SAMPLING_FILE, read_decoder_export, write_decoder_export
 from vugen.distributed import full_copy, is_global_zero
 from vugen.errors import VugenError
 from vugen.fingerprint import describe_fingerprint, fingerprint_differences, vlm_fingerprint
@@ -72,20 +68,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG_FILE",
-    "SAMPLING_FILE",
     "BundleError",
     "bundle_record",
     "check_weights",
     "load_bundle",
     "read_config",
-    "read_decoder_export",
     "save_bundle",
     "sha256_of",
-    "write_decoder_export",
 ]
 
 CONFIG_FILE = "vugen.json"
-SAMPLING_FILE = "sampling.json"
 FORMAT, FORMAT_VERSION = "vugen.pipeline", 3
 WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
 LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name (LoraConfig.save_pretrained writes adapter_config.json)
@@ -99,41 +91,6 @@ _LEGACY_SAMPLING |= {"guidance_interval": "guidance_interval", "time_shift": "ti
 
 class BundleError(VugenError, ValueError):
     """A bundle folder is incomplete or its weights do not match its configuration."""
-
-
-# ---------------------------------------------------------------------------------------------- decoder-stage export
-def write_decoder_export(
-    directory: Path, reducer: DimensionReducer, decoder: PixelDecoder, sampling: SamplingConfig
-) -> None:
-    """Write the decoder-stage export layout: ``reducer/``, ``decoder/`` and ``sampling.json`` in ``directory``."""
-    reducer.save_pretrained(directory / "reducer")
-    decoder.save_pretrained(directory / "decoder")
-    (directory / SAMPLING_FILE).write_text(json.dumps(sampling.to_dict(), indent=2) + "\n")
-
-
-def read_decoder_export(directory: str | Path) -> tuple[DimensionReducer, PixelDecoder, SamplingConfig]:
-    """The reducer, decoder and sampling settings of a decoder-stage export, each checked to exist and to fit.
-
-    Raises:
-        FileNotFoundError: A part is missing, naming it.
-        ValueError: The reducer's and the decoder's ``latent_dim`` differ, or ``sampling.json`` is not valid.
-    """
-    directory = Path(directory)
-    missing = [name for name in ("reducer", "decoder", SAMPLING_FILE) if not (directory / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} is not a decoder-stage export (DecoderStage export_dir): missing {', '.join(missing)}"
-        )
-    reducer = DimensionReducer.from_pretrained(directory / "reducer")
-    decoder = PixelDecoder.from_pretrained(directory / "decoder")
-    if reducer.latent_dim != decoder.latent_dim:
-        raise ValueError(
-            f"{directory}: reducer latent_dim={reducer.latent_dim} but decoder latent_dim={decoder.latent_dim}"
-        )
-    settings = _read_json(directory / SAMPLING_FILE)
-    if "sampler" in settings and "solver" not in settings:  # written before the ODE choice was named "solver"
-        settings = {("solver" if key == "sampler" else key): value for key, value in settings.items()}
-    return reducer, decoder, SamplingConfig.from_dict(settings, str(directory / SAMPLING_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- bundle

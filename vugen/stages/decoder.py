@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vugen.adapter import VLMAdapter
-from vugen.bundle import write_decoder_export
 from vugen.data.batches import batch_images
+from vugen.decoder_export import write_decoder_export
 from vugen.diffusion import Prediction, Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
 from vugen.generation import SamplingConfig, decode_latents, pixel_shift
 from vugen.hub import local_folder_or_hub_id

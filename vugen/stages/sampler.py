@@ -8,9 +8,9 @@ checkpointing and FSDP2 units. ``predict`` generates images (:meth:`SamplerStage
 :class:`~vugen.data.prompts.PromptDataModule`) with the same code as the pipeline.
 
 The reducer and the pixel decoder come from the decoder stage's export (``reducer/``, ``decoder/``,
-``sampling.json``, see :func:`vugen.bundle.read_decoder_export`) and stay frozen. Batches carry ``images`` (encoded
-on the fly by the frozen VLM and reducer) or ``latents`` (from :mod:`vugen.data.latent_cache`: the vision tower never
-runs), plus ``captions``.
+``sampling.json``, see :mod:`vugen.decoder_export`) and stay frozen. Batches carry ``images`` (encoded on the fly by
+the frozen VLM and reducer) or ``latents`` (from :mod:`vugen.data.latent_cache`: the vision tower never runs), plus
+``captions``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vugen.adapter import VLMAdapter
-from vugen.bundle import read_decoder_export
 from vugen.data.batches import batch_images
 from vugen.data.prompts import PromptBatch
+from vugen.decoder_export import read_decoder_export
 from vugen.diffusion import Schedule, flow_matching_inputs, flow_matching_loss, sample_timesteps
 from vugen.generation import LORA_ADAPTER_NAME, LatentSampler, LatentSamplerConfig, SamplingConfig
 from vugen.pipeline import VugenPipeline
