@@ -31,6 +31,7 @@ from transformers import (
 from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
+from vugen_adapters.token_layout import PatchLayout, measure_patch_layout, to_raster
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
@@ -260,7 +261,7 @@ class AutoAdapter(VLMAdapter):
             images = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True).clamp(0, 1)
         inputs = self.pixel_inputs(images)
         output = self.image_features(inputs)
-        return self.select_features(output, inputs, batch=images.shape[0])
+        return self.select_features(output, size, batch=images.shape[0])
 
     def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
         """The model's pixel inputs: normalised on the adapter's device when the encoder reads plain pixels
@@ -275,8 +276,12 @@ class AutoAdapter(VLMAdapter):
     def processor_inputs(self, images: Tensor) -> dict[str, Tensor]:
         """What the checkpoint's image processor makes of `images` (no resizing, rescaling or cropping: vugen has
         sized them already), as tensors on the CPU."""
-        overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(self.image_processor, k)}
-        batch = self.image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
+        return self._process(self.image_processor, images)
+
+    @staticmethod
+    def _process(image_processor: Any, images: Tensor) -> dict[str, Tensor]:
+        overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(image_processor, k)}
+        batch = image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     @cached_property
@@ -308,19 +313,38 @@ class AutoAdapter(VLMAdapter):
         """Call the VLM's `get_image_features` with the inputs its signature accepts."""
         return self.vlm.model.get_image_features(**self.accepted_image_inputs(inputs))
 
-    def select_features(self, output: Any, inputs: dict[str, Tensor], batch: int) -> Tensor:
-        """Pick the configured feature source out of `output` and return raster `[B, N, D]`."""
-        if self.feature_source == "projector":
-            features, merge = output.pooler_output, 1
-        else:
-            features, merge = self.vision_tokens(output), self.packed_merge_size(inputs)
-        features = _as_batch(features, batch)
-        rows, cols = self.patch_grid(inputs)
+    def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
+        """Pick the configured feature source out of `output` (for `batch` images of `size`) as raster `[B, N, D]`.
+
+        The tokens are matched to the patch layout the image processor gives images of this size
+        (`vugen_adapters.token_layout`): padding slots and leading CLS / register tokens dropped, merge blocks and
+        flat-patch orders put back in raster order.
+        """
+        source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
+        features = _as_batch(source, batch)
+        layout = self.patch_layout(*size)
         if self.feature_source == "vision":
-            self.check_token_order(rows, cols)
-        if merge > 1:  # packed encoders emit merge x merge blocks one after another
-            features = _blocks_to_raster(features, rows, cols, merge)
-        return _fit_grid(features, rows, cols, type(self).__name__)
+            self.check_token_order(layout.rows, layout.cols)
+        return to_raster(features, layout, self.model_type)
+
+    def patch_layout(self, height: int, width: int) -> PatchLayout:
+        """The encoder's patch grid and slot order for images of `height` x `width`, measured once per size on the
+        checkpoint's own image processor (`measure_patch_layout`)."""
+        key = (height, width)
+        if key not in self._patch_layouts:
+            self._patch_layouts[key] = measure_patch_layout(
+                self.image_processor, self._process, height, width, self.vit_patch_size, self.model_type
+            )
+        return self._patch_layouts[key]
+
+    @cached_property
+    def _patch_layouts(self) -> dict[tuple[int, int], PatchLayout]:
+        return {}
+
+    @property
+    def model_type(self) -> str:
+        """The checkpoint's `model_type` (named in errors)."""
+        return self.vlm.config.model_type
 
     def check_token_order(self, rows: int, cols: int) -> None:
         """Windowed packed towers (Qwen2.5-VL) return encoder tokens in window order, which we cannot read."""
@@ -343,22 +367,6 @@ class AutoAdapter(VLMAdapter):
         if getattr(self.vlm.config, "vision_feature_select_strategy", "full") == "default":
             tokens = [t[:, 1:] for t in tokens]  # the projector drops CLS: so do we
         return torch.cat(tokens, dim=-1)
-
-    def packed_merge_size(self, inputs: dict[str, Tensor]) -> int:
-        """Merge-block size of packed encoders (grid given as `image_grid_thw`), else 1."""
-        if "image_grid_thw" not in inputs:
-            return 1
-        return int(getattr(self.vision_config, "spatial_merge_size", 1))
-
-    def patch_grid(self, inputs: dict[str, Tensor]) -> tuple[int, int]:
-        """Rows and columns of encoder patches for this batch (before any merging or pooling)."""
-        if "image_grid_thw" in inputs:
-            grid = inputs["image_grid_thw"]
-            if not (grid == grid[0]).all() or int(grid[0, 0]) != 1:
-                raise ValueError(f"expected one still image per sample on one grid, got image_grid_thw={grid}")
-            return int(grid[0, 1]), int(grid[0, 2])
-        height, width = inputs["pixel_values"].shape[-2:]
-        return height // self.vit_patch_size, width // self.vit_patch_size
 
     # ------------------------------------------------------------------ language
     @property
@@ -425,12 +433,18 @@ class AutoAdapter(VLMAdapter):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=True,
             return_dict=True,
             is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
+            **{self._cache_argument: past_key_values},
         )
-        return output.last_hidden_state, output.past_key_values
+        return output.last_hidden_state, output.get("cache", output.get("past_key_values"))
+
+    @cached_property
+    def _cache_argument(self) -> str:
+        """The name the language model takes its cache under: `cache` since transformers 5.24 (`past_key_values`
+        warns and goes away in 5.40), `past_key_values` in models written before."""
+        return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
 
 
 def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
@@ -442,26 +456,6 @@ def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) 
     if features.ndim != 3 or features.shape[0] != batch:
         raise ValueError(f"cannot read {batch} images' features from a tensor of shape {tuple(features.shape)}")
     return features
-
-
-def _blocks_to_raster(features: Tensor, rows: int, cols: int, merge: int) -> Tensor:
-    batch, _, dim = features.shape
-    blocks = features.reshape(batch, rows // merge, cols // merge, merge, merge, dim)
-    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, dim)
-
-
-def _fit_grid(features: Tensor, rows: int, cols: int, who: str) -> Tensor:
-    """Match N tokens to the patch grid: drop a leading CLS token, or find the pooling factor."""
-    tokens = features.shape[1]
-    if tokens == rows * cols + 1:
-        return features[:, 1:]
-    factor = math.isqrt(rows * cols // tokens) if tokens else 0
-    if factor and rows % factor == 0 and cols % factor == 0 and tokens * factor**2 == rows * cols:
-        return features
-    raise ValueError(
-        f"{who}: {tokens} feature tokens do not fit a {rows}x{cols} patch grid; override "
-        "`select_features` (or `patch_grid`) in a family adapter to say how this VLM lays out its tokens"
-    )
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:

@@ -88,7 +88,7 @@ def test_plain_pixels_are_detected_and_normalised_on_the_device(family, tiny_che
     for adapter in (family_adapter, auto):
         assert adapter.pixel_inputs(images).keys() == old.keys()
         assert torch.equal(adapter.pixel_inputs(images)["pixel_values"], old["pixel_values"])
-        old_features = adapter.select_features(adapter.image_features(old), old, batch=2)
+        old_features = adapter.select_features(adapter.image_features(old), (image_size, image_size), batch=2)
         assert torch.equal(adapter.encode_images(images), old_features)
 
 

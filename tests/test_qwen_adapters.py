@@ -73,7 +73,7 @@ def test_unpermuted_patches_are_raster(adapters, size):
     x = images(size)
     inputs = adapter.pixel_inputs(x)
     # The un-permutation the "vision" tokens go through, applied to the patches themselves.
-    raster = adapter.select_features(SimpleNamespace(last_hidden_state=inputs["pixel_values"]), inputs, batch=2)
+    raster = adapter.select_features(SimpleNamespace(last_hidden_state=inputs["pixel_values"]), size, batch=2)
     expected = raster_patches(normalized_pixels(x, adapter.image_processor, torch.float32), temporal=2)
     assert torch.equal(raster, expected)
 

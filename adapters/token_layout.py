@@ -1,0 +1,193 @@
+"""Where each image token comes from: the layout of a VLM's image tokens, read off its own image processor.
+
+`AutoAdapter` must return raster `[B, N, D]` tokens from whatever a checkpoint's `get_image_features` gives: plain
+`[B, 3, H, W]` towers, flat patches packed into one sequence (Qwen-style, in merge-block order), flat patches padded
+per image (SigLIP2 NaFlex), towers with CLS or register tokens, pixel-shuffle / pooling / merge projectors. Rather
+than a list of known shapes, the layout is measured from what the checkpoint itself says:
+
+1. `measure_patch_layout` runs the checkpoint's image processor once on an image whose every pixel holds its own
+   index (normalisation off, so the values come back as they went in) and reads, for every patch slot of
+   `pixel_values`, which pixels it holds. That gives the encoder's patch grid for this image size and the raster
+   position of every slot (raster for image tensors; merge-block order for Qwen-style patches; padding slots for
+   NaFlex), whatever the tensor layout.
+2. `to_raster` matches the tokens of one image to that layout: one token per patch slot (vision tokens, padding
+   dropped), or one token per `f x f` block of patches after a merge / pixel shuffle / pooling (`f` solved from the
+   token count), after any leading CLS / register tokens.
+
+A merge of patches that the processor gives in raster order (pixel shuffle, pooling, unshuffle) yields tokens raster
+over blocks; a merge of patches given in block order (Qwen's merger groups `f^2` consecutive slots) yields tokens in
+the order of the blocks. The
+adapter conformance suite checks the result (`test_tokens_are_in_raster_order`); a layout that is neither is reported
+with the checkpoint's model type and the hook to override.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vugen.errors import VugenError
+
+# Leading tokens that are not patches: CLS, register tokens (DINOv2-style towers have 4, some 8 or 16).
+MAX_PREFIX_TOKENS = 16
+
+
+class LayoutNotDerivable(VugenError, ValueError):
+    """The image tokens of a checkpoint cannot be matched to its patch grid by introspection."""
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """The encoder patches of one image of a given size, as the image processor lays them out.
+
+    Attributes:
+        rows: patch rows of the image.
+        cols: patch columns of the image.
+        slots: patch slots per image in `pixel_values` (padding included): `rows * cols` unless padded.
+        raster: `[rows * cols]` raster index (`row * cols + col`) of each real patch slot, in slot order.
+        slot_index: `[rows * cols]` slot of each real patch, in slot order (padding slots skipped).
+    """
+
+    rows: int
+    cols: int
+    slots: int
+    raster: Tensor
+    slot_index: Tensor
+
+    @classmethod
+    def raster_grid(cls, rows: int, cols: int) -> PatchLayout:
+        """An image tensor patchified in raster order."""
+        order = torch.arange(rows * cols)
+        return cls(rows, cols, rows * cols, order, order)
+
+    @property
+    def is_raster(self) -> bool:
+        """Whether slot `k` is raster patch `k` (no padding, no reordering)."""
+        return self.slots == self.rows * self.cols and torch.equal(self.raster, torch.arange(self.slots))
+
+
+def position_coded_image(height: int, width: int) -> Tensor:
+    """`[3, H, W]` floats in `(0, 1)`: every pixel holds `(index + 1) / (H * W + 1)` in all three channels.
+
+    Exact in float32 up to ~4 M pixels, and never 0, so zero padding stays distinguishable from a pixel.
+    """
+    index = torch.arange(height * width, dtype=torch.float64).reshape(height, width)
+    return ((index + 1) / (height * width + 1)).float().expand(3, -1, -1)
+
+
+def decode_pixels(values: Tensor, height: int, width: int) -> Tensor:
+    """Pixel indices back from `position_coded_image` values (-1 where a value is padding)."""
+    index = values.double() * (height * width + 1) - 1
+    rounded = index.round()
+    if not torch.allclose(index, rounded, atol=0.05) or rounded.max() >= height * width:
+        raise LayoutNotDerivable("the image processor changes pixel values beyond normalisation")
+    return rounded.long()
+
+
+def measure_patch_layout(
+    image_processor: Any, process: Any, height: int, width: int, patch_size: int, model_type: str
+) -> PatchLayout:
+    """Run the image processor on a position-coded image and read where every patch went.
+
+    Args:
+        image_processor: the checkpoint's image processor (copied; normalisation is switched off in the copy).
+        process: `process(image_processor, images) -> dict of tensors`, the adapter's processor call (resizing,
+            rescaling, cropping and tiling off).
+        height: image height in pixels, as the adapter feeds it.
+        width: image width in pixels.
+        patch_size: the vision encoder's patch side, for image-tensor layouts.
+        model_type: the checkpoint's model type, for error messages.
+    """
+    plain = copy.deepcopy(image_processor)
+    if hasattr(plain, "do_normalize"):
+        plain.do_normalize = False
+    pixels = process(plain, position_coded_image(height, width)[None])["pixel_values"]
+    if pixels.ndim >= 4:  # image tensors ([B, 3, H, W] or tiles [B, T, 3, H, W]): the encoder patchifies them
+        return _image_tensor_layout(pixels, height, width, patch_size, model_type)
+    return _flat_patch_layout(pixels.reshape(-1, pixels.shape[-1]), height, width, model_type)
+
+
+def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: int, model_type: str) -> PatchLayout:
+    tiles = pixels.reshape(-1, *pixels.shape[-3:])
+    expected = torch.arange(height * width).reshape(height, width)
+    if tiles.shape[0] != 1 or tiles.shape[-2:] != (height, width):
+        raise LayoutNotDerivable(
+            f"{model_type}: its image processor turns one {height}x{width} image into {tiles.shape[0]} tile(s) of "
+            f"{tuple(tiles.shape[-2:])} px; override `pixel_inputs` to give the encoder one whole image"
+        )
+    if not torch.equal(decode_pixels(tiles[0, 0], height, width), expected):
+        raise LayoutNotDerivable(f"{model_type}: its image processor moves pixels; override `pixel_inputs`")
+    return PatchLayout.raster_grid(height // patch_size, width // patch_size)
+
+
+def _flat_patch_layout(rows_of_values: Tensor, height: int, width: int, model_type: str) -> PatchLayout:
+    """Layout of flat patches `[slots, values]`: each slot's top-left pixel says which patch it is."""
+    is_padding = rows_of_values.abs().amax(-1) == 0
+    decoded = decode_pixels(rows_of_values[~is_padding], height, width)
+    top_left = decoded.amin(-1)
+    ys, xs = top_left // width, top_left % width
+    patch = int(math.isqrt(decoded.unique(dim=None).numel() // max(len(decoded), 1)))
+    if patch == 0 or height % patch or width % patch:
+        raise LayoutNotDerivable(f"{model_type}: cannot tell the patch size of its flat pixel patches")
+    rows, cols = height // patch, width // patch
+    raster = (ys // patch) * cols + xs // patch
+    if raster.numel() != rows * cols or raster.unique().numel() != rows * cols:
+        raise LayoutNotDerivable(
+            f"{model_type}: its {raster.numel()} flat patches do not cover a {rows}x{cols} grid of {patch}-px "
+            "patches once each; override `pixel_inputs`"
+        )
+    slot_index = torch.nonzero(~is_padding).squeeze(-1)
+    return PatchLayout(rows, cols, len(rows_of_values), raster, slot_index)
+
+
+def reduction(tokens: int, layout: PatchLayout, model_type: str, hook: str) -> tuple[int, int]:
+    """`(factor, prefix)` with `tokens == prefix + (rows / factor) * (cols / factor)`: how many patches per side one
+    token covers (merge, pixel shuffle, pooling) and how many leading non-patch tokens (CLS, registers) come first.
+    Tokens one-to-one with the processor's padded slots read as factor 1 (see `to_raster`)."""
+    if tokens == layout.slots:
+        return 1, 0
+    for factor in range(1, min(layout.rows, layout.cols) + 1):
+        if layout.rows % factor or layout.cols % factor:
+            continue
+        prefix = tokens - (layout.rows // factor) * (layout.cols // factor)
+        if 0 <= prefix <= MAX_PREFIX_TOKENS:
+            return factor, prefix
+    raise LayoutNotDerivable(
+        f"{model_type}: {tokens} image tokens per image do not fit its {layout.rows}x{layout.cols} patch grid "
+        f"(neither one token per patch nor one per square block, after at most {MAX_PREFIX_TOKENS} CLS / register "
+        f"tokens); override `{hook}` in an adapter to say how this VLM lays out its tokens"
+    )
+
+
+def to_raster(tokens: Tensor, layout: PatchLayout, model_type: str, hook: str = "select_features") -> Tensor:
+    """`[B, N, D]` tokens of images laid out as `layout` -> `[B, rows/f * cols/f, D]` in raster order."""
+    factor, prefix = reduction(tokens.shape[1], layout, model_type, hook)
+    if tokens.shape[1] == layout.slots and layout.slots != layout.rows * layout.cols:  # padded slots
+        tokens = tokens[:, layout.slot_index]
+    tokens = tokens[:, prefix:]
+    if factor == 1:
+        order = layout.raster
+    elif torch.equal(layout.raster, torch.arange(layout.raster.numel())):
+        return tokens  # merges of a raster grid (pixel shuffle, pooling, unshuffle) keep raster order over blocks
+    else:
+        order = _block_order(layout, factor, model_type, hook)
+    if torch.equal(order, torch.arange(order.numel())):
+        return tokens
+    return tokens[:, torch.argsort(order)]
+
+
+def _block_order(layout: PatchLayout, factor: int, model_type: str, hook: str) -> Tensor:
+    """Raster block index of each token when a merger groups `factor^2` consecutive patch slots."""
+    rows, cols = layout.raster // layout.cols, layout.raster % layout.cols
+    blocks = ((rows // factor) * (layout.cols // factor) + cols // factor).reshape(-1, factor * factor)
+    if not (blocks == blocks[:, :1]).all():
+        raise LayoutNotDerivable(
+            f"{model_type}: its merger groups {factor * factor} consecutive patches that are not a {factor}x{factor} "
+            f"block; override `{hook}`"
+        )
+    return blocks[:, 0]
