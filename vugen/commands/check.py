@@ -99,7 +99,7 @@ class CheckReport:
     def header(self) -> str:
         """The line above the table: checkpoint, model type, adapter, image size."""
         return (
-            f"vugen check {self.checkpoint}: model_type {self.model_type}, adapter {self.adapter} "
+            f"vugen check {self.checkpoint}: model_type {self.model_type or '-'}, adapter {self.adapter} "
             f"({self.adapter_class}), images {self.image_size} px"
         )
 
@@ -123,7 +123,7 @@ def table_row(result: CheckResult) -> str:
     """One row: name, result, seconds, and for a failure or skip the reason (and the hook)."""
     label = {"pass": "pass", "fail": "FAIL", "skip": "skip", "not_applicable": "n/a"}[result.status]
     reason = f"{result.reason} (override: {result.hook})" if result.hook else result.reason
-    return f"{result.name:<15} {label:<6} {result.seconds:>6.1f}s  {reason}".rstrip()
+    return f"{result.name:<15} {label:<6} {result.seconds:>6.2f}s  {reason}".rstrip()
 
 
 def check_checkpoint(
