@@ -27,7 +27,7 @@ from typing import Any, Literal, TextIO
 from transformers.utils import logging as transformers_logging
 
 from vugen import __version__
-from vugen.adapter import FeatureSource, VLMAdapter
+from vugen.adapter import DType, FeatureSource, VLMAdapter
 from vugen.applicability import NotApplicableError, check_recipe_applies
 from vugen.commands._recipe_checks import UNDERSTANDING, RecipeSmoke
 from vugen.conformance import ADAPTER_CHECKS, CheckResult, failure_reason, run_checks
@@ -133,6 +133,7 @@ def check_checkpoint(
     trust_remote_code: bool = False,
     image_size: int | None = None,
     feature_source: FeatureSource | None = None,
+    dtype: DType | None = None,
     stages: bool = True,
     steps: int = 2,
     accelerator: str = "auto",
@@ -150,6 +151,7 @@ def check_checkpoint(
         image_size: Image side for the checks, also given to the adapter (the side it resizes images to); None: the
             smallest side from 32 px (a multiple of 8) the adapter accepts (:func:`smallest_image_size`).
         feature_source: Passed to the adapter (``vision`` or ``projector``); None: the adapter's default.
+        dtype: Passed to the adapter (``float32``, ``bfloat16``, ...); None: the adapter's default.
         stages: Run the stage smoke (decoder stage, latent cache, sampler stage, export, generate).
         steps: Optimizer steps per stage in the smoke.
         accelerator: Lightning accelerator of the smoke (``auto``: a GPU when there is one).
@@ -162,7 +164,7 @@ def check_checkpoint(
     start = time.perf_counter()
     report = CheckReport(str(pretrained))
     options = {"revision": revision, "trust_remote_code": trust_remote_code or None}
-    options |= {"image_size": image_size, "feature_source": feature_source}
+    options |= {"image_size": image_size, "feature_source": feature_source, "dtype": dtype}
 
     def note(result: CheckResult) -> None:
         report.results.append(result)
@@ -285,6 +287,7 @@ def check(
     trust_remote_code: bool = False,
     image_size: int | None = None,
     feature_source: FeatureSource | None = None,
+    dtype: DType | None = None,
     stages: bool = True,
     steps: int = 2,
     accelerator: str = "auto",
@@ -310,6 +313,8 @@ def check(
         image_size: Image side for the checks, also given to the adapter; default: the smallest side from 32 px the
             adapter accepts.
         feature_source: ``vision`` or ``projector``, given to the adapter; default: the adapter's.
+        dtype: Weight dtype of the VLM (``float32``, ``bfloat16``, ``float16``, ``auto``), given to the adapter;
+            default: the adapter's.
         stages: Run the few-step smoke of every stage (false: the adapter checks only).
         steps: Optimizer steps per stage in the smoke.
         accelerator: Lightning accelerator of the smoke: ``auto`` (a GPU when there is one), ``cpu``, ``gpu``.
