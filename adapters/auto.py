@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
+from vugen.applicability import check_recipe_applies
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
 from vugen_adapters.token_layout import PatchLayout, measure_patch_layout, to_raster
@@ -73,6 +74,7 @@ def check_pretrained_source(pretrained: str, trust_remote_code: bool) -> None:
             "(expected a folder written by `save_pretrained`, with config.json, the weights and the processor)"
         )
     config = json.loads(config_file.read_text())
+    check_recipe_applies(config, str(config_file))
     if "auto_map" in config and not trust_remote_code:
         raise RemoteCodeRefused(_remote_code_message(pretrained))
 

@@ -23,8 +23,11 @@ SOURCES = {"vugen": ROOT / "vugen", "vugen_adapters": ROOT / "adapters"}  # impo
 # its submodules (``vugen.nn`` covers ``vugen.nn.reducer``), except the root ``vugen``: only the package's
 # ``__init__`` (the version, the registry's public functions).
 LAYERS: tuple[tuple[str, str], ...] = (
-    ("foundation", "vugen.errors vugen.atomic vugen.hub vugen.fingerprint vugen.finite vugen.distributed"),
-    ("contract", "vugen vugen.adapter vugen.registry vugen.testing"),
+    (
+        "foundation",
+        "vugen.errors vugen.atomic vugen.hub vugen.fingerprint vugen.finite vugen.distributed vugen.applicability",
+    ),
+    ("contract", "vugen vugen.adapter vugen.registry vugen.conformance vugen.testing"),
     ("models", "vugen.nn vugen.diffusion"),
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
     ("inference", "vugen.generation vugen.decoder_export vugen.bundle vugen.pipeline vugen.prediction"),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor
 
-from vugen.testing import AdapterConformance
+from vugen.conformance import check_raster_order
 from vugen_adapters.gemma3 import Gemma3Adapter
 
 PROMPTS = ["a large red circle on the left", "a small blue square to the left of a large yellow triangle"]
@@ -43,7 +43,7 @@ def test_projector_tokens_are_raster_average_pools(adapter, projector_adapter):
 
 @pytest.mark.parametrize("axis", [3, 2], ids=["columns", "rows"])
 def test_projector_tokens_are_raster(projector_adapter, axis):
-    AdapterConformance().test_tokens_are_in_raster_order(projector_adapter, 32, axis)
+    check_raster_order(projector_adapter, 32, axes=(axis,))
 
 
 def test_projector_tokens_are_the_image_embeddings_of_a_full_forward(projector_adapter, tiny_checkpoint):

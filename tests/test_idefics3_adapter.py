@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vugen.testing import AdapterConformance
+from vugen.conformance import check_raster_order
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
 
@@ -76,7 +76,7 @@ def test_connector_tokens_are_raster_blocks_of_vision_tokens(adapter, projector_
 
 @pytest.mark.parametrize("axis", [3, 2], ids=["columns", "rows"])
 def test_projector_tokens_are_raster(projector_adapter, axis):
-    AdapterConformance().test_tokens_are_in_raster_order(projector_adapter, 32, axis)
+    check_raster_order(projector_adapter, 32, axes=(axis,))
 
 
 def test_uniform_grey_images_are_not_dropped(adapter):

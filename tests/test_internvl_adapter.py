@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from vugen.testing import AdapterConformance
+from vugen.conformance import check_raster_order
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.internvl import InternVLAdapter
 from vugen_adapters.tiny.internvl import tiny_internvl
@@ -64,7 +64,7 @@ def test_projector_tokens_are_the_projection_of_raster_blocks(adapter, projector
 
 @pytest.mark.parametrize("axis", [3, 2], ids=["columns", "rows"])
 def test_projector_tokens_are_raster(projector_adapter, axis):
-    AdapterConformance().test_tokens_are_in_raster_order(projector_adapter, 32, axis)
+    check_raster_order(projector_adapter, 32, axes=(axis,))
 
 
 def test_last_layer_is_read_after_the_towers_final_norm(tmp_path):

@@ -1,7 +1,7 @@
 """The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
 
 vugen fit --config configs/demo/decoder.yaml
-vugen adapters | tiny | cache-latents | generate | export | export-geneval | export-dpg   (vugen.commands)
+vugen adapters | check | tiny | cache-latents | generate | export | export-geneval | export-dpg   (vugen.commands)
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ _CKPT_PATH_KEYWORDS = ("best", "last", "hpc")  # Lightning resolves these itself
 DESCRIPTION = (
     "vugen: train the three VUGEN stages of any Hugging Face VLM. Lightning subcommands below (`vugen predict`: "
     "images of a vugen.data.prompts.PromptDataModule, saved by a prediction writer of vugen.callbacks); "
-    "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen tiny FAMILY DIR` (write a tiny "
+    "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen check PRETRAINED` (does vugen work "
+    "on this VLM? the adapter checks and a few-step smoke of every stage), `vugen tiny FAMILY DIR` (write a tiny "
     "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
     "(text -> PNGs from a bundle), `vugen export` (sampler checkpoint -> bundle), `vugen export-geneval` / "
     "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each. A known error (bad config, missing or "

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vugen.commands import adapters, benchmarks, cache_latents, export, generate, tiny
+from vugen.commands import adapters, benchmarks, cache_latents, check, export, generate, tiny
 
 __all__ = ["COMMANDS"]
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "adapters": adapters.print_adapters,
+    "check": check.check,
     "tiny": tiny.tiny,
     "cache-latents": cache_latents.cache_latents,
     "generate": generate.generate,

@@ -27,6 +27,7 @@ def cache_latents(
     device: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    progress: bool = True,
 ) -> Path:
     """`vugen cache-latents`: encode a dataset split once into the reducer latents the latent sampler trains on.
 
@@ -52,6 +53,7 @@ def cache_latents(
             else 0.
         world_size: Number of writer processes; None: ``WORLD_SIZE`` from the environment, else 1 (a
             single-process cache in ``out_dir`` itself).
+        progress: Show a progress bar over batches (rank 0 only); ``false`` for logs and scripts.
 
     Returns:
         The folder this process wrote: ``out_dir``, or ``out_dir/rank-{rank}`` for one rank's part.
@@ -70,4 +72,5 @@ def cache_latents(
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
+        progress=progress,
     )

@@ -34,6 +34,7 @@ def generate(
     devices: int | None = None,
     num_nodes: int | None = None,
     strategy: str = "auto",
+    trust_remote_code: bool = False,
 ) -> list[Path]:
     """`vugen generate --bundle DIR --prompt TEXT | --prompts FILE --out DIR`: write PNGs of generated images.
 
@@ -58,6 +59,8 @@ def generate(
             what torchrun started (``torchrun --nproc_per_node N --no-python -- vugen COMMAND ...``), else 1.
         num_nodes: Machines; default: what torchrun started, else 1.
         strategy: Lightning strategy (``auto``: DDP for several devices).
+        trust_remote_code: Let the VLM checkpoint run its own modelling code (pin its revision). Never taken from the
+            bundle.
 
     Returns:
         The PNG files of every prompt, grid last.
@@ -74,6 +77,8 @@ def generate(
         batch_size=batch_size,
     )
     writer = ImageFolderWriter(out)
-    predictor = PipelinePredictor(bundle, steps=steps, guidance_scale=cfg, solver=solver)
+    predictor = PipelinePredictor(
+        bundle, steps=steps, guidance_scale=cfg, solver=solver, trust_remote_code=trust_remote_code
+    )
     predict(predictor, data, writer, accelerator, devices, num_nodes, strategy)
     return [*writer.image_paths(data), writer.out_dir / "grid.png"]

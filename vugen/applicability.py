@@ -1,0 +1,40 @@
+"""Whether vugen's recipe applies to a checkpoint at all, read from its ``config.json`` before anything loads.
+
+The latent sampler runs the VLM's decoder-only language model on ``[prompt][BOI][latent tokens]``; an
+encoder-decoder model (Florence-2, Pix2Struct, a ``VisionEncoderDecoderModel``, ...) has no such language model: its
+decoder reads the image through cross-attention, not as tokens. That is no error to fix but a model outside the
+recipe, said in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vugen.errors import VugenError
+
+__all__ = ["NotApplicableError", "check_recipe_applies"]
+
+
+class NotApplicableError(VugenError, ValueError):
+    """vugen's recipe does not apply to this kind of model (not a broken checkpoint: another architecture)."""
+
+
+def check_recipe_applies(config: Mapping[str, Any], source: str) -> None:
+    """Refuse a checkpoint whose ``config.json`` describes an encoder-decoder model.
+
+    Args:
+        config: The checkpoint's ``config.json``, as read.
+        source: Where it was read, for the message (the file, or the checkpoint).
+
+    Raises:
+        NotApplicableError: ``is_encoder_decoder`` is true in the config or in its ``text_config``.
+    """
+    text_config = config.get("text_config")
+    text_config = text_config if isinstance(text_config, Mapping) else {}
+    if config.get("is_encoder_decoder") or text_config.get("is_encoder_decoder"):
+        model_type = config.get("model_type") or "this model"
+        raise NotApplicableError(
+            f"not applicable: {model_type} is an encoder-decoder model ({source} sets is_encoder_decoder); vugen's "
+            "recipe needs a decoder-only language model that reads image tokens"
+        )

@@ -1,0 +1,439 @@
+"""The adapter conformance checks, written once as plain functions: what every `VLMAdapter` must do.
+
+Each check takes an adapter and an image side it accepts, and raises :class:`AssertionError` (or the adapter's own
+error) with a reason in one line when the adapter breaks the contract; it returns None when it holds. Two users run
+the same functions: the pytest suite :class:`vugen.testing.AdapterConformance` that every adapter's tests subclass,
+and ``vugen check PRETRAINED``, which runs them on a user's checkpoint and prints a table (:data:`ADAPTER_CHECKS`
+says, per check, the adapter hook to override when it fails).
+
+The checks measure values, not only shapes: the raster order is read from images whose halves differ, the KV cache
+against the full pass, LoRA with random (non-zero) ``lora_B`` against the features it must not touch and the language
+model it must reach.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from vugen.adapter import VLMAdapter
+
+__all__ = [
+    "ADAPTER_CHECKS",
+    "PROMPTS",
+    "Check",
+    "CheckResult",
+    "expect",
+    "random_images",
+    "run_checks",
+]
+
+PROMPTS = ["a large red circle on the left", "a small blue square"]
+RASTER_AUC = 0.95  # tokens of the changed half must score above the others this often
+Status = Literal["pass", "fail", "skip", "not_applicable"]
+
+
+def expect(condition: Any, reason: str) -> None:
+    """Raise :class:`AssertionError` with ``reason`` unless ``condition`` holds (unlike ``assert``, never stripped)."""
+    if not condition:
+        raise AssertionError(reason)
+
+
+def random_images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """``batch`` random images ``[B, 3, size, size]`` in ``[0, 1]``, the same for the same seed."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def half_images(size: int, axis: int) -> torch.Tensor:
+    """Two images: dark then bright along `axis` (3: left|right, 2: top|bottom), and the mirror image."""
+    image = torch.zeros(1, 3, size, size)
+    image.narrow(axis, size // 2, size - size // 2).fill_(1.0)
+    return torch.cat([image, image.flip(axis)])
+
+
+def separation_auc(score: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Probability that a positive token scores above a negative one (1.0: perfect separation)."""
+    pos, neg = score[positive], score[negative]
+    return (pos[:, None] > neg[None, :]).float().mean().item()
+
+
+def _images_for(adapter: VLMAdapter, size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return random_images(size, batch, seed).to(adapter.device)
+
+
+def _run_text(adapter: VLMAdapter, prompts: list[str]) -> torch.Tensor:
+    encoding = adapter.tokenize(prompts)
+    hidden, _ = adapter.run_language_model(adapter.embed_tokens(encoding["input_ids"]), encoding["attention_mask"])
+    return hidden
+
+
+# ---------------------------------------------------------------------------------------------------- vision
+def check_feature_shape(adapter: VLMAdapter, image_size: int) -> None:
+    """`encode_images` gives `[B, rows * cols, feature_dim]` finite, non-constant floats for `token_grid`."""
+    rows, cols = adapter.token_grid(image_size, image_size)
+    features = adapter.encode_images(_images_for(adapter, image_size))
+    expected = (2, rows * cols, adapter.feature_dim)
+    expect(
+        tuple(features.shape) == expected,
+        f"encode_images of 2 images of {image_size} px gave {tuple(features.shape)}, expected {expected} "
+        f"(token_grid {rows}x{cols}, feature_dim {adapter.feature_dim})",
+    )
+    expect(features.is_floating_point(), f"features are {features.dtype}, expected floats")
+    expect(torch.isfinite(features).all(), "features hold NaN or Inf")
+    expect(features.std() > 0, "features are constant")
+
+
+def check_raster_order(adapter: VLMAdapter, image_size: int, axes: Iterable[int] = (3, 2)) -> None:
+    """Tokens come row by row: images bright on one half change the tokens of that half most.
+
+    Tokens over the bright half change most between an image and its mirror: if the order were not raster, the
+    tokens we index as "right half" would be a mix of both halves.
+    """
+    rows, cols = adapter.token_grid(image_size, image_size)
+    base = adapter.encode_images(torch.zeros(1, 3, image_size, image_size, device=adapter.device)).float()
+    for axis in axes:
+        features = adapter.encode_images(half_images(image_size, axis).to(adapter.device)).float()
+        change = (features - base).norm(dim=-1)  # [2, N]
+        score = (change[0] - change[1]).reshape(rows, cols).cpu()
+        count = cols if axis == 3 else rows
+        first, second = (torch.arange(count) * 2 + 2 <= count), (torch.arange(count) * 2 >= count)
+        score = score if axis == 3 else score.T  # lines along the split axis become columns
+        positive = second.expand(score.shape[0], -1).reshape(-1)
+        negative = first.expand(score.shape[0], -1).reshape(-1)
+        auc = separation_auc(score.reshape(-1), positive, negative)
+        half = "right" if axis == 3 else "bottom"
+        expect(
+            auc >= RASTER_AUC,
+            f"tokens are not in raster order: brightening the {half} half moves the tokens indexed as the {half} "
+            f"half only {auc:.0%} of the time (expected >= {RASTER_AUC:.0%} on a {rows}x{cols} grid)",
+        )
+
+
+def check_deterministic_encoding(adapter: VLMAdapter, image_size: int) -> None:
+    """The same images give bit-identical features twice."""
+    images = _images_for(adapter, image_size)
+    expect(torch.equal(adapter.encode_images(images), adapter.encode_images(images)), "encoding is not deterministic")
+
+
+def check_frozen(adapter: VLMAdapter, image_size: int) -> None:
+    """The VLM stays frozen and in eval mode, whatever `train()` says; features carry no gradient."""
+    adapter.train()
+    training = [name or type(adapter).__name__ for name, m in adapter.named_modules() if m.training]
+    expect(not training, f"modules in training mode after adapter.train(): {_some(training)}")
+    trainable = [name for name, p in adapter.named_parameters() if p.requires_grad]
+    expect(not trainable, f"trainable VLM parameters: {_some(trainable)} (call self._freeze() in __init__)")
+    expect(not adapter.encode_images(_images_for(adapter, image_size)).requires_grad, "features require grad")
+
+
+# ---------------------------------------------------------------------------------------------------- language
+def check_tokenize(adapter: VLMAdapter, image_size: int) -> None:
+    """Prompts are left-padded to one length, keep their text and are wrapped in the chat template when it has one."""
+    encoding = adapter.tokenize(PROMPTS)
+    ids, mask = encoding["input_ids"], encoding["attention_mask"]
+    expect(
+        ids.shape == mask.shape and ids.dtype == torch.long and ids.shape[0] == len(PROMPTS),
+        f"expected input_ids and attention_mask of shape [{len(PROMPTS)}, T] (long), got {tuple(ids.shape)} "
+        f"{ids.dtype} and {tuple(mask.shape)}",
+    )
+    expect(mask[:, -1].all(), "prompts must end at the same position (left padding)")
+    lengths = mask.sum(-1)
+    expect(lengths[0] > lengths[1] and not mask[1, 0], "the shorter prompt is not padded on the left")
+    expect(mask[1, -int(lengths[1]) :].all(), "the shorter prompt has padding inside it")
+    tokenizer = getattr(adapter, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "decode"):
+        return  # an adapter without a Hugging Face tokenizer: the text itself cannot be read back
+    for row, prompt in enumerate(PROMPTS):
+        text = tokenizer.decode(ids[row][mask[row].bool()].tolist())
+        expect(prompt in text, f"the tokens of {prompt!r} decode to {text!r}: the prompt's text is lost")
+        templated = getattr(tokenizer, "chat_template", None) and getattr(adapter, "use_chat_template", True)
+        expect(
+            not templated or text.strip() != prompt,
+            f"the tokenizer has a chat template but {prompt!r} was not wrapped in it (decoded: {text!r})",
+        )
+
+
+def check_embeddings(adapter: VLMAdapter, image_size: int) -> None:
+    """`embed_tokens` gives `[B, T, hidden_size]`."""
+    ids = adapter.tokenize(PROMPTS)["input_ids"]
+    embeds = adapter.embed_tokens(ids)
+    expected = (*ids.shape, adapter.hidden_size)
+    expect(tuple(embeds.shape) == expected, f"embed_tokens gave {tuple(embeds.shape)}, expected {expected}")
+
+
+def check_gradients(adapter: VLMAdapter, image_size: int) -> None:
+    """Gradients flow through the language model to its input embeddings, and into none of the VLM's weights."""
+    encoding = adapter.tokenize(PROMPTS)
+    embeds = adapter.embed_tokens(encoding["input_ids"]).detach().float().requires_grad_(True)
+    hidden, _ = adapter.run_language_model(embeds.to(adapter.dtype), encoding["attention_mask"])
+    hidden.float().square().mean().backward()
+    expect(embeds.grad is not None and embeds.grad.abs().sum() > 0, "no gradient reaches the input embeddings")
+    touched = [name for name, p in adapter.named_parameters() if p.grad is not None]
+    expect(not touched, f"gradients reached VLM weights: {_some(touched)}")
+
+
+def check_kv_cache(adapter: VLMAdapter, image_size: int) -> None:
+    """Running the last tokens on the cache of the first ones gives the full pass's hidden states."""
+    encoding = adapter.tokenize(PROMPTS)
+    ids, mask = encoding["input_ids"], encoding["attention_mask"]
+    full, _ = adapter.run_language_model(adapter.embed_tokens(ids), mask)
+    split = ids.shape[1] - 3
+    _, cache = adapter.run_language_model(adapter.embed_tokens(ids[:, :split]), mask[:, :split])
+    tail, _ = adapter.run_language_model(adapter.embed_tokens(ids[:, split:]), mask, past_key_values=cache)
+    _expect_close(tail, full[:, split:], "hidden states after the KV cache differ from the full pass")
+
+
+def check_padding(adapter: VLMAdapter, image_size: int) -> None:
+    """Left padding does not change a prompt's hidden states (positions and mask skip the padding)."""
+    alone = _run_text(adapter, PROMPTS[1:])
+    batch = _run_text(adapter, PROMPTS)
+    _expect_close(batch[1, -1], alone[0, -1], "a left-padded prompt's last hidden state differs from the prompt alone")
+
+
+# ---------------------------------------------------------------------------------------------------- training plumbing
+def check_lora_targets(adapter: VLMAdapter, image_size: int) -> None:
+    """LoRA on `lora_target_modules` sits inside the language model only: with random (non-zero) LoRA weights, no
+    LoRA layer runs while encoding images, the features stay bit-identical, and the language model's output changes.
+
+    Runs on a copy: the adapter itself is left without LoRA.
+    """
+    images = _images_for(adapter, image_size)
+    before_features, before_text = adapter.encode_images(images), _run_text(adapter, PROMPTS)
+    clone = copy.deepcopy(adapter)
+    targets = clone.lora_target_modules
+    config = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)  # random lora_B: not a no-op
+    inject_adapter_in_model(config, clone.language_model)
+    lora_layers = {name: m for name, m in clone.named_modules() if hasattr(m, "lora_A")}
+    expect(lora_layers, f"lora_target_modules {targets!r} matched no layer of the language model")
+    in_language_model = {id(m) for m in clone.language_model.modules()}
+    outside = [name for name, m in lora_layers.items() if id(m) not in in_language_model]
+    expect(not outside, f"LoRA layers outside the language model: {_some(outside)}")
+    ran = _modules_run(lora_layers, lambda: clone.encode_images(images))
+    expect(not ran, f"LoRA layers run while encoding images (in the vision tower or projector): {_some(ran)}")
+    expect(
+        torch.equal(clone.encode_images(images), before_features),
+        f"LoRA on {targets!r} changes encode_images: it must wrap the language model only",
+    )
+    expect(
+        not torch.equal(_run_text(clone, PROMPTS), before_text),
+        f"LoRA on {targets!r} does not change the language model's output: run_language_model never runs them",
+    )
+
+
+def check_block_classes(adapter: VLMAdapter, image_size: int) -> None:
+    """`block_classes` are classes of the VLM's modules, one of them inside the language model."""
+    classes = adapter.block_classes
+    expect(classes, "no FSDP / activation-checkpointing unit")
+    missing = classes - {type(m) for m in adapter.modules()}
+    expect(not missing, f"block classes that are no module of the VLM: {_some([c.__name__ for c in missing])}")
+    expect(
+        any(isinstance(m, tuple(classes)) for m in adapter.language_model.modules()),
+        f"no block class ({', '.join(sorted(c.__name__ for c in classes))}) inside the language model",
+    )
+
+
+def check_save_and_reload(adapter: VLMAdapter, image_size: int, directory: str | Path | None = None) -> None:
+    """`save_pretrained` then `type(adapter)(pretrained=...)` gives identical features and tokens.
+
+    Args:
+        adapter: The adapter.
+        image_size: Side of the test images.
+        directory: Where to save; None: a temporary folder, removed after.
+    """
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="vugen-check-") as folder:
+            return check_save_and_reload(adapter, image_size, folder)
+    adapter.save_pretrained(directory)
+    reloaded = type(adapter)(pretrained=str(directory)).to(adapter.device)
+    images = _images_for(adapter, image_size)
+    expect(
+        torch.equal(reloaded.encode_images(images), adapter.encode_images(images)),
+        "the reloaded adapter encodes images differently",
+    )
+    expect(
+        torch.equal(reloaded.tokenize(PROMPTS)["input_ids"].cpu(), adapter.tokenize(PROMPTS)["input_ids"].cpu()),
+        "the reloaded adapter tokenizes prompts differently (is the tokenizer / chat template saved?)",
+    )
+
+
+def check_describe(adapter: VLMAdapter, image_size: int) -> None:
+    """`describe()` names the adapter's own importable class and its `pretrained`."""
+    record = adapter.describe()
+    module, _, name = record["class_path"].rpartition(".")
+    found = getattr(importlib.import_module(module), name, None)
+    expect(found is type(adapter), f"describe()['class_path'] {record['class_path']!r} is not {type(adapter)!r}")
+    expect(
+        record["pretrained"] == adapter.pretrained,
+        f"describe()['pretrained'] {record['pretrained']!r} is not {adapter.pretrained!r}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _expect_close(actual: torch.Tensor, expected: torch.Tensor, reason: str) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    except AssertionError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if "Greatest absolute" in line), "")
+        raise AssertionError(f"{reason}{': ' + detail if detail else ''}") from None
+
+
+def _modules_run(modules: dict[str, torch.nn.Module], action: Callable[[], Any]) -> list[str]:
+    """The names among ``modules`` whose forward runs during ``action()``."""
+    ran: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=name: ran.append(n)) for name, m in modules.items()]
+    try:
+        action()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(ran))
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+# ---------------------------------------------------------------------------------------------------- running them
+@dataclass(frozen=True)
+class Check:
+    """One named check, the adapter hook to override when it fails, and the checks it needs to have passed.
+
+    Attributes:
+        name: Short name (a table row, a JSON record).
+        run: ``run(adapter, image_size)``; raises with the reason when the check fails.
+        hook: What to override in the adapter (or fix in the checkpoint) when it fails.
+        needs: Names of checks that must pass first; when one did not, this one is skipped.
+    """
+
+    name: str
+    run: Callable[[VLMAdapter, int], None]
+    hook: str
+    needs: tuple[str, ...] = ()
+
+    @property
+    def description(self) -> str:
+        """The first line of the check function's docstring."""
+        return (self.run.__doc__ or self.name).strip().splitlines()[0]
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check.
+
+    Attributes:
+        name: The check's name.
+        status: ``pass``, ``fail``, ``skip`` (a check it needs did not pass) or ``not_applicable``.
+        seconds: Wall time it took.
+        reason: Why it failed or was skipped, in one line; empty when it passed.
+        hook: What to override when it failed.
+        detail: The traceback of a failure (not printed in the table).
+    """
+
+    name: str
+    status: Status
+    seconds: float = 0.0
+    reason: str = ""
+    hook: str = ""
+    detail: str = field(default="", repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: name, status, seconds, reason, hook."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "reason": self.reason,
+            "hook": self.hook,
+        }
+
+
+ADAPTER_CHECKS: tuple[Check, ...] = (
+    Check("features", check_feature_shape, "token_grid / select_features"),
+    Check("raster_order", check_raster_order, "select_features / patch_grid", needs=("features",)),
+    Check("deterministic", check_deterministic_encoding, "encode_images / pixel_inputs", needs=("features",)),
+    Check("frozen", check_frozen, "__init__ (call self._freeze())"),
+    Check("tokenize", check_tokenize, "tokenize / chat_messages"),
+    Check("embeddings", check_embeddings, "embed_tokens", needs=("tokenize",)),
+    Check("gradients", check_gradients, "run_language_model", needs=("embeddings",)),
+    Check("kv_cache", check_kv_cache, "run_language_model", needs=("embeddings",)),
+    Check("padding", check_padding, "run_language_model / tokenize", needs=("embeddings",)),
+    Check("lora_targets", check_lora_targets, "lora_target_modules / language_model", needs=("features", "embeddings")),
+    Check("block_classes", check_block_classes, "block_classes"),
+    Check("save_reload", check_save_and_reload, "save_pretrained", needs=("features", "tokenize")),
+    Check("describe", check_describe, "describe / init_config"),
+)
+"""The adapter contract's checks, in the order they run (what `AdapterConformance` and `vugen check` run)."""
+
+
+def run_checks(
+    checks: Iterable[Check],
+    adapter: VLMAdapter,
+    image_size: int,
+    earlier: Iterable[CheckResult] = (),
+    report: Callable[[CheckResult], None] | None = None,
+) -> list[CheckResult]:
+    """Run ``checks`` in order; a failure does not stop the next check, but skips those that need it.
+
+    Args:
+        checks: The checks.
+        adapter: The adapter under test.
+        image_size: Image side the checks encode.
+        earlier: Results of checks run before (what ``needs`` may name).
+        report: Called with each result as it comes.
+
+    Returns:
+        One result per check.
+    """
+    passed = {result.name for result in earlier if result.status == "pass"}
+    seen = {result.name for result in earlier}
+    results = []
+    for check in checks:
+        missing = [name for name in check.needs if name in seen and name not in passed]
+        result = _skipped(check, missing) if missing else _run_one(check, adapter, image_size)
+        results.append(result)
+        seen.add(check.name)
+        if result.status == "pass":
+            passed.add(check.name)
+        if report is not None:
+            report(result)
+    return results
+
+
+def _skipped(check: Check, missing: list[str]) -> CheckResult:
+    return CheckResult(check.name, "skip", reason=f"needs {', '.join(missing)}, which did not pass")
+
+
+def _run_one(check: Check, adapter: VLMAdapter, image_size: int) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        check.run(adapter, image_size)
+    except Exception as error:  # a check reports whatever stops it: that is its job
+        return CheckResult(
+            check.name,
+            "fail",
+            time.perf_counter() - start,
+            reason=failure_reason(error),
+            hook=check.hook,
+            detail=traceback.format_exc(),
+        )
+    return CheckResult(check.name, "pass", time.perf_counter() - start)
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why ``error`` ended a check: its message (the first line), prefixed by its type unless it is an
+    :class:`AssertionError` (a check's own reason)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if isinstance(error, AssertionError) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
