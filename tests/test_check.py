@@ -94,7 +94,7 @@ def test_every_check_passes_on_the_tiny_llava(tiny_llava, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("broken", "failing", "reason", "hook"),
     [
-        (ColumnMajorLlava, "raster_order", "tokens are not in raster order", "select_features / patch_grid"),
+        (ColumnMajorLlava, "raster_order", "tokens are not in raster order", "select_features / patch_layout"),
         (VisionLoraLlava, "lora_targets", "LoRA layers run while encoding images", "lora_target_modules"),
     ],
     ids=["column-major", "lora-in-vision-tower"],

@@ -359,7 +359,7 @@ class CheckResult:
 
 ADAPTER_CHECKS: tuple[Check, ...] = (
     Check("features", check_feature_shape, "token_grid / select_features"),
-    Check("raster_order", check_raster_order, "select_features / patch_grid", needs=("features",)),
+    Check("raster_order", check_raster_order, "select_features / patch_layout", needs=("features",)),
     Check("deterministic", check_deterministic_encoding, "encode_images / pixel_inputs", needs=("features",)),
     Check("frozen", check_frozen, "__init__ (call self._freeze())"),
     Check("tokenize", check_tokenize, "tokenize / chat_messages"),
