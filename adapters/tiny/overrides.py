@@ -1,0 +1,19 @@
+"""Per-architecture overrides of the generic tiny build, as data: model_type -> what the generic shrink and
+processor builder cannot know. Each entry says why.
+
+Keys of an entry (all optional):
+    config: dotted config keys -> values, set after the generic shrink (`"text_config.hidden_size": 64`).
+    processor_class: the processor class name where transformers maps the architecture to none.
+    processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
+    tokens: extra special tokens for the tokenizer.
+    placeholder: what the chat template writes for an image, where the processor's image token is not it.
+    unavailable: the one-line reason the architecture cannot be built offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OVERRIDES"]
+
+OVERRIDES: dict[str, dict[str, Any]] = {}
