@@ -9,6 +9,7 @@ a locally trained tokenizer (`vugen_adapters.tiny.processor`), the per-architect
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import sys
@@ -34,10 +35,13 @@ from vugen_adapters.tiny.processor import (
     tokenizer_for,
 )
 from vugen_adapters.tiny.shrink import _role_is_vision, is_sub_config, shrink_config_dict
+from vugen_adapters.tiny.verify import image_tokens_per_image, observed_image_token
 
 __all__ = ["ARCHITECTURES", "TinyBuildError", "build_tiny_architecture", "tiny_architecture"]
 
 ARCHITECTURES = tuple(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+# Processor arguments that fix how many tokens one image (or tile) expands into.
+_COUNT_ARGUMENTS = ("image_seq_len", "image_seq_length", "num_image_tokens", "tokens_per_image")
 _TOKEN_FIELD = re.compile(r"^(\w+?)(?:_token)?(?:_id|_index|_ids)$")
 # Special-token fields that mean the tokenizer's own roles.
 _ROLE_FIELDS = {
@@ -118,23 +122,70 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
     named, literals = processor_special_tokens(cls)
     own = [f"<|{stem}|>" for stem in _own_token_stems(default)]
     tokenizer = tokenizer_for(named, literals, own + override.get("tokens", []), placeholder="")
-    config = shrink_config_dict(default, len(tokenizer), rotary_sections=_uses_rotary_sections(arch))
+    config = shrink_config_dict(default, len(tokenizer), rotary_sections=_uses_rotary_sections(arch, default))
     _set_dotted(config, override.get("config", {}))
     vision = _vision_config(config)
     processor = tiny_processor(cls, arch, config, vision, tokenizer, override)
     _wire_token_ids(config, tokenizer, processor)
     _set_dotted(config, override.get("config", {}))
     placeholder = image_placeholder(processor, config, override.get("placeholder"))
-    template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
-    processor.chat_template = tokenizer.chat_template = template
-    model = AutoModelForImageTextToText.from_config(config_class.from_dict(config))
-    return model, processor
+    processor.chat_template = tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
+    counted = _counted_settings(processor)
+    if counted:  # the processor expands an image into a fixed count of tokens: the count the tiny vision path emits
+        model = AutoModelForImageTextToText.from_config(config_class.from_dict(config))
+        measured = image_tokens_per_image(model, processor.image_processor)
+        if measured:
+            settings = {
+                part: dict.fromkeys(names, measured) | override.get(part, {}) for part, names in counted.items()
+            }
+            processor = tiny_processor(cls, arch, config, vision, tokenizer, override | settings)
+            processor.chat_template = tokenizer.chat_template
+    _wire_observed_image_token(config, processor, override)
+    return AutoModelForImageTextToText.from_config(config_class.from_dict(config)), processor
 
 
-def _uses_rotary_sections(arch: str) -> bool:
-    """Whether the architecture's modeling code splits the rotary width into M-RoPE sections."""
-    model_class = _model_class(arch)
-    return "mrope_section" in inspect.getsource(sys.modules[model_class.__module__])
+def _wire_observed_image_token(config: dict[str, Any], processor: ProcessorMixin, override: dict[str, Any]) -> None:
+    """Point the config's image-token field at the token the processor repeats for an image.
+
+    A processor may expand its placeholder (`<image>`) into another token (Aya Vision's `<|IMG_PATCH|>`, Ovis2's
+    `<IMG_ATOM>`): the model must look for the one it writes, which the processed chat shows.
+    """
+    fields = [key for key in ("image_token_id", "image_token_index") if isinstance(config.get(key), int)]
+    if not fields or any(field in override.get("config", {}) for field in fields):
+        return
+    observed = observed_image_token(processor)
+    if observed is not None:
+        config.update(dict.fromkeys(fields, observed))
+
+
+def _counted_settings(processor: ProcessorMixin) -> dict[str, list[str]]:
+    """The count-of-image-tokens arguments of the processor (`__init__` arguments or class-level defaults) and of its
+    image processor (instance attributes): {"processor": [...], "image_processor": [...]}."""
+    cls = type(processor)
+    accepted = set(inspect.signature(cls.__init__).parameters) | set(vars(cls))
+    image_processor = getattr(processor, "image_processor", None)
+    counted = {
+        "processor": [name for name in _COUNT_ARGUMENTS if name in accepted],
+        "image_processor": [name for name in _COUNT_ARGUMENTS if name in getattr(image_processor, "__dict__", {})],
+    }
+    return {part: names for part, names in counted.items() if names}
+
+
+def _uses_rotary_sections(arch: str, config: dict[str, Any]) -> bool:
+    """Whether the modeling code of the architecture or of a sub-config's model splits the rotary width into M-RoPE
+    sections (GLM-4.6V's text model lives in glm4v's module)."""
+    modules = {_model_class(arch).__module__}
+    for key, value in config.items():
+        if is_sub_config(key, value) and value.get("model_type") in CONFIG_MAPPING:
+            modules.add(CONFIG_MAPPING[value["model_type"]].__module__.replace(".configuration_", ".modeling_"))
+    return any("mrope_section" in inspect.getsource(_module(name)) for name in modules)
+
+
+def _module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # a config without a modeling module of its own
+        return sys
 
 
 def _model_class(arch: str) -> type[PreTrainedModel]:
@@ -208,6 +259,7 @@ def _token_id(stem: str, tokenizer: Any, processor: Any) -> int:
     the tiny tokenizer's own `<|stem|>`."""
     for owner in (tokenizer, processor):
         token = getattr(owner, f"{stem}_token", None)
+        token = getattr(token, "content", token)  # an AddedToken
         if isinstance(token, str) and tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id:
             return tokenizer.convert_tokens_to_ids(token)
     index = getattr(processor, f"{stem}_token_id", None)

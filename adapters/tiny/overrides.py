@@ -16,4 +16,13 @@ from typing import Any
 
 __all__ = ["OVERRIDES"]
 
-OVERRIDES: dict[str, dict[str, Any]] = {}
+# LLaVA's default tower is CLIP: one CLS token the processor must count before the "default" strategy drops it.
+_CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
+
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "llava": _CLIP_CLS,
+    "llava_next": _CLIP_CLS,
+    "llava_next_video": _CLIP_CLS,
+    # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
+    "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
+}

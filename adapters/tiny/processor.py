@@ -43,6 +43,13 @@ __all__ = [
 _STANDARD_TOKENS = {"bos", "eos", "unk", "sep", "pad", "cls", "mask"}
 _NAMED_TOKEN = re.compile(r"tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b")
 _LITERAL_TOKEN = re.compile(r"""["'](<\|?[A-Za-z][\w\-./:|]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
+_ADDED_TOKEN = re.compile(r"self\.([a-z_]+_token)\.content")
+# Processor arguments whose config key has another name.
+_CONFIG_ALIASES = {
+    "img_size": "image_size",
+    "image_seq_length": "mm_tokens_per_image",
+    "merge_size": "spatial_merge_size",
+}
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 
 
@@ -59,7 +66,15 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
         `({"image_token": "<|image|>", ...}, ["<|image_pad|>", ...])`.
     """
     source = _module_source(cls)
-    names = {name for name in _NAMED_TOKEN.findall(source) if name.removesuffix("_token") not in _STANDARD_TOKENS}
+    # Not named: flags (`add_bos_token`), and tokens the processor makes an `AddedToken` of itself (`.content`).
+    own_objects = set(_ADDED_TOKEN.findall(source))
+    names = {
+        name
+        for name in _NAMED_TOKEN.findall(source)
+        if name.removesuffix("_token") not in _STANDARD_TOKENS
+        and not name.startswith("add_")
+        and name not in own_objects
+    }
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(cls.__init__).parameters.items()
@@ -86,6 +101,7 @@ def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], overrid
     if override:
         return override
     token = getattr(processor, "image_token", None) or "<image>"
+    token = getattr(token, "content", token)  # BLIP-2 keeps an AddedToken
     tokenizer = processor.tokenizer
     if "vision_start_token_id" in config and "vision_end_token_id" in config:
         start, end = (tokenizer.convert_ids_to_tokens(config[f"vision_{side}_token_id"]) for side in ("start", "end"))
@@ -186,11 +202,12 @@ def tiny_processor(
         if name not in parts and name not in ("self", "chat_template", "kwargs")
     }
     arguments = {k: v for k, v in from_config.items() if v is not None} | settings.get("processor", {})
-    return cls(**parts, chat_template=tokenizer.chat_template, **arguments)
+    return cls(**parts, **arguments)
 
 
 def _config_value(config: dict[str, Any], vision: dict[str, Any], name: str) -> Any:
-    """The value of key `name` in the config, its vision sub-config, or any sub-config (first found)."""
+    """The value of key `name` (or its config-side alias) in the config, its vision sub-config, or any sub-config."""
+    name = _CONFIG_ALIASES.get(name, name)
     if name in config and not isinstance(config[name], dict):
         return config[name]
     if name in vision:

@@ -7,6 +7,8 @@ fails unless the processor expands the image placeholder into as many image toke
 from __future__ import annotations
 
 import inspect
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from transformers import (
     BatchFeature,
 )
 
-__all__ = ["TinyCheck", "verify_tiny_checkpoint"]
+__all__ = ["TinyCheck", "image_tokens_per_image", "observed_image_token", "verify_tiny_checkpoint"]
 
 # Inputs of the language side: never passed to `get_image_features`.
 _TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "position_ids", "labels"}
@@ -39,7 +41,7 @@ class TinyCheck:
     loss: float  # full forward with labels on the processor's output
     parameters: int  # model parameter count
     sequence_length: int  # tokens of the processed prompt, image tokens included
-    image_features: tuple[int, ...]  # shape of the first tensor `get_image_features` returns
+    image_features: tuple[int, ...]  # shape of the first tensor `get_image_features` returns; () without one
 
 
 def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = (32, 32)) -> TinyCheck:
@@ -57,15 +59,20 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     processor = AutoProcessor.from_pretrained(directory)
     AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
     AutoTokenizer.from_pretrained(directory)
-    text = processor.apply_chat_template(CONVERSATION, tokenize=False)
+    # A processor class that takes no chat template (BLIP, GIT, ...) leaves it to its tokenizer.
+    templater = processor if processor.chat_template else processor.tokenizer
+    text = templater.apply_chat_template(CONVERSATION, tokenize=False)
     inputs = _process(processor, text, _random_image(image_size))
-    labels = inputs["input_ids"].masked_fill(inputs.get("attention_mask", inputs["input_ids"] * 0 + 1) == 0, -100)
+    if "labels" not in inputs:  # PaliGemma's processor makes its own (the prompt masked)
+        padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
+        inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
     with torch.no_grad():
-        output = model(**inputs, labels=labels)
+        output = model(**inputs)
         features = _image_features(model, inputs)
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
-    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], tuple(features.shape))
+    shape = tuple(features.shape) if features is not None else ()
+    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], shape)
 
 
 def _random_image(size: tuple[int, int]) -> Image.Image:
@@ -81,13 +88,46 @@ def _process(processor: Any, text: str, image: Image.Image) -> BatchFeature:
         return processor(images=[[image]], text=[text], return_tensors="pt")
 
 
-def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor:
-    """The first tensor of `get_image_features` on the processor's image inputs."""
+def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
+    """The first tensor of `get_image_features` on the processor's image inputs; None for a model without one
+    (GIT, BLIP, IDEFICS read the image inside their forward only)."""
     owner = model.model if hasattr(getattr(model, "model", None), "get_image_features") else model
+    if not hasattr(owner, "get_image_features"):
+        return None
     parameters = inspect.signature(owner.get_image_features).parameters
     image_inputs = {k: v for k, v in inputs.items() if k not in _TEXT_INPUTS and k in parameters}
     features = owner.get_image_features(**image_inputs)
     return _first_tensor(features)
+
+
+def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, int] = (32, 32)) -> int | None:
+    """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
+    when the model has no `get_image_features` that takes the image processor's output alone."""
+    inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    try:
+        with torch.no_grad():
+            features = _image_features(model, inputs)
+    except Exception:  # a vision path that needs more than the image inputs: the verification reports what fails
+        return None
+    pixels = inputs.get("pixel_values")
+    if features is None or pixels is None:
+        return None
+    tiles = pixels.numel() // math.prod(pixels.shape[-3:]) if pixels.dim() >= 4 else 1
+    return features.numel() // features.shape[-1] // tiles
+
+
+def observed_image_token(processor: Any) -> int | None:
+    """The special token the processor repeats most for one image in the test chat (None: none, or it fails)."""
+    templater = processor if processor.chat_template else processor.tokenizer
+    try:
+        text = templater.apply_chat_template(CONVERSATION, tokenize=False)
+        ids = _process(processor, text, _random_image((32, 32)))["input_ids"][0].tolist()
+    except Exception:  # a processor that cannot run yet: the verification reports it
+        return None
+    special = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.added_tokens_decoder)
+    counts = Counter(index for index in ids if index in special)
+    repeated = [(count, index) for index, count in counts.items() if count > 1]
+    return max(repeated)[1] if repeated else None
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
