@@ -25,4 +25,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "llava_next_video": _CLIP_CLS,
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
+    # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
+    "paligemma": {"config": {"vision_config.projection_dim": 64}},
+    # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
+    "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
 }

@@ -50,6 +50,18 @@ _CONFIG_ALIASES = {
     "image_seq_length": "mm_tokens_per_image",
     "merge_size": "spatial_merge_size",
 }
+# Scalar size attributes of image processors, by meaning: a vision patch, the image edge, a pixel area, a patch
+# count (up to 2x2 images), a token count (one image of patches).
+_SCALAR_SIZES = {
+    "encoder_patch_size": "patch",
+    "vision_patch_size": "patch",
+    "tile_size": "image",
+    "min_pixels": "area",
+    "max_pixels": "area",
+    "max_num_patches": "patches",
+    "min_image_tokens": "tokens",
+    "max_image_tokens": "tokens",
+}
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 
 
@@ -109,7 +121,7 @@ def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], overrid
     return token
 
 
-def sized_sub_processor(cls: type, vision: dict[str, Any], settings: dict[str, Any]) -> Any:
+def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any], settings: dict[str, Any]) -> Any:
     """An image or video processor of class `cls` resizing to the shrunk vision tower's input.
 
     Every size the default instance holds is rewritten: `size`/`crop_size` edges to the image size (areas to
@@ -133,9 +145,14 @@ def sized_sub_processor(cls: type, vision: dict[str, Any], settings: dict[str, A
     ):
         if getattr(default, key, None) is not None and vision.get(config_key) is not None:
             kwargs[key] = vision[config_key] if key != "patch_size" else patch
-    for key, area in (("min_pixels", image * image), ("max_pixels", 4 * image * image)):
-        if getattr(default, key, None) is not None:
-            kwargs[key] = area
+    grid = image // patch
+    scalars = {"patch": patch, "image": image, "area": image * image, "patches": 4 * grid * grid, "tokens": grid * grid}
+    for key, meaning in _SCALAR_SIZES.items():
+        if isinstance(getattr(default, key, None), int):
+            kwargs[key] = scalars[meaning] if key != "max_pixels" else 4 * image * image
+    for key in ("image_grid_pinpoints",):  # tiling layouts must be the config's (the model unpads by them)
+        if getattr(default, key, None) is not None and key in config:
+            kwargs[key] = config[key]
     return cls(**(kwargs | settings))
 
 
@@ -193,7 +210,7 @@ def tiny_processor(
         parts[attribute] = (
             sub_class(**settings.get(attribute, {}))
             if attribute == "feature_extractor"
-            else sized_sub_processor(sub_class, vision, settings.get(attribute, {}))
+            else sized_sub_processor(sub_class, config, vision, settings.get(attribute, {}))
         )
     init = inspect.signature(cls.__init__).parameters
     from_config = {

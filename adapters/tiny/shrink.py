@@ -129,6 +129,12 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
         if isinstance(config.get(key), list):
             config[key] = _layer_indexes(config[key], old_depth or depth, depth)
     _fix_feature_layers(config, depth)
+    if isinstance(config.get("image_grid_pinpoints"), list):  # tiling layouts in multiples of the tiny image
+        config["image_grid_pinpoints"] = [
+            [IMAGE_SIZE, 2 * IMAGE_SIZE],
+            [2 * IMAGE_SIZE, IMAGE_SIZE],
+            [2 * IMAGE_SIZE] * 2,
+        ]
     if isinstance(config.get("rope_parameters"), dict) and not vision:
         _shrink_rope(config, rotary_sections)
 
