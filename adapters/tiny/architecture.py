@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ from vugen_adapters.tiny.processor import (
     tiny_processor,
     tokenizer_for,
 )
-from vugen_adapters.tiny.shrink import _role_is_vision, is_sub_config, shrink_config_dict
+from vugen_adapters.tiny.shrink import is_sub_config, is_vision_role, shrink_config_dict
 from vugen_adapters.tiny.verify import image_tokens_per_image, observed_image_token
 
 __all__ = ["ARCHITECTURES", "TinyBuildError", "build_tiny_architecture", "tiny_architecture"]
@@ -178,14 +177,14 @@ def _uses_rotary_sections(arch: str, config: dict[str, Any]) -> bool:
     for key, value in config.items():
         if is_sub_config(key, value) and value.get("model_type") in CONFIG_MAPPING:
             modules.add(CONFIG_MAPPING[value["model_type"]].__module__.replace(".configuration_", ".modeling_"))
-    return any("mrope_section" in inspect.getsource(_module(name)) for name in modules)
+    return any("mrope_section" in _module_source(name) for name in modules)
 
 
-def _module(name: str) -> Any:
+def _module_source(name: str) -> str:
     try:
-        return importlib.import_module(name)
+        return inspect.getsource(importlib.import_module(name))
     except ImportError:  # a config without a modeling module of its own
-        return sys
+        return ""
 
 
 def _model_class(arch: str) -> type[PreTrainedModel]:
@@ -274,7 +273,7 @@ def _token_id(stem: str, tokenizer: Any, processor: Any) -> int:
 def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
     """The (first) vision sub-config that sets an image or patch size; the top level when there is none."""
     for key, value in config.items():
-        if is_sub_config(key, value) and _role_is_vision(key, value):
+        if is_sub_config(key, value) and is_vision_role(key, value):
             if "image_size" in value or "patch_size" in value:
                 return value
             nested = _vision_config(value)

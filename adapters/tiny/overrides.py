@@ -27,6 +27,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
     "paligemma": {"config": {"vision_config.projection_dim": 64}},
+    # The processor refuses any max_image_size but 490 or 980 px: thousands of patches for a tiny tower, and a
+    # projector that only knows the real patch counts.
+    "aria": {
+        "unavailable": "AriaImageProcessor resizes only to 490 or 980 px (max_image_size), too large for a tiny "
+        "tower, and the projector knows only the real patch counts (projector_patch_to_query_dict)"
+    },
     # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
     "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
 }

@@ -13,10 +13,17 @@ in `vugen_adapters.tiny.overrides` as data.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-__all__ = ["IMAGE_SIZE", "PATCH_SIZE", "TEXT_WIDTH", "VISION_WIDTH", "is_sub_config", "shrink_config_dict"]
+__all__ = [
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "TEXT_WIDTH",
+    "VISION_WIDTH",
+    "is_sub_config",
+    "is_vision_role",
+    "shrink_config_dict",
+]
 
 TEXT_WIDTH = 64
 VISION_WIDTH = 32
@@ -102,7 +109,8 @@ def shrink_config_dict(config: dict[str, Any], vocab_size: int, rotary_sections:
     return config
 
 
-def _role_is_vision(key: str, value: dict[str, Any]) -> bool:
+def is_vision_role(key: str, value: dict[str, Any]) -> bool:
+    """Whether the sub-config `value` under `key` is a vision, audio, VQ or resampler tower (narrow widths)."""
     if any(word in key for word in ("text", "llm", "language", "decoder", "dit")):
         return False
     name = f"{key} {value.get('model_type') or ''}"
@@ -113,7 +121,7 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
     old_depth = _depth(config)
     for key, value in list(config.items()):
         if is_sub_config(key, value):
-            _shrink(value, _role_is_vision(key, value) or vision, vocab_size, rotary_sections)
+            _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
         else:
             new = _shrunk_value(key, value, vision, vocab_size)
             if new is not None:
@@ -235,8 +243,3 @@ def _split(total: int, parts: int) -> list[int]:
     """`total` split into `parts` positive integers, the first the largest (as Qwen's [16, 24, 24] reversed)."""
     base = total // parts
     return [total - base * (parts - 1)] + [base] * (parts - 1) if base else [1] * total
-
-
-def ceil_to(value: int, multiple: int) -> int:
-    """`value` rounded up to a multiple of `multiple`."""
-    return math.ceil(value / multiple) * multiple
