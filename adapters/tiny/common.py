@@ -32,13 +32,21 @@ TINY_TEXT = {
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
-def tiny_tokenizer(special_tokens: list[str], image_placeholder: str, vocab_size: int = 384, **roles: str):
+def tiny_tokenizer(
+    special_tokens: list[str],
+    image_placeholder: str,
+    vocab_size: int = 384,
+    extra_special_tokens: dict[str, str] | None = None,
+    **roles: str,
+):
     """A byte-level BPE tokenizer trained in milliseconds on an in-code corpus.
 
     Args:
         special_tokens: the family's extra special tokens (image token, vision start/end, ...).
         image_placeholder: what the chat template writes for an image in a message.
         vocab_size: target vocabulary size of the BPE trainer.
+        extra_special_tokens: named tokens a processor reads as attributes (`tokenizer.image_token` -> `<image>`);
+            their values must be among `special_tokens`.
         **roles: overrides of the tokenizer's named special tokens (e.g. `bos_token`).
     """
     base = ["<|endoftext|>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
@@ -58,7 +66,8 @@ def tiny_tokenizer(special_tokens: list[str], image_placeholder: str, vocab_size
         "unk_token": "<unk>",
         "bos_token": "<s>",
     }
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **(names | roles))
+    named = {"extra_special_tokens": extra_special_tokens} if extra_special_tokens else {}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **(names | roles | named))
     tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
     tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", image_placeholder)
     return tokenizer

@@ -1,0 +1,38 @@
+"""Per-architecture overrides of the generic tiny build, as data: model_type -> what the generic shrink and
+processor builder cannot know. Each entry says why.
+
+Keys of an entry (all optional):
+    config: dotted config keys -> values, set after the generic shrink (`"text_config.hidden_size": 64`).
+    processor_class: the processor class name where transformers maps the architecture to none.
+    processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
+    tokens: extra special tokens for the tokenizer.
+    placeholder: what the chat template writes for an image, where the processor's image token is not it.
+    unavailable: the one-line reason the architecture cannot be built offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OVERRIDES"]
+
+# LLaVA's default tower is CLIP: one CLS token the processor must count before the "default" strategy drops it.
+_CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
+
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "llava": _CLIP_CLS,
+    "llava_next": _CLIP_CLS,
+    "llava_next_video": _CLIP_CLS,
+    # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
+    "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
+    # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
+    "paligemma": {"config": {"vision_config.projection_dim": 64}},
+    # The processor refuses any max_image_size but 490 or 980 px: thousands of patches for a tiny tower, and a
+    # projector that only knows the real patch counts.
+    "aria": {
+        "unavailable": "AriaImageProcessor resizes only to 490 or 980 px (max_image_size), too large for a tiny "
+        "tower, and the projector knows only the real patch counts (projector_patch_to_query_dict)"
+    },
+    # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
+    "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
+}

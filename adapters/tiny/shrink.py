@@ -1,0 +1,245 @@
+"""The generic shrink of a transformers config: every size field of every sub-config set to a tiny value.
+
+`shrink_config_dict` walks the serialized config (`config.to_dict()`) and rewrites, in each (sub-)config, the keys
+it knows by name: widths, depths, heads, head widths, experts, image and patch sizes, projector widths. The values
+depend on the sub-config's role (the language model is 64 wide, vision and audio towers 32) and keep the ratios an
+architecture needs: MLA rope and nope widths equal, `layer_types`-like per-layer lists cut to one entry per kind
+(the depth grows to hold every kind), layer-index lists mapped onto the shrunk depth, M-RoPE sections summing to half
+the rotary width. Rebuilding the config class from the shrunk dict then recomputes whatever the class derives.
+
+What the generic rules cannot know (a width that is a product of two others, a processor that counts pixels) lives
+in `vugen_adapters.tiny.overrides` as data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "TEXT_WIDTH",
+    "VISION_WIDTH",
+    "is_sub_config",
+    "is_vision_role",
+    "shrink_config_dict",
+]
+
+TEXT_WIDTH = 64
+VISION_WIDTH = 32
+HEADS, KV_HEADS = 4, 2
+DEPTH = 2
+IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8x8 patches: a handful of image tokens after any 2x2 merge
+EXPERTS, EXPERTS_PER_TOKEN = 4, 2
+
+# key -> value as a function of the sub-config's width W. One table: a key means the same in every config.
+_WIDTH = ("hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size", "patch_embed_hidden_size")
+_FFN = (
+    "intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "mlp_dim", "intermediate_size_mlp",
+    "dense_intermediate_size", "shared_intermediate_size", "decoder_intermediate_size",
+)  # fmt: skip
+_EXPERT_FFN = (
+    "moe_intermediate_size", "moe_hidden_size", "shared_expert_intermediate_size", "share_expert_dim",
+    "shared_experts_intermediate_size", "moe_shared_expert_intermediate_size",
+)  # fmt: skip
+_DEPTH = (
+    "num_hidden_layers", "num_layers", "depth", "encoder_layers", "decoder_layers", "n_layers", "layers",
+    "num_decoder_layers", "conf_num_hidden_layers", "decoder_num_layers", "resampler_depth", "num_global_layers",
+)  # fmt: skip
+_HEADS = (
+    "num_attention_heads", "num_heads", "encoder_attention_heads", "decoder_attention_heads", "attention_heads",
+    "n_heads", "swa_num_attention_heads", "num_sliding_attention_heads", "linear_num_heads", "linear_num_value_heads",
+    "conf_num_attention_heads", "resampler_n_heads", "resampler_heads", "index_n_heads", "mamba_num_heads",
+)  # fmt: skip
+_KV_HEADS = ("num_key_value_heads", "swa_num_key_value_heads", "linear_num_key_heads")
+_HEAD_DIM = (
+    "head_dim", "d_kv", "swa_head_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
+    "v_head_dim", "mamba_head_dim", "resampler_head_dim", "resampler_dim_head", "index_head_dim", "qk_rope_head_dim",
+    "qk_nope_head_dim", "d_rel",
+)  # fmt: skip
+_TEXT_WIDTH_KEYS = (
+    "out_hidden_size", "text_hidden_size", "output_dim", "adapter_out_dim", "projector_output_dim",
+    "projector_hidden_size", "projection_hidden_size", "projection_intermediate_size", "alignment_intermediate_size",
+    "word_embed_proj_dim", "hidden_size_per_layer_input", "ple_embed_dim", "projection_hidden_dim",
+)  # fmt: skip
+_VISION_WIDTH_KEYS = ("vision_hidden_size", "encoder_hidden_size", "adapter_in_dim", "projector_input_dim")
+_FIXED = {
+    "kv_lora_rank": 32, "q_lora_rank": 32, "laurel_rank": 8, "hc_lowrank": 8, "loop_gate_rank": 8,
+    "ssm_state_size": 16, "n_groups": 1, "n_group": 1, "topk_group": 1,
+    "num_experts": EXPERTS, "n_routed_experts": EXPERTS, "num_local_experts": EXPERTS, "moe_num_experts": EXPERTS,
+    "num_experts_per_tok": EXPERTS_PER_TOKEN, "moe_topk": EXPERTS_PER_TOKEN, "moe_k": EXPERTS_PER_TOKEN,
+    "n_shared_experts": 1, "moe_num_shared_experts": 1, "first_k_dense_replace": 1, "decoder_sparse_step": 1,
+    "interleave_moe_layer_step": 1, "index_topk": 16, "num_query_tokens": 4, "latent_query_num": 4,
+    "resampler_n_latents": 4, "resampler_num_latents": 4, "num_kv_shared_layers": 0, "max_window_layers": DEPTH,
+    "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_position_embeddings": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+    "mm_tokens_per_image": 16, "projection_dim": VISION_WIDTH, "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+    "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
+}  # fmt: skip
+_PER_LAYER_LISTS = (
+    "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
+    "activation_sparsity_pattern",
+)  # fmt: skip
+_LAYER_INDEX_LISTS = (
+    "full_attn_idxs", "fullatt_block_indexes", "deepstack_visual_indexes", "global_attn_indexes", "moe_layers",
+    "cross_attention_layers", "intermediate_layers_indices", "spatial_target_layers", "kv_source_layers",
+    "rope_scaling_layers", "ple_layer_ids", "mlp_only_layers",
+)  # fmt: skip
+_VISION_ROLES = ("vision", "visual", "vit", "siglip", "clip", "sam", "encoder", "audio", "vq", "perceiver", "qformer")
+# Serialized dicts that are data, not sub-configs.
+_NOT_SUB_CONFIGS = ("id2label", "label2id", "rope_parameters", "rope_scaling", "vocabulary_map", "quantization_config")
+
+
+def is_sub_config(key: str, value: Any) -> bool:
+    """Whether `value` under `key` of a serialized config is itself a serialized config."""
+    if not isinstance(value, dict) or key in _NOT_SUB_CONFIGS:
+        return False
+    return "model_type" in value or key.endswith("_config") or key in ("encoder", "decoder")
+
+
+def shrink_config_dict(config: dict[str, Any], vocab_size: int, rotary_sections: bool = False) -> dict[str, Any]:
+    """Shrink a serialized config in place (and return it): the top level is a language model.
+
+    Args:
+        config: `PretrainedConfig.to_dict()` of the architecture's default config.
+        vocab_size: vocabulary of the tiny tokenizer; every text `vocab_size` becomes it.
+        rotary_sections: whether the text model splits its rotary width into M-RoPE sections (the default sections
+            live in the modeling code, so the shrunk config must state them).
+    """
+    _shrink(config, vision=False, vocab_size=vocab_size, rotary_sections=rotary_sections)
+    return config
+
+
+def is_vision_role(key: str, value: dict[str, Any]) -> bool:
+    """Whether the sub-config `value` under `key` is a vision, audio, VQ or resampler tower (narrow widths)."""
+    if any(word in key for word in ("text", "llm", "language", "decoder", "dit")):
+        return False
+    name = f"{key} {value.get('model_type') or ''}"
+    return any(word in name for word in _VISION_ROLES)
+
+
+def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sections: bool) -> None:
+    old_depth = _depth(config)
+    for key, value in list(config.items()):
+        if is_sub_config(key, value):
+            _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
+        else:
+            new = _shrunk_value(key, value, vision, vocab_size)
+            if new is not None:
+                config[key] = new
+    depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
+    for key in _DEPTH:
+        if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
+            config[key] = depth
+    for key in _PER_LAYER_LISTS:
+        if isinstance(config.get(key), list) and config[key]:
+            config[key] = _per_layer(config[key], depth)
+    for key in _LAYER_INDEX_LISTS:
+        if isinstance(config.get(key), list):
+            config[key] = _layer_indexes(config[key], old_depth or depth, depth)
+    _fix_feature_layers(config, depth)
+    if isinstance(config.get("image_grid_pinpoints"), list):  # tiling layouts in multiples of the tiny image
+        config["image_grid_pinpoints"] = [
+            [IMAGE_SIZE, 2 * IMAGE_SIZE],
+            [2 * IMAGE_SIZE, IMAGE_SIZE],
+            [2 * IMAGE_SIZE] * 2,
+        ]
+    if isinstance(config.get("rope_parameters"), dict) and not vision:
+        _shrink_rope(config, rotary_sections)
+
+
+def _depth(config: dict[str, Any]) -> int | None:
+    for key in _DEPTH:
+        if isinstance(config.get(key), int) and not isinstance(config[key], bool):
+            return config[key]
+    return None
+
+
+def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
+    """The tiny value of one scalar field, or None to keep it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    width = VISION_WIDTH if vision else TEXT_WIDTH
+    table = (
+        (_WIDTH, width),
+        (_FFN, 2 * width),
+        (_EXPERT_FFN, width),
+        (_HEADS, HEADS),
+        (_KV_HEADS, KV_HEADS),
+        (_HEAD_DIM, width // HEADS),
+        (_TEXT_WIDTH_KEYS, TEXT_WIDTH),
+        (_VISION_WIDTH_KEYS, VISION_WIDTH),
+    )
+    for keys, tiny in table:
+        if key in keys:
+            return min(value, tiny) if value > 0 else None
+    if key in _FIXED:
+        return min(value, _FIXED[key]) if value > 0 else None
+    if key in ("vocab_size", "vocab_size_per_layer_input") and not vision:
+        return vocab_size
+    if key == "qk_head_dim":
+        return 2 * (width // HEADS)  # nope + rope
+    return None
+
+
+def _kinds(values: list[Any]) -> list[Any]:
+    """The distinct entries of a per-layer list, in order of first appearance."""
+    kinds = []
+    for value in values:
+        if value not in kinds:
+            kinds.append(value)
+    return kinds
+
+
+def _per_layer(values: list[Any], depth: int) -> list[Any]:
+    """A per-layer list cut to `depth` layers keeping one layer of each kind (the last kind repeats to fill)."""
+    kinds = _kinds(values)[:depth]
+    return kinds + [kinds[-1]] * (depth - len(kinds))
+
+
+def _layer_indexes(indexes: list[Any], old_depth: int, depth: int) -> list[Any]:
+    """Layer indices of a deep model mapped proportionally onto `depth` layers (order kept, duplicates dropped)."""
+    if not all(isinstance(index, int) for index in indexes):
+        return indexes
+    mapped = []
+    for index in indexes:
+        new = index * depth // max(old_depth, 1) if index >= 0 else max(index, -depth)
+        if new not in mapped:
+            mapped.append(min(new, depth - 1))
+    return mapped
+
+
+def _fix_feature_layers(config: dict[str, Any], depth: int) -> None:
+    """`vision_feature_layer` (an int or a list) must index the tower's hidden states: embeddings plus `depth`."""
+
+    def clamp(index: int) -> int:
+        return max(index, -(depth + 1)) if index < 0 else min(index, depth)
+
+    value = config.get("vision_feature_layer")
+    if isinstance(value, int):
+        config["vision_feature_layer"] = clamp(value)
+    elif isinstance(value, list):
+        config["vision_feature_layer"] = [clamp(index) for index in value]
+
+
+def _shrink_rope(config: dict[str, Any], rotary_sections: bool) -> None:
+    rope = config["rope_parameters"]
+    head_dim = config.get("head_dim") or TEXT_WIDTH // HEADS
+    if isinstance(config.get("qk_rope_head_dim"), int):
+        head_dim = config["qk_rope_head_dim"]
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0
+    if "mrope_section" in rope or rotary_sections:
+        half = int(head_dim * factor) // 2
+        if half < 3:  # three sections (time, height, width) need room: rotate more of a tiny head
+            factor = 6 / head_dim
+            half = 3
+            rope["partial_rotary_factor"] = factor
+            if "partial_rotary_factor" in config:
+                config["partial_rotary_factor"] = factor
+        sections = len(rope.get("mrope_section") or [0, 0, 0])
+        rope["mrope_section"] = _split(half, sections)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` positive integers, the first the largest (as Qwen's [16, 24, 24] reversed)."""
+    base = total // parts
+    return [total - base * (parts - 1)] + [base] * (parts - 1) if base else [1] * total

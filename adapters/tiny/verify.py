@@ -1,0 +1,140 @@
+"""Check a saved tiny checkpoint the way a user's code meets it: loaded back with the Auto classes, the chat template
+applied to a message with an image, the processor run on image and text, the full model forward with labels (which
+fails unless the processor expands the image placeholder into as many image tokens as the vision path emits), and
+`get_image_features` on the processor's image inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BatchFeature,
+)
+
+__all__ = ["TinyCheck", "image_tokens_per_image", "observed_image_token", "verify_tiny_checkpoint"]
+
+# Inputs of the language side: never passed to `get_image_features`.
+_TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "position_ids", "labels"}
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "a red circle on the left"}]},
+]
+
+
+@dataclass(frozen=True)
+class TinyCheck:
+    """What `verify_tiny_checkpoint` measured."""
+
+    loss: float  # full forward with labels on the processor's output
+    parameters: int  # model parameter count
+    sequence_length: int  # tokens of the processed prompt, image tokens included
+    image_features: tuple[int, ...]  # shape of the first tensor `get_image_features` returns; () without one
+
+
+def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = (32, 32)) -> TinyCheck:
+    """Load `directory` with the Auto classes and run processor, full forward with labels and image features.
+
+    Args:
+        directory: a folder written by `build_tiny_architecture` (or any image-text-to-text checkpoint).
+        image_size: (height, width) of the random test image.
+
+    Raises:
+        AssertionError: the loss is not finite.
+        Exception: whatever transformers raises on a mismatch (image-token count, missing inputs, ...).
+    """
+    model = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
+    AutoTokenizer.from_pretrained(directory)
+    # A processor class that takes no chat template (BLIP, GIT, ...) leaves it to its tokenizer.
+    templater = processor if processor.chat_template else processor.tokenizer
+    text = templater.apply_chat_template(CONVERSATION, tokenize=False)
+    inputs = _process(processor, text, _random_image(image_size))
+    if "labels" not in inputs:  # PaliGemma's processor makes its own (the prompt masked)
+        padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
+        inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
+    with torch.no_grad():
+        output = model(**inputs)
+        features = _image_features(model, inputs)
+    loss = float(output.loss)
+    assert np.isfinite(loss), f"non-finite loss {loss}"
+    shape = tuple(features.shape) if features is not None else ()
+    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], shape)
+
+
+def _random_image(size: tuple[int, int]) -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _process(processor: Any, text: str, image: Image.Image) -> BatchFeature:
+    """The processor's output for one prompt and one image (nested per prompt when the flat form is refused)."""
+    try:
+        return processor(images=[image], text=[text], return_tensors="pt")
+    except (ValueError, TypeError, IndexError):
+        return processor(images=[[image]], text=[text], return_tensors="pt")
+
+
+def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
+    """The first tensor of `get_image_features` on the processor's image inputs; None for a model without one
+    (GIT, BLIP, IDEFICS read the image inside their forward only)."""
+    owner = model.model if hasattr(getattr(model, "model", None), "get_image_features") else model
+    if not hasattr(owner, "get_image_features"):
+        return None
+    parameters = inspect.signature(owner.get_image_features).parameters
+    image_inputs = {k: v for k, v in inputs.items() if k not in _TEXT_INPUTS and k in parameters}
+    features = owner.get_image_features(**image_inputs)
+    return _first_tensor(features)
+
+
+def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, int] = (32, 32)) -> int | None:
+    """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
+    when the model has no `get_image_features` that takes the image processor's output alone."""
+    inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    try:
+        with torch.no_grad():
+            features = _image_features(model, inputs)
+    except Exception:  # a vision path that needs more than the image inputs: the verification reports what fails
+        return None
+    pixels = inputs.get("pixel_values")
+    if features is None or pixels is None:
+        return None
+    tiles = pixels.numel() // math.prod(pixels.shape[-3:]) if pixels.dim() >= 4 else 1
+    return features.numel() // features.shape[-1] // tiles
+
+
+def observed_image_token(processor: Any) -> int | None:
+    """The special token the processor repeats most for one image in the test chat (None: none, or it fails)."""
+    templater = processor if processor.chat_template else processor.tokenizer
+    try:
+        text = templater.apply_chat_template(CONVERSATION, tokenize=False)
+        ids = _process(processor, text, _random_image((32, 32)))["input_ids"][0].tolist()
+    except Exception:  # a processor that cannot run yet: the verification reports it
+        return None
+    special = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.added_tokens_decoder)
+    counts = Counter(index for index in ids if index in special)
+    repeated = [(count, index) for index, count in counts.items() if count > 1]
+    return max(repeated)[1] if repeated else None
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "pooler_output") and isinstance(value.pooler_output, (torch.Tensor, list, tuple)):
+        return _first_tensor(value.pooler_output)
+    if isinstance(value, dict):
+        value = list(value.values())
+    return _first_tensor(value[0])
