@@ -283,7 +283,16 @@ class AutoAdapter(VLMAdapter):
     @staticmethod
     def _process(image_processor: Any, images: Tensor) -> dict[str, Tensor]:
         overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(image_processor, k)}
-        batch = image_processor(images=list(images.float().cpu()), return_tensors="pt", **overrides)
+        images = list(images.float().cpu())
+        try:
+            batch = image_processor(images=images, return_tensors="pt", **overrides)
+        except (ValueError, RuntimeError, UnboundLocalError):
+            if "do_resize" not in overrides:
+                raise
+            # Some processors refuse (Llama 4, MiniCPM) or break on do_resize=False; at the size they expect,
+            # their own resize keeps the pixels (the patch layout probe checks that it did).
+            overrides.pop("do_resize")
+            batch = image_processor(images=images, return_tensors="pt", **overrides)
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     @cached_property
@@ -308,12 +317,19 @@ class AutoAdapter(VLMAdapter):
 
     def accepted_image_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The entries of `inputs` that the VLM's `get_image_features` takes by name (not Gemma 3's `num_crops`)."""
-        accepted = inspect.signature(self.vlm.model.get_image_features).parameters
+        accepted = inspect.signature(self._feature_model.get_image_features).parameters
         return {k: v for k, v in inputs.items() if k in accepted}
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
         """Call the VLM's `get_image_features` with the inputs its signature accepts."""
-        return self.vlm.model.get_image_features(**self.accepted_image_inputs(inputs))
+        return self._feature_model.get_image_features(**self.accepted_image_inputs(inputs))
+
+    @cached_property
+    def _feature_model(self) -> nn.Module:
+        """The module whose `get_image_features` returns the tower's tokens with the projector's: the base model of a
+        `*ForConditionalGeneration` (`vlm.model`), or the VLM itself where it has no such split (BLIP-2)."""
+        base = getattr(self.vlm, "model", None)
+        return base if hasattr(base, "get_image_features") else self.vlm
 
     def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
         """Pick the configured feature source out of `output` (for `batch` images of `size`) as raster `[B, N, D]`.
@@ -325,8 +341,8 @@ class AutoAdapter(VLMAdapter):
         source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
         features = _as_batch(source, batch)
         layout = self.patch_layout(*size)
-        if self.feature_source == "vision":
-            self.check_token_order(layout.rows, layout.cols)
+        if self.feature_source == "vision" and not layout.is_raster:  # towers fed whole images (SAM's) undo their
+            self.check_token_order(layout.rows, layout.cols)  # own windows; packed ones may not
         return to_raster(features, layout, self.model_type)
 
     def patch_layout(self, height: int, width: int) -> PatchLayout:
@@ -450,14 +466,30 @@ class AutoAdapter(VLMAdapter):
 
 
 def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
-    """Per-image lists, packed sequences and batched tensors -> `[B, N, D]`."""
+    """Per-image lists, packed sequences, channel-first feature maps and batched tensors -> `[B, N, D]`.
+
+    vugen encodes a batch of images of one size, so images have equal token counts and a sequence that packs all of
+    them (`[sum N, D]`, or `[1, sum N, D]` from Pixtral-style towers) splits evenly.
+    """
     if isinstance(features, (list, tuple)):  # one entry per image, or per sample of several images
-        features = torch.stack(list(features)) if len(features) == batch else torch.cat(list(features))
-    if features.ndim == 2:  # every image's tokens packed into one sequence
+        parts = [_tokens(part) for part in features]
+        features = torch.stack(parts) if len(parts) == batch else torch.cat(parts)
+    elif features.ndim == 4:  # a convolutional tower's [B, C, h, w] map
+        features = features.flatten(2).transpose(1, 2)
+    if features.ndim == 3 and features.shape[0] != batch:
+        features = features.reshape(-1, features.shape[-1])
+    if features.ndim == 2 and features.shape[0] % batch == 0:  # every image's tokens packed into one sequence
         features = features.reshape(batch, -1, features.shape[-1])
     if features.ndim != 3 or features.shape[0] != batch:
         raise ValueError(f"cannot read {batch} images' features from a tensor of shape {tuple(features.shape)}")
     return features
+
+
+def _tokens(part: Tensor) -> Tensor:
+    """One list entry as `[N, D]` tokens: `[1, N, D]` squeezed, a `[C, h, w]` map flattened channels-last."""
+    if part.ndim == 3 and part.shape[0] != 1:
+        return part.flatten(1).T
+    return part.reshape(-1, part.shape[-1])
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:

@@ -106,10 +106,22 @@ def measure_patch_layout(
     plain = copy.deepcopy(image_processor)
     if hasattr(plain, "do_normalize"):
         plain.do_normalize = False
-    pixels = process(plain, position_coded_image(height, width)[None])["pixel_values"]
+    pixels = pixel_values(process(plain, position_coded_image(height, width)[None]), model_type)
+    if pixels.ndim >= 4 and pixels.shape[-2] * pixels.shape[-1] < height * width:  # one small image per patch
+        pixels = pixels.reshape(-1, pixels[0].numel() if pixels.ndim == 4 else pixels.shape[-3:].numel())
     if pixels.ndim >= 4:  # image tensors ([B, 3, H, W] or tiles [B, T, 3, H, W]): the encoder patchifies them
         return _image_tensor_layout(pixels, height, width, patch_size, model_type)
     return _flat_patch_layout(pixels.reshape(-1, pixels.shape[-1]), height, width, model_type)
+
+
+def pixel_values(inputs: dict[str, Tensor], model_type: str) -> Tensor:
+    """The image processor's pixel tensor: `pixel_values`, or the one entry named like it (`pixel_values_images`)."""
+    if "pixel_values" in inputs:
+        return inputs["pixel_values"]
+    named = [key for key in inputs if key.startswith("pixel_values")]
+    if len(named) != 1:
+        raise LayoutNotDerivable(f"{model_type}: its image processor returns no single pixel tensor ({sorted(inputs)})")
+    return inputs[named[0]]
 
 
 def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: int, model_type: str) -> PatchLayout:
