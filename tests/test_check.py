@@ -21,6 +21,7 @@ from vugen.commands.check import check_checkpoint
 from vugen.conformance import ADAPTER_CHECKS
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.llava import LlavaAdapter
+from vugen_adapters.tiny import build_tiny_vlm
 
 ADAPTER_CHECK_NAMES = [check.name for check in ADAPTER_CHECKS]
 STAGE_CHECK_NAMES = ["decoder_stage", "cache_latents", "sampler_stage", "export", "generate"]
@@ -176,6 +177,8 @@ def bad_checkpoint(kind: str, directory, tiny_llava: str) -> str:
         return remote_code_folder(directory, tiny_llava)
     if kind == "encoder-decoder":
         return encoder_decoder_folder(directory)
+    if kind == "cross-attention":  # Mllama: a decoder-only LM that reads the image through cross-attention layers
+        return str(build_tiny_vlm("mllama", directory))
     return text_only_folder(directory)
 
 
@@ -184,6 +187,10 @@ BAD_INPUTS = {
     "remote code": ("ships its own modelling code", "fail"),
     "encoder-decoder": (
         "not applicable: vision-encoder-decoder is an encoder-decoder model",
+        "not_applicable",
+    ),
+    "cross-attention": (
+        "not applicable: mllama's language model reads images through cross-attention",
         "not_applicable",
     ),
     "text-only LM": ("is not an image-text-to-text VLM", "fail"),

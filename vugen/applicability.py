@@ -20,6 +20,11 @@ class NotApplicableError(VugenError, ValueError):
     """vugen's recipe does not apply to this kind of model (not a broken checkpoint: another architecture)."""
 
 
+# Config keys of language models that see the image through cross-attention layers, not as tokens of their input
+# (Mllama's `cross_attention_layers`, Idefics' `cross_layer_interval`, decoders built with `add_cross_attention`).
+CROSS_ATTENTION_KEYS = ("cross_attention_layers", "cross_layer_interval", "add_cross_attention")
+
+
 def check_recipe_applies(config: Mapping[str, Any], source: str) -> None:
     """Refuse a checkpoint whose ``config.json`` describes an encoder-decoder model.
 
@@ -28,13 +33,20 @@ def check_recipe_applies(config: Mapping[str, Any], source: str) -> None:
         source: Where it was read, for the message (the file, or the checkpoint).
 
     Raises:
-        NotApplicableError: ``is_encoder_decoder`` is true in the config or in its ``text_config``.
+        NotApplicableError: ``is_encoder_decoder`` is true in the config or in its ``text_config``, or the language
+            model reads images through cross-attention (:data:`CROSS_ATTENTION_KEYS`).
     """
     text_config = config.get("text_config")
     text_config = text_config if isinstance(text_config, Mapping) else {}
+    model_type = config.get("model_type") or "this model"
     if config.get("is_encoder_decoder") or text_config.get("is_encoder_decoder"):
-        model_type = config.get("model_type") or "this model"
         raise NotApplicableError(
             f"not applicable: {model_type} is an encoder-decoder model ({source} sets is_encoder_decoder); vugen's "
             "recipe needs a decoder-only language model that reads image tokens"
+        )
+    cross = [key for key in CROSS_ATTENTION_KEYS if text_config.get(key) or config.get(key)]
+    if cross:
+        raise NotApplicableError(
+            f"not applicable: {model_type}'s language model reads images through cross-attention ({source} sets "
+            f"{cross[0]}); vugen's recipe needs a decoder-only language model that reads image tokens"
         )
