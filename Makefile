@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help install lock test test-fast test-latest demo bench lint format clean
+.PHONY: help install lock test test-fast test-latest demo bench coverage lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -56,13 +56,16 @@ demo: install  ## the three stages on Shapes with a tiny offline VLM, held-out g
 bench: install  ## speed table vs plain PyTorch in the same run (ARGS="--threads 1 --json bench.json", "--device cuda")
 	$(PY) -m benchmarks.run $(ARGS)
 
+coverage: install  ## vugen check on a tiny checkpoint of every image-text-to-text architecture -> docs/coverage.md
+	$(PY) -m tools.coverage_matrix $(ARGS)
+
 lint: install  ## ruff lint and format check
-	$(VENV)/bin/ruff check vugen adapters tests examples benchmarks
-	$(VENV)/bin/ruff format --check vugen adapters tests examples benchmarks
+	$(VENV)/bin/ruff check vugen adapters tests examples benchmarks tools
+	$(VENV)/bin/ruff format --check vugen adapters tests examples benchmarks tools
 
 format: install  ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix vugen adapters tests examples benchmarks
-	$(VENV)/bin/ruff format vugen adapters tests examples benchmarks
+	$(VENV)/bin/ruff check --fix vugen adapters tests examples benchmarks tools
+	$(VENV)/bin/ruff format vugen adapters tests examples benchmarks tools
 
 clean:  ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info outputs lightning_logs

@@ -80,12 +80,16 @@ def position_coded_image(height: int, width: int) -> Tensor:
     return ((index + 1) / (height * width + 1)).float().expand(3, -1, -1)
 
 
-def decode_pixels(values: Tensor, height: int, width: int) -> Tensor:
-    """Pixel indices back from `position_coded_image` values (-1 where a value is padding)."""
+def decode_pixels(values: Tensor, height: int, width: int, model_type: str) -> Tensor:
+    """Pixel indices back from `position_coded_image` values."""
     index = values.double() * (height * width + 1) - 1
     rounded = index.round()
     if not torch.allclose(index, rounded, atol=0.05) or rounded.max() >= height * width:
-        raise LayoutNotDerivable("the image processor changes pixel values beyond normalisation")
+        raise LayoutNotDerivable(
+            f"{model_type}: its image processor changes the pixels of a {height}x{width} image beyond normalisation "
+            "(it resizes or quantises them); set the adapter's `image_size` to a size it keeps, or override "
+            "`pixel_inputs`"
+        )
     return rounded.long()
 
 
@@ -132,7 +136,7 @@ def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: in
             f"{model_type}: its image processor turns one {height}x{width} image into {tiles.shape[0]} tile(s) of "
             f"{tuple(tiles.shape[-2:])} px; override `pixel_inputs` to give the encoder one whole image"
         )
-    if not torch.equal(decode_pixels(tiles[0, 0], height, width), expected):
+    if not torch.equal(decode_pixels(tiles[0, 0], height, width, model_type), expected):
         raise LayoutNotDerivable(f"{model_type}: its image processor moves pixels; override `pixel_inputs`")
     return PatchLayout.raster_grid(height // patch_size, width // patch_size)
 
@@ -140,7 +144,7 @@ def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: in
 def _flat_patch_layout(rows_of_values: Tensor, height: int, width: int, model_type: str) -> PatchLayout:
     """Layout of flat patches `[slots, values]`: each slot's top-left pixel says which patch it is."""
     is_padding = rows_of_values.abs().amax(-1) == 0
-    decoded = decode_pixels(rows_of_values[~is_padding], height, width)
+    decoded = decode_pixels(rows_of_values[~is_padding], height, width, model_type)
     top_left = decoded.amin(-1)
     ys, xs = top_left // width, top_left % width
     patch = int(math.isqrt(decoded.unique(dim=None).numel() // max(len(decoded), 1)))
