@@ -394,8 +394,12 @@ class AutoAdapter(VLMAdapter):
 
     @property
     def language_model(self) -> nn.Module:
-        """The decoder stack (no LM head, no vision tower)."""
-        return self.vlm.get_decoder()
+        """The decoder stack (no LM head, no vision tower): `get_decoder()`, and once more where that is a whole causal
+        LM with its head (BLIP-2 and InstructBLIP wrap an `OPTForCausalLM` / `LlamaForCausalLM`)."""
+        decoder = self.vlm.get_decoder()
+        if decoder.get_output_embeddings() is not None:
+            decoder = decoder.get_decoder()
+        return decoder
 
     @property
     def block_classes(self) -> set[type[nn.Module]]:

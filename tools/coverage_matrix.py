@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path("docs/coverage") if not args.architectures else None)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # no torch state forked into the workers
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_quiet_worker, max_tasks_per_child=10) as pool:
+    # No max_tasks_per_child: with it, Python 3.11 deadlocks when it replaces a worker (cpython #115634).
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_quiet_worker) as pool:
         rows = []
         for row in pool.map(run_architecture, names):
             status, reason = classify(row)
