@@ -51,6 +51,8 @@ class PatchLayout:
         slots: patch slots per image in `pixel_values` (padding included): `rows * cols` unless padded.
         raster: `[rows * cols]` raster index (`row * cols + col`) of each real patch slot, in slot order.
         slot_index: `[rows * cols]` slot of each real patch, in slot order (padding slots skipped).
+        crops: views the processor makes of one image (tiled processors: the whole image and its tiles).
+        crop: the view that is the whole image, as it went in; its tokens are the image's.
     """
 
     rows: int
@@ -58,12 +60,14 @@ class PatchLayout:
     slots: int
     raster: Tensor
     slot_index: Tensor
+    crops: int = 1
+    crop: int = 0
 
     @classmethod
-    def raster_grid(cls, rows: int, cols: int) -> PatchLayout:
-        """An image tensor patchified in raster order."""
+    def raster_grid(cls, rows: int, cols: int, crops: int = 1, crop: int = 0) -> PatchLayout:
+        """An image tensor patchified in raster order (view `crop` of `crops`)."""
         order = torch.arange(rows * cols)
-        return cls(rows, cols, rows * cols, order, order)
+        return cls(rows, cols, rows * cols, order, order, crops, crop)
 
     @property
     def is_raster(self) -> bool:
@@ -129,16 +133,25 @@ def pixel_values(inputs: dict[str, Tensor], model_type: str) -> Tensor:
 
 
 def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: int, model_type: str) -> PatchLayout:
-    tiles = pixels.reshape(-1, *pixels.shape[-3:])
-    expected = torch.arange(height * width).reshape(height, width)
-    if tiles.shape[0] != 1 or tiles.shape[-2:] != (height, width):
+    """Layout of image tensors: the one view (of possibly several tiles) that is the whole image, unmoved."""
+    views = pixels.reshape(-1, *pixels.shape[-3:])
+    whole = [
+        index
+        for index, view in enumerate(views)
+        if view.shape[-2:] == (height, width) and _is_whole_image(view[0], height, width)
+    ]
+    if not whole:
         raise LayoutNotDerivable(
-            f"{model_type}: its image processor turns one {height}x{width} image into {tiles.shape[0]} tile(s) of "
-            f"{tuple(tiles.shape[-2:])} px; override `pixel_inputs` to give the encoder one whole image"
+            f"{model_type}: none of the {len(views)} view(s) of {tuple(views.shape[-2:])} px its image processor makes "
+            f"of a {height}x{width} image is that image unmoved; override `pixel_inputs` to give the encoder one "
+            "whole image"
         )
-    if not torch.equal(decode_pixels(tiles[0, 0], height, width, model_type), expected):
-        raise LayoutNotDerivable(f"{model_type}: its image processor moves pixels; override `pixel_inputs`")
-    return PatchLayout.raster_grid(height // patch_size, width // patch_size)
+    return PatchLayout.raster_grid(height // patch_size, width // patch_size, crops=len(views), crop=whole[0])
+
+
+def _is_whole_image(channel: Tensor, height: int, width: int) -> bool:
+    index = channel.double() * (height * width + 1) - 1
+    return torch.allclose(index, torch.arange(height * width, dtype=torch.float64).reshape(height, width), atol=0.05)
 
 
 def _flat_patch_layout(rows_of_values: Tensor, height: int, width: int, model_type: str) -> PatchLayout:
@@ -182,6 +195,8 @@ def reduction(tokens: int, layout: PatchLayout, model_type: str, hook: str) -> t
 
 def to_raster(tokens: Tensor, layout: PatchLayout, model_type: str, hook: str = "select_features") -> Tensor:
     """`[B, N, D]` tokens of images laid out as `layout` -> `[B, rows/f * cols/f, D]` in raster order."""
+    if layout.crops > 1:  # the tokens of every view of each image: keep the whole image's
+        tokens = _whole_image_tokens(tokens, layout, model_type, hook)
     factor, prefix = reduction(tokens.shape[1], layout, model_type, hook)
     if tokens.shape[1] == layout.slots and layout.slots != layout.rows * layout.cols:  # padded slots
         tokens = tokens[:, layout.slot_index]
@@ -195,6 +210,16 @@ def to_raster(tokens: Tensor, layout: PatchLayout, model_type: str, hook: str = 
     if torch.equal(order, torch.arange(order.numel())):
         return tokens
     return tokens[:, torch.argsort(order)]
+
+
+def _whole_image_tokens(tokens: Tensor, layout: PatchLayout, model_type: str, hook: str) -> Tensor:
+    if tokens.shape[1] % layout.crops:
+        raise LayoutNotDerivable(
+            f"{model_type}: {tokens.shape[1]} image tokens per image are not {layout.crops} equal views (its processor "
+            f"tiles each image; projector outputs that pack tiles with separators are not a grid): use "
+            f"feature_source='vision' or override `{hook}`"
+        )
+    return tokens.reshape(tokens.shape[0], layout.crops, -1, tokens.shape[-1])[:, layout.crop]
 
 
 def _block_order(layout: PatchLayout, factor: int, model_type: str, hook: str) -> Tensor:
