@@ -328,8 +328,14 @@ class AutoAdapter(VLMAdapter):
     def _feature_model(self) -> nn.Module:
         """The module whose `get_image_features` returns the tower's tokens with the projector's: the base model of a
         `*ForConditionalGeneration` (`vlm.model`), or the VLM itself where it has no such split (BLIP-2)."""
-        base = getattr(self.vlm, "model", None)
-        return base if hasattr(base, "get_image_features") else self.vlm
+        for candidate in (getattr(self.vlm, "model", None), self.vlm):
+            if hasattr(candidate, "get_image_features"):
+                return candidate
+        # Not an AttributeError: raised inside a property, that would read as the property missing.
+        raise TypeError(
+            f"{self.model_type}: the model has no `get_image_features` to read image tokens from; override "
+            "`image_features` in an adapter (see examples/custom_adapter)"
+        )
 
     def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
         """Pick the configured feature source out of `output` (for `batch` images of `size`) as raster `[B, N, D]`.

@@ -225,7 +225,10 @@ class LatentSampler(nn.Module):
     def _scope_lora(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if self.lora_mask is None:
             return torch.zeros_like(output)
-        return output * self.lora_mask.to(output.dtype)
+        mask = self.lora_mask.to(output.dtype)
+        if output.ndim == 2:  # layers that flatten [B, T, D] to [B * T, D] first (OPT's MLP in BLIP-2)
+            mask = mask.reshape(-1, 1)
+        return output * mask
 
     def run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, image_from: int, cache: Any = None):
         """Run the LM with LoRA active from sequence position ``image_from`` on; returns (hidden, cache)."""
