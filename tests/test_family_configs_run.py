@@ -4,7 +4,7 @@ For each family in `configs/`: a random checkpoint at the geometry of the releas
 (`vugen_adapters.tiny.released`: the released widths, heads, patch / merge / pixel-shuffle sizes, image size and
 processor settings; tower and language model cut to 1-2 blocks, a tiny vocabulary), then the commands of the
 configs' headers on it, through the real `vugen` CLI in this process: `vugen fit` of `decoder.yaml` (stages 1 + 3,
-one optimizer step), `vugen cache-latents` of `cache.yaml` (4 images), `vugen fit` of `sampler.yaml` (stage 2, one
+one optimizer step), `vugen cache-latents` of `cache.yaml` (2 images), `vugen fit` of `sampler.yaml` (stage 2, one
 step), `vugen export` of its checkpoint and `vugen generate` of one image from the bundle.
 
 The command lines change only what a one-step CPU run needs, never the geometry or the recipe: where it runs (CPU,
@@ -19,7 +19,9 @@ import gc
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,7 +62,7 @@ ONE_CPU_STEP = [
     "--trainer.enable_progress_bar=false",
 ]
 ONE_PROCESS_LOADER = ["--data.init_args.batch_size=1", "--data.init_args.num_workers=0"]
-NUM_IMAGES = 4
+NUM_IMAGES = 2
 
 
 def local_vlm(node: str, pretrained: Path) -> list[str]:
@@ -101,61 +103,85 @@ def test_released_config_cuts_the_depth_only(family):
     assert (depth, text.num_hidden_layers) == RELEASED[family].min_layers
 
 
+class FamilyRun:
+    """The commands of one family's config headers, in the working directory, each timed and its output checked."""
+
+    def __init__(self, family: str, vlm: Path, shards: str) -> None:
+        self.family, self.vlm, self.shards = family, vlm, shards
+        self.configs, self.out = ROOT / "configs" / family, Path("outputs") / family
+        self.image_size = yaml_of(family, "decoder.yaml")["data"]["init_args"]["image_size"]
+        self.seconds: dict[str, tuple[float, float]] = {}  # step -> (wall, CPU): CPU time is the machine's load aside
+
+    def timed(self, name: str, step: Callable[..., Any], *args: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = step(*args)
+        self.seconds[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+        return result
+
+    def fit(self, name: str, config: str, *overrides: str) -> Any:
+        """`vugen fit --config configs/<family>/<config>` for one CPU step on the local VLM; returns the CLI."""
+        argv = ["fit", "--config", str(self.configs / config), *ONE_CPU_STEP, *ONE_PROCESS_LOADER, *overrides]
+        return self.timed(name, run, [*argv, *local_vlm("model.init_args.adapter", self.vlm)])
+
+    def decoder_stage(self) -> None:
+        """Stages 1 + 3: one step, then the export the cache and the sampler read."""
+        data = [f"--data.init_args.shards={self.shards}", f"--data.init_args.val_shards={self.shards}"]
+        one_step = ["--model.init_args.sampling.steps=1", "--trainer.callbacks.init_args.save_last=false"]
+        cli = self.fit("decoder fit", "decoder.yaml", *data, *one_step)
+        checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+        assert checkpoint.dirpath.endswith(f"outputs/{self.family}/checkpoints") and not checkpoint.save_last
+        assert any(isinstance(c, EMA) for c in cli.trainer.callbacks)
+        assert cli.model.adapter.feature_dim == cli.model.reducer.feature_dim
+        training = json.loads((self.out / "decoder-stage" / "training.json").read_text())
+        assert training["global_step"] == 1 and math.isfinite(training["metrics"]["train/loss"])
+
+    def latent_cache(self) -> None:
+        """`vugen cache-latents` of the train split, at the family's feature-token grid."""
+        data = [f"--data.init_args.shards={self.shards}", "--data.init_args.num_workers=0"]
+        argv = ["cache-latents", "--config", str(self.configs / "cache.yaml"), *data, "--device=cpu"]
+        self.timed("cache", run, [*argv, *local_vlm("adapter", self.vlm)])
+        cache, grid = self.out / "latents" / "train", TOKEN_GRID[self.family]
+        index = json.loads((cache / "index.json").read_text())
+        assert index["token_grid"] == [grid, grid] and index["image_size"] == [self.image_size] * 2
+        latents = load_file(cache / "latents-00000.safetensors")["latents"]
+        assert latents.shape == (NUM_IMAGES, grid * grid, 32) and torch.isfinite(latents).all()
+
+    def sampler_stage(self) -> None:
+        """Stage 2, one step; the train cache also validates (no val split cached)."""
+        cli = self.fit(
+            "sampler fit", "sampler.yaml", f"--data.init_args.val_cache_dir={self.out / 'latents' / 'train'}"
+        )
+        assert cli.trainer.global_step == 1 and math.isfinite(cli.trainer.callback_metrics["train/loss"].item())
+
+    def generation(self) -> None:
+        """`vugen export` of the sampler's last checkpoint, then `vugen generate` of one image (one sampler step)."""
+        checkpoint, bundle, samples = (
+            self.out / "sampler-checkpoints" / "last.ckpt",
+            self.out / "bundle",
+            self.out / "samples",
+        )
+        self.timed("export", run, ["export", str(checkpoint), str(bundle)])
+        prompt = ["--prompt", "a large red circle on the left", "--steps=1", "--accelerator=cpu"]
+        paths = self.timed("generate", run, ["generate", f"--bundle={bundle}", f"--out={samples}", *prompt])
+        with Image.open(paths[0]) as image:
+            assert image.size == (self.image_size, self.image_size) and image.mode == "RGB"
+        record = json.loads((samples / "vugen_sampling.json").read_text())  # written last: a complete run
+        assert record["image_size"] == self.image_size and record["sampling"]["steps"] == 1
+
+    def report(self) -> str:
+        steps = (f"{step} {wall:.1f} s ({cpu:.1f} s CPU)" for step, (wall, cpu) in self.seconds.items())
+        return f"{self.family}: {', '.join(steps)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_configs_run_at_the_released_geometry(family, tmp_path, monkeypatch):
-    seconds: dict[str, float] = {}
-
-    def timed(name: str, argv: list[str]):
-        start = time.perf_counter()
-        result = run(argv)
-        seconds[name] = time.perf_counter() - start
-        return result
-
-    start = time.perf_counter()
-    vlm = build_released_geometry(family, tmp_path / "vlm")
-    seconds["checkpoint"] = time.perf_counter() - start
     (tmp_path / "data").mkdir()
     shards = write_shards(tmp_path / "data", num_shards=1, per_shard=NUM_IMAGES)
     monkeypatch.chdir(tmp_path)  # the configs write under outputs/<family>/, relative to the working directory
-    configs, out = ROOT / "configs" / family, Path("outputs") / family
-    image_size = yaml_of(family, "decoder.yaml")["data"]["init_args"]["image_size"]
-
-    # stages 1 + 3
-    data = [f"--data.init_args.shards={shards}", f"--data.init_args.val_shards={shards}", *ONE_PROCESS_LOADER]
-    one_step_decoder = ["--model.init_args.sampling.steps=1", "--trainer.callbacks.init_args.save_last=false"]
-    decoder_args = [*ONE_CPU_STEP, *local_vlm("model.init_args.adapter", vlm), *data, *one_step_decoder]
-    cli = timed("decoder fit", ["fit", "--config", str(configs / "decoder.yaml"), *decoder_args])
-    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
-    assert checkpoint.dirpath.endswith(f"outputs/{family}/checkpoints") and not checkpoint.save_last
-    assert any(isinstance(c, EMA) for c in cli.trainer.callbacks)
-    assert cli.model.adapter.feature_dim == cli.model.reducer.feature_dim
-    del cli
-    gc.collect()
-    training = json.loads((out / "decoder-stage" / "training.json").read_text())
-    assert training["global_step"] == 1 and math.isfinite(training["metrics"]["train/loss"])
-
-    # the latent cache
-    cache_args = [*local_vlm("adapter", vlm), f"--data.init_args.shards={shards}", "--data.init_args.num_workers=0"]
-    timed("cache", ["cache-latents", "--config", str(configs / "cache.yaml"), *cache_args, "--device=cpu"])
-    index = json.loads((out / "latents" / "train" / "index.json").read_text())
-    assert index["token_grid"] == [TOKEN_GRID[family]] * 2 and index["image_size"] == [image_size] * 2
-    latents = load_file(out / "latents" / "train" / "latents-00000.safetensors")["latents"]
-    assert latents.shape == (NUM_IMAGES, TOKEN_GRID[family] ** 2, 32) and torch.isfinite(latents).all()
-
-    # stage 2 (the one cache also validates: no separate val split)
-    sampler_args = [*ONE_CPU_STEP, *local_vlm("model.init_args.adapter", vlm), *ONE_PROCESS_LOADER]
-    sampler_args.append(f"--data.init_args.val_cache_dir={out / 'latents' / 'train'}")
-    cli = timed("sampler fit", ["fit", "--config", str(configs / "sampler.yaml"), *sampler_args])
-    assert cli.trainer.global_step == 1 and math.isfinite(cli.trainer.callback_metrics["train/loss"].item())
-    del cli
-    gc.collect()
-
-    # bundle and one image
-    bundle = timed("export", ["export", str(out / "sampler-checkpoints" / "last.ckpt"), str(out / "bundle")])
-    prompt = ["--prompt", "a large red circle on the left", "--steps=1", "--accelerator=cpu"]
-    paths = timed("generate", ["generate", f"--bundle={bundle}", f"--out={out / 'samples'}", *prompt])
-    with Image.open(paths[0]) as image:
-        assert image.size == (image_size, image_size) and image.mode == "RGB"
-        assert len(set(image.getdata())) > 1  # decoded pixels, not a blank canvas
-    print(f"{family}: " + ", ".join(f"{step} {value:.1f} s" for step, value in seconds.items()))
+    steps = FamilyRun(family, tmp_path / "vlm", shards)
+    steps.timed("checkpoint", build_released_geometry, family, steps.vlm)
+    for stage in (steps.decoder_stage, steps.latent_cache, steps.sampler_stage, steps.generation):
+        stage()
+        gc.collect()  # the stages' models, before the next one loads its own
+    print(steps.report())

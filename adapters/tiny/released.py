@@ -8,8 +8,8 @@ resampling), under the names those files use. `build_released_geometry` builds a
 changes, both to fit a CPU:
 
 - depth: tower and language model cut to `layers` blocks (raised to the few a family needs to keep its layer
-  structure: LLaVA reads the second-to-last tower layer, Qwen2.5-VL mixes windowed and full attention, Gemma 3
-  sliding-window and full layers); the per-layer lists of the released config are cut to match (`Released.cut`);
+  structure: LLaVA reads the second-to-last tower layer, Qwen2.5-VL mixes windowed and full attention); the
+  per-layer lists of the released config are cut to match (`Released.cut`);
 - vocabulary: the tiny tokenizer of `vugen_adapters.tiny.common` (a few hundred tokens) and its special-token ids.
   vugen depends on no vocabulary size or token id of a checkpoint (it reads them from the tokenizer), so the
   embedding and LM-head rows are no geometry the configs rely on.
@@ -453,7 +453,8 @@ RELEASED: dict[str, Released] = {
     # (every 6th layer full attention), rope_theta 1e6 with rope_scaling linear factor 8 (full layers),
     # rope_local_base_freq 10000 (sliding layers), rms_norm_eps 1e-6. preprocessor_config.json: Gemma3ImageProcessor
     # 896x896, mean / std 0.5, bilinear, pan and scan off; processor image_seq_length 256.
-    # Cut: 2 LM layers at least, a sliding-window one and a full-attention one.
+    # Cut: the first layers of the pattern, sliding-window ones (full attention from 6 layers): the 4096-token latent
+    # block of the sampler is longer than the window.
     "gemma3": Released(
         checkpoint="google/gemma-3-4b-it",
         config={
@@ -479,6 +480,7 @@ RELEASED: dict[str, Released] = {
                 "num_hidden_layers": 34,
                 "query_pre_attn_scalar": 256,
                 "sliding_window": 1024,
+                "sliding_window_pattern": 6,  # layers 0-4 sliding, 5 full, ...: a cut keeps the first layers
                 "rope_theta": 1000000.0,
                 "rope_scaling": {"rope_type": "linear", "factor": 8.0},
                 "rope_local_base_freq": 10000.0,
@@ -493,10 +495,6 @@ RELEASED: dict[str, Released] = {
             "do_pan_and_scan": False,
         },
         processor={"image_seq_length": 256},
-        min_layers=(1, 2),
-        cut=lambda vision, text: {
-            "text_config": {"layer_types": ["sliding_attention"] * (text - 1) + ["full_attention"]}
-        },
     ),
 }
 
