@@ -321,7 +321,7 @@ RELEASED: dict[str, Released] = {
     # hidden_size 2048, intermediate_size 8192, num_attention_heads 32, num_key_value_heads 32, num_hidden_layers
     # 24, rms_norm_eps 1e-5, rope_theta 273768, max_position_embeddings 16384. preprocessor_config.json:
     # do_image_splitting, size longest_edge 1536, max_image_size longest_edge 384, mean / std 0.5, resample lanczos;
-    # processor image_seq_len 81 (27x27 / 3x3). (rope_theta and max_position_embeddings recalled, less certain.)
+    # processor image_seq_len 81 (27x27 / 3x3). (max_position_embeddings recalled, less certain than the rest.)
     "smolvlm": Released(
         checkpoint="HuggingFaceTB/SmolVLM-Instruct",
         config={
