@@ -80,8 +80,8 @@ class Released(NamedTuple):
     cut: Callable[[int, int], dict[str, dict[str, Any]]] = _no_cut
 
 
-# The Qwen processors: flat 14 (16) px patches merged 2x2 under a pixel budget (min_pixels / max_pixels, written
-# as size.shortest_edge / longest_edge since transformers 4.5x); the adapter sizes images itself.
+# The Qwen processors: flat 14 (16) px patches merged 2x2 under a pixel budget (min_pixels / max_pixels, which
+# transformers 5 writes as size.shortest_edge / longest_edge); the adapter sizes images itself.
 _QWEN2_PIXELS = {
     "patch_size": 14,
     "merge_size": 2,
@@ -519,7 +519,7 @@ def _qwen(processor_class: type, video_processor_class: type) -> Callable[[Relea
         config |= {f"{name}_token_id": token_id(tokenizer, token) for name, token in names.items()}
         # the Qwen text configs default to the released vocabulary's special-token ids: point them into the tiny one
         config["text_config"] |= {f"{n}_token_id": getattr(tokenizer, f"{n}_token_id") for n in ("bos", "eos", "pad")}
-        settings = released.image_processor
+        settings = released.image_processor  # the video processor (vugen reads no video) takes the image settings
         return processor_class(
             image_processor=Qwen2VLImageProcessor(**settings),
             tokenizer=tokenizer,
