@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help install lock test test-fast test-latest demo bench coverage lint format clean
+.PHONY: help install lock test test-heavy test-fast test-latest demo bench coverage lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,11 +37,15 @@ lock:  ## rewrite requirements/lock.txt with the newest versions pyproject.toml 
 	echo "wrote $(LOCK)"
 
 # One worker per core (pytest-xdist): the tests are single-threaded (tests/conftest.py), so this is ~1.7x on 2 cores.
-test: install  ## run the whole test suite (slow tests included), one worker per core
-	$(PY) -m pytest -n auto
+test: install  ## run the test suite (slow tests included, heavy ones not), one worker per core
+	$(PY) -m pytest -n auto -m "not heavy"
 
-test-fast: install  ## run the tests not marked slow
-	$(PY) -m pytest -n auto -m "not slow"
+# The shipped family configs at the released models' geometry: ~8 CPU-minutes, so apart from `make test`; CI runs it.
+test-heavy: install  ## run the heavy tests (every family config at released geometry)
+	$(PY) -m pytest -n auto -m heavy
+
+test-fast: install  ## run the tests not marked slow (nor heavy)
+	$(PY) -m pytest -n auto -m "not slow and not heavy"
 
 # Not used by CI: warns early when a new release inside pyproject.toml's ranges breaks vugen, before `make lock`.
 test-latest:  ## run the tests on the newest versions pyproject.toml allows, in .venv-latest (PYTEST_ARGS="-k ...")

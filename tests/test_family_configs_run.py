@@ -174,6 +174,7 @@ class FamilyRun:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_configs_run_at_the_released_geometry(family, tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()

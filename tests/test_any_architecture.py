@@ -1,0 +1,99 @@
+"""Any VLM of transformers' image-text-to-text mapping, taken as a user would: `vugen tiny ARCH DIR` (its own config
+class shrunk, its own processor and chat template), then `vugen check DIR` through `auto`.
+
+- A sample of the coverage matrix (`make coverage`, docs/coverage.md): the 9 families and architectures outside them
+  that cover the ways VLMs lay out image tokens and language models: packed flat patches with a grid tensor, dynamic
+  resolution, pixel-shuffle / pooling projectors, tiled processors, MoE and hybrid language models.
+- Two architectures outside the families end to end through the CLI with the demo's configs, naming `auto` in YAML:
+  stage 1, stage 3, the latent cache, stage 2, `vugen export` and `vugen generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.test_configs import ROOT
+from tools.coverage_matrix import first_failure
+from vugen.cli import run
+from vugen.commands.check import check_checkpoint
+from vugen_adapters.auto import AutoAdapter
+
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
+OUTSIDE = {
+    "glm4v": "flat patches packed in merge-block order with image_grid_thw, M-RoPE LM",
+    "lighton_ocr": "Pixtral tower: every image's tokens packed into one [1, sum N, D] sequence, no grid tensor",
+    "llava_next": "tiled (anyres) processor: the whole image is one view among its tiles",
+    "granite_docling": "pixel-shuffle connector over a SigLIP tower",
+    "qwen3_vl_moe": "MoE language model, deepstack vision features",
+    "cosmos3_edge": "dynamic resolution, packed patches",
+    "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
+}
+END_TO_END = ["glm4v", "llava_next"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FAMILIES + sorted(OUTSIDE))
+def test_the_coverage_sample_passes_every_check_through_auto(arch, tmp_path):
+    folder = run(["tiny", arch, str(tmp_path / arch)])
+    report = check_checkpoint(str(folder), adapter="auto", workdir=tmp_path / "check")
+    assert report.status == "pass", first_failure(report.to_dict())
+    assert report.model_type == json.loads((Path(folder) / "config.json").read_text())["model_type"]
+
+
+# ------------------------------------------------------------------------------------------------------- end to end
+ONE_CPU_RUN = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+    "--trainer.logger=false",
+    "--trainer.enable_progress_bar=false",
+]
+SMALL_SHAPES = ["--data.init_args.train_size=8", "--data.init_args.val_size=4", "--data.init_args.batch_size=4"]
+
+
+def auto_adapter_yaml(path: Path, node: str, pretrained: Path) -> Path:
+    """The YAML a user writes to point a stage at their VLM through `auto`: no code."""
+    adapter = {"class_path": "auto", "init_args": {"pretrained": str(pretrained), "dtype": "float32"}}
+    config: dict = {"adapter": adapter} if node == "" else {"model": {"init_args": {"adapter": adapter}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", END_TO_END)
+def test_an_architecture_outside_the_families_runs_every_stage_through_the_cli(arch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo configs write under outputs/demo/
+    demo, vlm = ROOT / "configs" / "demo", tmp_path / "vlm"
+    run(["tiny", arch, str(vlm)])
+    run(["check", str(vlm), "--adapter", "auto"])  # raises unless every check passes
+    stage, cache = (
+        auto_adapter_yaml(tmp_path / "stage.yaml", "model", vlm),
+        auto_adapter_yaml(tmp_path / "c.yaml", "", vlm),
+    )
+    feature_dim = f"--model.init_args.reducer.init_args.feature_dim={AutoAdapter(str(vlm)).feature_dim}"
+
+    reducer = run(["fit", "--config", str(demo / "reducer.yaml"), "--config", str(stage), feature_dim, *ONE_CPU_RUN,
+                   *SMALL_SHAPES])  # fmt: skip
+    assert reducer.model.reducer.feature_dim == reducer.model.adapter.feature_dim
+    decoder = run(["fit", "--config", str(demo / "decoder.yaml"), "--config", str(stage), *ONE_CPU_RUN, *SMALL_SHAPES,
+                   "--model.init_args.sampling.steps=1"])  # fmt: skip
+    assert math.isfinite(decoder.trainer.callback_metrics["train/loss"].item())
+    for split in ("train", "val"):
+        run(["cache-latents", "--config", str(demo / "cache.yaml"), "--config", str(cache), *SMALL_SHAPES,
+             "--split", split, "--out_dir", f"outputs/demo/latents/{split}"])  # fmt: skip
+    sampler = run(["fit", "--config", str(demo / "sampler.yaml"), "--config", str(stage), *ONE_CPU_RUN,
+                   "--data.init_args.batch_size=4"])  # fmt: skip
+    assert sampler.trainer.global_step == 2 and math.isfinite(sampler.trainer.callback_metrics["train/loss"].item())
+    run(["export", "outputs/demo/sampler.ckpt", "outputs/demo/bundle"])
+    paths = run(["generate", "--bundle=outputs/demo/bundle", "--out=samples", "--prompt", "a large red circle",
+                 "--steps=2", "--accelerator=cpu"])  # fmt: skip
+    with Image.open(paths[0]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    bundle = json.loads((tmp_path / "outputs/demo/bundle/vugen.json").read_text())
+    assert "AutoAdapter" in json.dumps(bundle)
