@@ -1,8 +1,9 @@
 """The coverage matrix: `vugen check` on a tiny checkpoint of every architecture transformers maps to
 `AutoModelForImageTextToText`, written to docs/coverage.md and docs/coverage.json.
 
-    make coverage                                   # all of them, 2 worker processes
+    make coverage                                   # all of them, 2 worker processes -> docs/coverage.{md,json}
     python -m tools.coverage_matrix --jobs 1 glm4v lfm2_vl   # some of them (writes nothing unless --out is given)
+    python -m tools.coverage_matrix --out /tmp/m --compare docs/coverage.json   # CI: fail on a lost architecture
 
 Per architecture: its tiny checkpoint (`vugen tiny ARCH DIR`: the hand-written recipe for the families that have
 one, the generic shrink of `vugen_adapters.tiny.architecture` otherwise), `vugen check` through `auto`, and, where a
@@ -26,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ARCH_SECONDS = 240  # per architecture: build + one or two checks; tiny checks take ~5-20 s
+ARCH_SECONDS = 150  # per architecture: build + one or two checks; tiny checks take ~5-30 s
 STAGE_CHECKS = ("decoder_stage", "cache_latents", "sampler_stage", "export")
 LANGUAGE_CHECKS = ("tokenize", "embeddings", "gradients", "kv_cache", "padding")
 
@@ -38,8 +39,13 @@ def architectures() -> list[str]:
     return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
+class ArchitectureTimeout(BaseException):
+    """An architecture ran out of time. A BaseException, so that `check_checkpoint`, which records any Exception of a
+    check and goes on to the next, lets it through."""
+
+
 def _timeout(*_: Any) -> None:
-    raise TimeoutError(f"took longer than {ARCH_SECONDS} s")
+    raise ArchitectureTimeout(f"took longer than {ARCH_SECONDS} s")
 
 
 def _quiet_worker() -> None:
@@ -73,7 +79,7 @@ def run_architecture(arch: str) -> dict[str, Any]:
                 if adapter is not None:
                     report = check_checkpoint(str(folder), adapter=adapter, workdir=Path(tmp) / f"check-{adapter}")
                     row["checks"][adapter] = report.to_dict()
-    except TimeoutError as error:
+    except ArchitectureTimeout as error:
         row["timeout"] = str(error)
     finally:
         signal.alarm(0)
@@ -207,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("architectures", nargs="*", help="model types (default: the whole mapping)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json (default docs/coverage for a full run)")
+    parser.add_argument(
+        "--compare", type=Path, help="a matrix JSON (docs/coverage.json): exit 1 if an architecture it passes fails now"
+    )
     args = parser.parse_args(argv)
     names = args.architectures or architectures()
     out = args.out or (Path("docs/coverage") if not args.architectures else None)
@@ -223,7 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     command = "make coverage" if not args.architectures else "python -m tools.coverage_matrix " + " ".join(names)
     if out is not None:
         print(write_matrix(rows, out, seconds, command))
-    return 0
+    return regressions(rows, args.compare) if args.compare else 0
+
+
+def regressions(rows: list[dict[str, Any]], baseline: Path) -> int:
+    """1 (and a line each) when an architecture that passes in `baseline` does not pass in `rows`, else 0."""
+    before = {row["architecture"]: classify(row)[0] for row in json.loads(baseline.read_text())["rows"]}
+    now = {row["architecture"]: classify(row) for row in rows}
+    lost = [arch for arch, status in before.items() if status == "pass" and now.get(arch, ("not run",))[0] != "pass"]
+    for arch in lost:
+        print(f"regression: {arch} passed in {baseline}, now {now.get(arch, ('not run', ''))}", file=sys.stderr)
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
