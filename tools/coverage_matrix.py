@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     # No max_tasks_per_child: with it, Python 3.11 deadlocks when it replaces a worker (cpython #115634).
     with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_quiet_worker) as pool:
         rows = []
-        for row in pool.map(run_architecture, names):
+        for future in as_completed([pool.submit(run_architecture, name) for name in names]):
+            row = future.result()
             status, reason = classify(row)
             print(f"{row['architecture']:<24} {status:<15} {row['seconds']:>6.1f}s  {reason[:150]}", flush=True)
             rows.append(row)
+    rows.sort(key=lambda row: row["architecture"])
     seconds = time.perf_counter() - start
     command = "make coverage" if not args.architectures else "python -m tools.coverage_matrix " + " ".join(names)
     if out is not None:
