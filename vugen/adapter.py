@@ -142,7 +142,7 @@ class VLMAdapter(nn.Module, ABC):
                   them to their window as it restricts its causal mask, and gives each layer the keys its cache
                   keeps.
 
-                The conformance check `latent_attention` (`vugen check`) runs exactly what the sampler passes.
+                The conformance check `latent_mask` (`vugen check`) runs exactly what the sampler passes.
             position_ids: `[B, T]` positions of the new tokens; derived from the mask when None (2-D masks only).
             past_key_values: a cache returned by an earlier call, or None.
 

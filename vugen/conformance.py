@@ -401,7 +401,7 @@ ADAPTER_CHECKS: tuple[Check, ...] = (
     Check("kv_cache", check_kv_cache, "run_language_model", needs=("embeddings",)),
     Check("padding", check_padding, "run_language_model / tokenize", needs=("embeddings",)),
     Check(
-        "latent_attention",
+        "latent_mask",
         check_latent_attention,
         "run_language_model (4-D attention mask)",
         needs=("embeddings", "kv_cache"),

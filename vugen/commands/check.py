@@ -33,7 +33,7 @@ from vugen.commands._recipe_checks import UNDERSTANDING, RecipeSmoke
 from vugen.conformance import ADAPTER_CHECKS, CheckResult, failure_reason, run_checks
 from vugen.errors import TRACEBACK_ENV, VugenError
 from vugen.hub import local_folder_or_hub_id
-from vugen.registry import get_adapter_class, list_adapters
+from vugen.registry import get_adapter_class, list_adapters, registered_while
 
 __all__ = ["CheckReport", "ChecksFailed", "check", "check_checkpoint", "smallest_image_size"]
 
@@ -174,7 +174,10 @@ def check_checkpoint(
 
     loaded, load_result = _load(report, adapter, options)
     note(load_result)
-    with _workdir(workdir) as folder:
+    # A class path on the user's command line is the user's choice: the smoke's export and generate may rebuild it
+    # from the checkpoint and bundle they write (files name only registered adapters).
+    registration = registered_while(type(loaded)) if loaded is not None else contextlib.nullcontext()
+    with _workdir(workdir) as folder, registration:
         smoke = RecipeSmoke(folder, steps=steps, accelerator=accelerator, trust_remote_code=trust_remote_code)
         adapter_checks, stage_checks = (*ADAPTER_CHECKS, UNDERSTANDING), smoke.checks()
         if loaded is None:
