@@ -203,8 +203,9 @@ def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
     """The latent sampler's 4-D mask is obeyed, with and without the prompt's KV cache (what training and generation
     pass: `latent_attention_mask` over `[prompt][latent block]`, the block as long as `token_grid(image_size)`).
 
-    The first latent token must see the last one (the mask is not replaced by a causal one), the prompt must not see
-    the block, and the block run on the prompt's cache must give the whole sequence's hidden states.
+    The prompt must get the hidden states of its own causal pass (it does not see the block, and a sliding window
+    still applies), the first latent token must see the last one (the mask is not replaced by a causal one), and the
+    block run on the prompt's cache must give the whole sequence's hidden states.
     """
     encoding = adapter.tokenize(PROMPTS)
     prompt_mask = encoding["attention_mask"]
@@ -214,9 +215,14 @@ def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
     block = torch.randn(len(PROMPTS), rows * cols, adapter.hidden_size, generator=generator) * prompt.std().cpu()
     block = block.to(prompt.device, prompt.dtype)
     p, n = prompt.shape[1], block.shape[1]
-    mask = latent_attention_mask(prompt_mask, n)
     positions = positions_from_mask(torch.cat([prompt_mask, prompt_mask.new_ones(len(PROMPTS), n)], dim=1), p + n)
+    alone, cache = adapter.run_language_model(prompt, prompt_mask, positions[:, :p])
+    mask = latent_attention_mask(prompt_mask, n)
     full, _ = adapter.run_language_model(torch.cat([prompt, block], dim=1), mask, positions)
+    tokens = prompt_mask.bool()
+    _expect_close(
+        full[:, :p][tokens], alone[tokens], "under the 4-D mask the prompt's hidden states differ from its causal pass"
+    )
     changed = block.clone()
     changed[:, -1] = -changed[:, -1]
     other, _ = adapter.run_language_model(torch.cat([prompt, changed], dim=1), mask, positions)
@@ -224,8 +230,6 @@ def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
         not torch.allclose(other[:, p], full[:, p]),
         "the first latent token does not see the last one: the 4-D attention mask is not obeyed (causal instead?)",
     )
-    _expect_close(other[:, :p], full[:, :p], "the prompt's hidden states depend on the latent block after it")
-    _, cache = adapter.run_language_model(prompt, prompt_mask, positions[:, :p])
     cached, _ = adapter.run_language_model(
         block, latent_attention_mask(prompt_mask, n, n), positions[:, p:], past_key_values=cache
     )
