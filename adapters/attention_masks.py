@@ -33,7 +33,8 @@ def fit_attention_mask(
     """The mask (or masks by layer type) a decoder with ``config`` reads for a bool 4-D ``mask``.
 
     Args:
-        config: The language model's config (its layer types, windows and attention implementation).
+        config: The language model's config, or a VLM's (its decoder's: layer types, windows, attention
+            implementation).
         mask: `[B, 1, T, past + T]` bool, True = may attend, over the cached and the new tokens.
         cache: The transformers cache the call continues, or None.
         new_tokens: T.
@@ -43,6 +44,7 @@ def fit_attention_mask(
         ValueError: The mask does not cover the cached and the new tokens, or the decoder has layers of another kind
             than full or sliding-window attention.
     """
+    config = config.get_text_config(decoder=True)  # the decoder's, as DynamicCache reads it
     past = cache.get_seq_length() if cache is not None else 0
     if mask.dtype != torch.bool or mask.shape[-2:] != (new_tokens, past + new_tokens):
         raise ValueError(

@@ -9,8 +9,9 @@
 
 Sequence per sample: ``[prompt tokens][BOI][latent tokens]``, where a latent token is ``in_proj(z_t) + position +
 time``. The hidden states at the latent tokens become velocities. Attention is causal over the prompt and, by
-default, bidirectional inside the latent block (a 4-D attention mask: works with the eager and sdpa attention of
-transformers' decoder LMs; FlashAttention ignores custom masks, so use ``image_attention="causal"`` there).
+default, bidirectional inside the latent block (:func:`~vugen.adapter.latent_attention_mask`, a 4-D bool mask that
+adapters obey as given; ``AutoAdapter`` fits it to the eager and sdpa attention of transformers' decoder LMs and to
+their sliding-window layers; FlashAttention ignores custom masks, so use ``image_attention="causal"`` there).
 
 **Understanding is preserved exactly.** With ``lora_scope="image_tokens"`` (default), a forward hook on every LoRA
 ``lora_B`` multiplies its output by the latent-block mask of the current call, and by zero whenever the latent
