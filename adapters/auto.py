@@ -464,7 +464,8 @@ class AutoAdapter(VLMAdapter):
             is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
             **{self._cache_argument: past_key_values},
         )
-        return output.last_hidden_state, output.get("cache", output.get("past_key_values"))
+        cache = output.get("cache")  # reading `past_key_values` first would warn of its deprecation
+        return output.last_hidden_state, cache if cache is not None else output.get("past_key_values")
 
     @cached_property
     def _cache_argument(self) -> str:
