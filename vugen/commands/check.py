@@ -144,7 +144,8 @@ def check_checkpoint(
 
     Args:
         pretrained: A local folder or a Hub id of a VLM checkpoint.
-        adapter: A registered adapter name or a class path; None: the registered adapter named like the checkpoint's
+        adapter: A registered adapter name or a class path (registered while the check runs, so the smoke's export
+            and generate may rebuild it from their files); None: the registered adapter named like the checkpoint's
             ``model_type``, else ``auto``.
         revision: Hub revision of the checkpoint.
         trust_remote_code: Let the checkpoint run its own modelling code (pin ``revision``).
@@ -309,8 +310,8 @@ def check(
 
     Args:
         pretrained: A local folder or a Hub id of the VLM checkpoint.
-        adapter: A registered adapter (``vugen adapters``) or a class path; default: the registered adapter named
-            like the checkpoint's ``model_type``, else ``auto``.
+        adapter: A registered adapter (``vugen adapters``) or a class path (registered while the check runs);
+            default: the registered adapter named like the checkpoint's ``model_type``, else ``auto``.
         revision: Hub revision (branch, tag or commit) of the checkpoint.
         trust_remote_code: Let the checkpoint run its own modelling code (pin --revision to a commit you have read).
         image_size: Image side for the checks, also given to the adapter; default: the smallest side from 32 px the
