@@ -32,6 +32,7 @@ from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen.applicability import check_recipe_applies
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
+from vugen_adapters.attention_masks import fit_attention_mask
 from vugen_adapters.token_layout import PatchLayout, measure_patch_layout, to_raster
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -454,19 +455,27 @@ class AutoAdapter(VLMAdapter):
         position_ids: Tensor | None = None,
         past_key_values: Any = None,
     ) -> tuple[Tensor, Any]:
-        """Run the decoder stack on embeddings; returns (last hidden states, cache)."""
-        if position_ids is None:
+        """Run the decoder stack on embeddings; returns (last hidden states, cache). A 4-D mask is fitted to each kind
+        of layer (sliding windows, their caches) and to the attention implementation: see `fit_attention_mask`."""
+        masks: Tensor | dict[str, Tensor] = attention_mask
+        if attention_mask.ndim == 4:
+            if position_ids is None:
+                raise ValueError("run_language_model needs position_ids with a 4-D attention_mask")
+            config, tokens = self.language_model.config, inputs_embeds.shape[1]
+            masks = fit_attention_mask(config, attention_mask, past_key_values, tokens, inputs_embeds.dtype)
+        elif position_ids is None:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
         output = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=masks,
             position_ids=position_ids,
             use_cache=True,
             return_dict=True,
             is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
             **{self._cache_argument: past_key_values},
         )
-        return output.last_hidden_state, output.get("cache", output.get("past_key_values"))
+        cache = output.get("cache")  # reading `past_key_values` first would warn of its deprecation
+        return output.last_hidden_state, cache if cache is not None else output.get("past_key_values")
 
     @cached_property
     def _cache_argument(self) -> str:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from vugen.adapter import VLMAdapter
 from vugen.generation import LatentSamplerConfig, SamplingConfig
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
@@ -37,7 +38,7 @@ def perturb(parameters: Iterable[nn.Parameter], seed: int) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-def make_decoder_export(adapter: LlavaAdapter, directory: Path) -> Path:
+def make_decoder_export(adapter: VLMAdapter, directory: Path) -> Path:
     """A decoder-stage export with random weights (the sampler only needs its shapes to be right)."""
     torch.manual_seed(0)
     decoder = PixelDecoder(latent_dim=8, patch_size=4, width=32, depth=1, num_heads=2, image_size=IMAGE_SIZE)
@@ -55,11 +56,17 @@ def sampler_arguments(base: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     return base | {"latent_sampler": config} | kwargs
 
 
-def make_stage(pretrained: Path, decoder_export: Path, seed: int = 0, **kwargs) -> SamplerStage:
-    """A sampler stage on a fresh tiny LLaVA whose LoRA and bridge are random (``kwargs``: see
+def make_stage(
+    pretrained: Path,
+    decoder_export: Path,
+    seed: int = 0,
+    adapter_class: type[VLMAdapter] = LlavaAdapter,
+    **kwargs,
+) -> SamplerStage:
+    """A sampler stage on a fresh tiny VLM (LLaVA by default) whose LoRA and bridge are random (``kwargs``: see
     :func:`sampler_arguments`)."""
     arguments = sampler_arguments(TINY_SAMPLER, **kwargs)
-    stage = SamplerStage(LlavaAdapter(str(pretrained)), str(decoder_export), **arguments)
+    stage = SamplerStage(adapter_class(str(pretrained)), str(decoder_export), **arguments)
     perturb([p for p in stage.parameters() if p.requires_grad], seed)
     return stage.eval()
 

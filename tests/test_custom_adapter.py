@@ -17,13 +17,16 @@ from examples.custom_adapter.adapter import ToyVLMAdapter
 from examples.custom_adapter.toy_vlm import TOKENIZER_FILE, ToyVLM, save_toy_checkpoint
 from vugen import build_adapter, register_adapter
 from vugen.adapter import VLMAdapter
+from vugen.commands.check import check_checkpoint
 from vugen.data.latent_index import StaleCacheError, check_fingerprint, read_index
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer
+from vugen.registry import registered_adapter_name
 from vugen.testing import PROMPTS, AdapterConformance
 
 CONFIG = Path(__file__).parents[1] / "examples" / "custom_adapter" / "config.yaml"
+CLASS_PATH = "examples.custom_adapter.adapter.ToyVLMAdapter"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ class TestToyVLMAdapter(AdapterConformance):
 # than the oldest jsonargparse vugen supports.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_config_yaml_builds_the_adapter(toy_checkpoint, toy_adapter):
-    assert yaml.safe_load(CONFIG.read_text())["class_path"] == "examples.custom_adapter.adapter.ToyVLMAdapter"
+    assert yaml.safe_load(CONFIG.read_text())["class_path"] == CLASS_PATH
     parser = ArgumentParser()
     parser.add_argument("--adapter", type=VLMAdapter, sub_configs=True)  # accept a YAML path, as LightningCLI does
     config = parser.parse_args(["--adapter", str(CONFIG), "--adapter.init_args.pretrained", str(toy_checkpoint)])
@@ -69,7 +72,7 @@ def test_register_adapter_then_build_by_name(toy_checkpoint, monkeypatch):
     assert "toy" in registry.list_adapters()
     adapter = build_adapter("toy", pretrained=str(toy_checkpoint))
     assert type(adapter) is ToyVLMAdapter and adapter.pretrained == str(toy_checkpoint)
-    assert registry.get_adapter_class("examples.custom_adapter.adapter.ToyVLMAdapter") is ToyVLMAdapter
+    assert registry.get_adapter_class(CLASS_PATH) is ToyVLMAdapter
     monkeypatch.undo()
     assert "toy" not in registry.list_adapters()
 
@@ -155,3 +158,12 @@ def test_a_latent_cache_knows_the_toy_vlm_by_content(toy_checkpoint, tmp_path):
     save_toy_checkpoint(vlm, seed=1)
     with pytest.raises(StaleCacheError, match=r"adapter VLM differs .*model\.safetensors changed contents"):
         check_fingerprint(cache, ToyVLMAdapter(str(vlm)), reducer)
+
+
+def test_vugen_check_passes_end_to_end(toy_checkpoint):
+    """Every check and the whole stage smoke (the sampler stage passes the latent sampler's 4-D mask; export and
+    generate rebuild the adapter from the files they write, named by the command line's class path)."""
+    report = check_checkpoint(str(toy_checkpoint), adapter=CLASS_PATH, accelerator="cpu")
+    assert [(r.name, r.reason) for r in report.failures] == []
+    assert report.status == "pass" and [r.status for r in report.results].count("pass") == len(report.results)
+    assert registered_adapter_name(CLASS_PATH) is None  # registered only while the check ran

@@ -145,6 +145,21 @@ def test_a_run_time_registration_counts_as_registered(clean_registry):
     assert adapter_class_from_record(path, "f.json") is MyAdapter
 
 
+def test_registered_while_registers_only_for_its_block(clean_registry):
+    """What `vugen check --adapter CLASS_PATH` does for its smoke; an adapter already registered stays as it was."""
+
+    class MyAdapter(LlavaAdapter):
+        pass
+
+    path = f"{MyAdapter.__module__}.{MyAdapter.__qualname__}"
+    with registry.registered_while(MyAdapter) as name:
+        assert adapter_class_from_record(path, "f.json") is MyAdapter and registered_adapter_name(path) == name
+    assert registered_adapter_name(path) is None
+    with registry.registered_while(LlavaAdapter) as name:
+        assert name == "llava"
+    assert get_adapter_class("llava") is LlavaAdapter
+
+
 @pytest.mark.parametrize("recorded", ["vugen_registry_marker.Evil", "os.system", "collections.OrderedDict", None, 3])
 def test_a_file_naming_anything_else_is_refused_before_import(recorded, tmp_path, monkeypatch):
     marker = tmp_path / "imported"

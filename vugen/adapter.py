@@ -132,8 +132,18 @@ class VLMAdapter(nn.Module, ABC):
 
         Args:
             inputs_embeds: `[B, T, hidden_size]` embeddings of the new tokens.
-            attention_mask: `[B, past + T]` padding mask over the cached and the new tokens.
-            position_ids: `[B, T]` positions of the new tokens; derived from the mask when None.
+            attention_mask: One of two forms, over the cached and the new tokens:
+
+                - `[B, past + T]` padding mask (1: token, 0: padding): the language model attends causally.
+                - `[B, 1, T, past + T]` bool attention mask (True: may attend), to be obeyed as given: what the
+                  latent sampler passes for its bidirectional latent block (`latent_attention_mask`: causal over
+                  the prompt, the trailing latent tokens see each other whole), in training on the whole sequence
+                  and in generation on the prompt's cache. A language model with sliding-window layers restricts
+                  them to their window as it restricts its causal mask, and gives each layer the keys its cache
+                  keeps.
+
+                The conformance check `latent_mask` (`vugen check`) runs exactly what the sampler passes.
+            position_ids: `[B, T]` positions of the new tokens; derived from the mask when None (2-D masks only).
             past_key_values: a cache returned by an earlier call, or None.
 
         Returns:
@@ -181,3 +191,27 @@ def positions_from_mask(attention_mask: Tensor, new_tokens: int) -> Tensor:
     """Positions of the last `new_tokens` tokens, counting only unpadded ones (left padding aware)."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -new_tokens:]
+
+
+def latent_attention_mask(prefix_mask: Tensor, num_latents: int, num_queries: int | None = None) -> Tensor:
+    """The 4-D attention mask the latent sampler passes to `VLMAdapter.run_language_model` for a bidirectional
+    latent block: `[prefix][num_latents latent tokens]`, causal over the prefix, whole inside the latent block.
+
+    Args:
+        prefix_mask: `[B, P]` padding mask of the prefix (left-padded prompts and the BOI token).
+        num_latents: N, the latent tokens after the prefix.
+        num_queries: The last rows to return: `P + N` (default) for the whole sequence, `N` for the latent block run
+            on the prefix's KV cache.
+
+    Returns:
+        `[B, 1, num_queries, P + N]` bool, True = may attend. A padding token attends to itself only, so that no
+        softmax row is empty.
+    """
+    b, p = prefix_mask.shape
+    total = p + num_latents
+    keys = torch.cat([prefix_mask.bool(), prefix_mask.new_ones(b, num_latents, dtype=torch.bool)], dim=1)
+    allowed = torch.ones(total, total, dtype=torch.bool, device=prefix_mask.device).tril()
+    allowed[p:, p:] = True  # the latent block sees itself whole
+    allowed = allowed[None] & keys[:, None, :]
+    allowed |= torch.eye(total, dtype=torch.bool, device=prefix_mask.device)
+    return allowed[:, None, total - (total if num_queries is None else num_queries) :, :]

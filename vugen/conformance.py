@@ -8,7 +8,7 @@ says, per check, the adapter hook to override when it fails).
 
 The checks measure values, not only shapes: the raster order is read from images whose halves differ, the KV cache
 against the full pass, LoRA with random (non-zero) ``lora_B`` against the features it must not touch and the language
-model it must reach.
+model it must reach, the latent sampler's 4-D attention mask on the cache against the whole sequence.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from vugen.adapter import VLMAdapter
+from vugen.adapter import VLMAdapter, latent_attention_mask, positions_from_mask
 
 __all__ = [
     "ADAPTER_CHECKS",
@@ -199,6 +199,43 @@ def check_padding(adapter: VLMAdapter, image_size: int) -> None:
     _expect_close(batch[1, -1], alone[0, -1], "a left-padded prompt's last hidden state differs from the prompt alone")
 
 
+def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
+    """The latent sampler's 4-D mask is obeyed, with and without the prompt's KV cache (what training and generation
+    pass: `latent_attention_mask` over `[prompt][latent block]`, the block as long as `token_grid(image_size)`).
+
+    The prompt must get the hidden states of its own causal pass (it does not see the block, and a sliding window
+    still applies), the first latent token must see the last one (the mask is not replaced by a causal one), and the
+    block run on the prompt's cache must give the whole sequence's hidden states.
+    """
+    encoding = adapter.tokenize(PROMPTS)
+    prompt_mask = encoding["attention_mask"]
+    prompt = adapter.embed_tokens(encoding["input_ids"])
+    rows, cols = adapter.token_grid(image_size, image_size)
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randn(len(PROMPTS), rows * cols, adapter.hidden_size, generator=generator) * prompt.std().cpu()
+    block = block.to(prompt.device, prompt.dtype)
+    p, n = prompt.shape[1], block.shape[1]
+    positions = positions_from_mask(torch.cat([prompt_mask, prompt_mask.new_ones(len(PROMPTS), n)], dim=1), p + n)
+    alone, cache = adapter.run_language_model(prompt, prompt_mask, positions[:, :p])
+    mask = latent_attention_mask(prompt_mask, n)
+    full, _ = adapter.run_language_model(torch.cat([prompt, block], dim=1), mask, positions)
+    tokens = prompt_mask.bool()
+    _expect_close(
+        full[:, :p][tokens], alone[tokens], "under the 4-D mask the prompt's hidden states differ from its causal pass"
+    )
+    changed = block.clone()
+    changed[:, -1] = -changed[:, -1]
+    other, _ = adapter.run_language_model(torch.cat([prompt, changed], dim=1), mask, positions)
+    expect(
+        not torch.allclose(other[:, p], full[:, p]),
+        "the first latent token does not see the last one: the 4-D attention mask is not obeyed (causal instead?)",
+    )
+    cached, _ = adapter.run_language_model(
+        block, latent_attention_mask(prompt_mask, n, n), positions[:, p:], past_key_values=cache
+    )
+    _expect_close(cached, full[:, p:], "the latent block on the prompt's KV cache differs from the whole sequence")
+
+
 # ---------------------------------------------------------------------------------------------------- training plumbing
 def check_lora_targets(adapter: VLMAdapter, image_size: int) -> None:
     """LoRA on `lora_target_modules` sits inside the language model only: with random (non-zero) LoRA weights, no
@@ -367,6 +404,12 @@ ADAPTER_CHECKS: tuple[Check, ...] = (
     Check("gradients", check_gradients, "run_language_model", needs=("embeddings",)),
     Check("kv_cache", check_kv_cache, "run_language_model", needs=("embeddings",)),
     Check("padding", check_padding, "run_language_model / tokenize", needs=("embeddings",)),
+    Check(
+        "latent_mask",
+        check_latent_attention,
+        "run_language_model (4-D attention mask)",
+        needs=("embeddings", "kv_cache"),
+    ),
     Check("lora_targets", check_lora_targets, "lora_target_modules / language_model", needs=("features", "embeddings")),
     Check("block_classes", check_block_classes, "block_classes"),
     Check("save_reload", check_save_and_reload, "save_pretrained", needs=("features", "tokenize")),

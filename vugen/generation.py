@@ -9,8 +9,9 @@
 
 Sequence per sample: ``[prompt tokens][BOI][latent tokens]``, where a latent token is ``in_proj(z_t) + position +
 time``. The hidden states at the latent tokens become velocities. Attention is causal over the prompt and, by
-default, bidirectional inside the latent block (a 4-D attention mask: works with the eager and sdpa attention of
-transformers' decoder LMs; FlashAttention ignores custom masks, so use ``image_attention="causal"`` there).
+default, bidirectional inside the latent block (:func:`~vugen.adapter.latent_attention_mask`, a 4-D bool mask that
+adapters obey as given; ``AutoAdapter`` fits it to the eager and sdpa attention of transformers' decoder LMs and to
+their sliding-window layers; FlashAttention ignores custom masks, so use ``image_attention="causal"`` there).
 
 **Understanding is preserved exactly.** With ``lora_scope="image_tokens"`` (default), a forward hook on every LoRA
 ``lora_B`` multiplies its output by the latent-block mask of the current call, and by zero whenever the latent
@@ -32,7 +33,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
-from vugen.adapter import VLMAdapter, positions_from_mask
+from vugen.adapter import VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen.diffusion import (
     METHODS,
     Method,
@@ -264,22 +265,12 @@ class LatentSampler(nn.Module):
         return embeds, torch.cat([tokens["attention_mask"], ones], dim=1)
 
     def attention_mask(self, prefix_mask: Tensor, num_queries: int) -> Tensor:
-        """The mask for ``num_queries`` tokens at the end of ``[prefix][latents]``: 2-D (causal) or 4-D.
-
-        4-D: ``[B, 1, Q, K]`` bool, True = attend; causal over the prefix, bidirectional in the latent block.
-        """
-        b, p = prefix_mask.shape
+        """The mask for ``num_queries`` tokens at the end of ``[prefix][latents]``: 2-D (causal) or 4-D
+        (:func:`~vugen.adapter.latent_attention_mask`: causal over the prefix, bidirectional in the latent block)."""
         n = self.bridge.num_tokens
-        full = torch.cat([prefix_mask, prefix_mask.new_ones(b, n)], dim=1)
         if self.config.image_attention == "causal":
-            return full
-        total = p + n
-        keys = full.bool()[:, None, :].expand(b, total, total)
-        allowed = torch.ones(total, total, dtype=torch.bool, device=full.device).tril()
-        allowed[p:, p:] = True  # the latent block sees itself whole
-        allowed = allowed[None] & keys
-        allowed |= torch.eye(total, dtype=torch.bool, device=full.device)  # padded rows attend to themselves
-        return allowed[:, None, total - num_queries :, :]
+            return torch.cat([prefix_mask, prefix_mask.new_ones(prefix_mask.shape[0], n)], dim=1)
+        return latent_attention_mask(prefix_mask, n, num_queries)
 
     def image_from(self, prefix_mask: Tensor) -> int:
         """Where LoRA starts: the BOI token (all positions with ``lora_scope="all"``)."""

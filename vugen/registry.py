@@ -14,6 +14,9 @@ A class path read from a file (a checkpoint, a bundle's ``vugen.json``) is data,
 from __future__ import annotations
 
 import importlib
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
@@ -53,6 +56,25 @@ def register_adapter(name: str, cls: A | None = None) -> A | Any:
         return adapter_cls
 
     return register if cls is None else register(cls)
+
+
+@contextmanager
+def registered_while(cls: type[VLMAdapter]) -> Iterator[str]:
+    """Register ``cls`` for the with-block only, unless it already is; yields its registered name.
+
+    For a class the user's own command line named by class path (``vugen check --adapter my_pkg.MyAdapter``): the
+    files the command writes and reads back in the block record it, and may name it.
+    """
+    name = registered_adapter_name(f"{cls.__module__}.{cls.__qualname__}")
+    if name is not None:
+        yield name
+        return
+    name = re.sub(r"[^a-z0-9_]", "_", f"{cls.__module__}.{cls.__qualname__}".lower())
+    register_adapter(name, cls)
+    try:
+        yield name
+    finally:
+        _registered.pop(name, None)
 
 
 def list_adapters() -> list[str]:

@@ -85,8 +85,9 @@ class ToyVLMAdapter(VLMAdapter):
         return self.language_model.embed_tokens(input_ids)
 
     def run_language_model(self, inputs_embeds, attention_mask, position_ids=None, past_key_values=None):
-        # Types as on VLMAdapter. ToyVLM's LM already speaks the contract: left-padding-aware positions when
-        # None, and a `KVCache` (a list of per-layer (k, v) tensors) in and out.
+        # Types as on VLMAdapter. ToyVLM's LM already speaks the contract: a padding mask or the latent sampler's
+        # 4-D attention mask (used as given), left-padding-aware positions when None, and a `KVCache` (a list of
+        # per-layer (k, v) tensors) in and out.
         return self.language_model(inputs_embeds, attention_mask, position_ids, past_key_values)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -139,20 +139,28 @@ class LanguageModel(nn.Module):
 
         Args:
             inputs_embeds: `[B, T, W]` embeddings of the new tokens.
-            attention_mask: `[B, past + T]` padding mask (1: token, 0: padding) over cached and new tokens.
-            position_ids: `[B, T]` positions of the new tokens; None: counted from the mask, skipping padding.
+            attention_mask: over cached and new tokens, either a `[B, past + T]` padding mask (1: token, 0: padding),
+                attended causally, or a ready `[B, 1, T, past + T]` attention mask, used as given (boolean, True: may
+                attend, or additive float, as `scaled_dot_product_attention` reads them; as transformers' language
+                models take either form).
+            position_ids: `[B, T]` positions of the new tokens; None: counted from a padding mask, skipping padding.
             past_key_values: the cache from an earlier call, or None.
         """
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         new_tokens = inputs_embeds.shape[1]
-        if attention_mask.shape[1] != past + new_tokens:
+        if attention_mask.shape[-1] != past + new_tokens:
             raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} tokens, expected {past} cached + {new_tokens} new"
+                f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {past} cached + {new_tokens} new"
             )
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
+        if attention_mask.ndim == 4:
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs position_ids")
+            mask = attention_mask
+        else:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_tokens:]
+            mask = causal_padding_mask(attention_mask, new_tokens)
         x = inputs_embeds + self.embed_positions(position_ids)
-        mask = causal_padding_mask(attention_mask, new_tokens)
         cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, mask, None if past_key_values is None else past_key_values[i])

@@ -33,7 +33,7 @@ from vugen.commands._recipe_checks import UNDERSTANDING, RecipeSmoke
 from vugen.conformance import ADAPTER_CHECKS, CheckResult, failure_reason, run_checks
 from vugen.errors import TRACEBACK_ENV, VugenError
 from vugen.hub import local_folder_or_hub_id
-from vugen.registry import get_adapter_class, list_adapters
+from vugen.registry import get_adapter_class, list_adapters, registered_while
 
 __all__ = ["CheckReport", "ChecksFailed", "check", "check_checkpoint", "smallest_image_size"]
 
@@ -144,7 +144,8 @@ def check_checkpoint(
 
     Args:
         pretrained: A local folder or a Hub id of a VLM checkpoint.
-        adapter: A registered adapter name or a class path; None: the registered adapter named like the checkpoint's
+        adapter: A registered adapter name or a class path (registered while the check runs, so the smoke's export
+            and generate may rebuild it from their files); None: the registered adapter named like the checkpoint's
             ``model_type``, else ``auto``.
         revision: Hub revision of the checkpoint.
         trust_remote_code: Let the checkpoint run its own modelling code (pin ``revision``).
@@ -174,7 +175,10 @@ def check_checkpoint(
 
     loaded, load_result = _load(report, adapter, options)
     note(load_result)
-    with _workdir(workdir) as folder:
+    # A class path on the user's command line is the user's choice: the smoke's export and generate may rebuild it
+    # from the checkpoint and bundle they write (files name only registered adapters).
+    registration = registered_while(type(loaded)) if loaded is not None else contextlib.nullcontext()
+    with _workdir(workdir) as folder, registration:
         smoke = RecipeSmoke(folder, steps=steps, accelerator=accelerator, trust_remote_code=trust_remote_code)
         adapter_checks, stage_checks = (*ADAPTER_CHECKS, UNDERSTANDING), smoke.checks()
         if loaded is None:
@@ -306,8 +310,8 @@ def check(
 
     Args:
         pretrained: A local folder or a Hub id of the VLM checkpoint.
-        adapter: A registered adapter (``vugen adapters``) or a class path; default: the registered adapter named
-            like the checkpoint's ``model_type``, else ``auto``.
+        adapter: A registered adapter (``vugen adapters``) or a class path (registered while the check runs);
+            default: the registered adapter named like the checkpoint's ``model_type``, else ``auto``.
         revision: Hub revision (branch, tag or commit) of the checkpoint.
         trust_remote_code: Let the checkpoint run its own modelling code (pin --revision to a commit you have read).
         image_size: Image side for the checks, also given to the adapter; default: the smallest side from 32 px the
