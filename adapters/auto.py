@@ -181,7 +181,10 @@ class AutoAdapter(VLMAdapter):
     @property
     def vision_config(self) -> Any:
         """The checkpoint's vision sub-config."""
-        return self.vlm.config.vision_config
+        config = getattr(self.vlm.config, "vision_config", None)
+        if config is None:  # not an AttributeError: raised inside properties, it would read as their absence
+            raise TypeError(f"{self.model_type}: its config has no `vision_config`; override `vision_config`")
+        return config
 
     @property
     def vit_patch_size(self) -> int:

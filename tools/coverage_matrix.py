@@ -65,6 +65,8 @@ def run_architecture(arch: str) -> dict[str, Any]:
     from vugen_adapters.tiny import build_tiny_vlm
 
     row: dict[str, Any] = {"architecture": arch, "built": False, "build_reason": "", "checks": {}}
+    if reason := recipe_does_not_apply(arch):  # said from the default config, built or not
+        return row | {"not_applicable": reason, "seconds": 0.0}
     start = time.perf_counter()
     signal.alarm(ARCH_SECONDS)
     try:
@@ -85,6 +87,21 @@ def run_architecture(arch: str) -> dict[str, Any]:
         signal.alarm(0)
         row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def recipe_does_not_apply(arch: str) -> str:
+    """Why vugen's recipe does not apply to `arch` (`vugen.applicability`, on its config class's defaults), or ""."""
+    from transformers import AutoConfig
+
+    from vugen.applicability import NotApplicableError, check_recipe_applies
+
+    try:
+        check_recipe_applies(AutoConfig.for_model(arch).to_dict(), f"{arch}'s default config")
+    except NotApplicableError as error:
+        return str(error)
+    except Exception:  # a config that cannot be built with its defaults: the build says why
+        return ""
+    return ""
 
 
 def _family_adapter(folder: Path, default_adapter: Any) -> str | None:
@@ -133,6 +150,8 @@ def adapter_status(record: dict[str, Any] | None) -> str:
 
 def classify(row: dict[str, Any]) -> tuple[str, str]:
     """(`pass` / `fail` / `not_applicable` / `not_built`, reason) of one architecture, judged through `auto`."""
+    if "not_applicable" in row:
+        return "not_applicable", row["not_applicable"]
     if not row["built"]:
         return "not_built", row["build_reason"]
     if "timeout" in row:

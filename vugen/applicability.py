@@ -21,8 +21,9 @@ class NotApplicableError(VugenError, ValueError):
 
 
 # Config keys of language models that see the image through cross-attention layers, not as tokens of their input
-# (Mllama's `cross_attention_layers`, Idefics' `cross_layer_interval`, decoders built with `add_cross_attention`).
-CROSS_ATTENTION_KEYS = ("cross_attention_layers", "cross_layer_interval", "add_cross_attention")
+# (Mllama's `cross_attention_layers`, Idefics' `cross_layer_interval`, decoders built with `add_cross_attention`, BLIP's
+# text decoder: `encoder_hidden_size` is the width of the image states its cross-attention reads).
+CROSS_ATTENTION_KEYS = ("cross_attention_layers", "cross_layer_interval", "add_cross_attention", "encoder_hidden_size")
 
 
 def check_recipe_applies(config: Mapping[str, Any], source: str) -> None:
