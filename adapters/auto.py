@@ -214,7 +214,18 @@ class AutoAdapter(VLMAdapter):
     @property
     def size_multiple(self) -> int:
         """Dynamic-resolution inputs must be a multiple of this many pixels per side."""
-        return self.vit_patch_size * getattr(self.vision_config, "spatial_merge_size", 1)
+        return self.vit_patch_size * self.merge_size
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per side that the VLM merges into one token after the tower (`spatial_merge_size` of the vision
+        config, of the VLM's config (Mistral 3), or the image processor's `merge_size`), or 1."""
+        for owner in (self.vision_config, self.vlm.config, self.image_processor):
+            for name in ("spatial_merge_size", "merge_size"):
+                value = getattr(owner, name, None)
+                if isinstance(value, int) and value > 0:
+                    return value
+        return 1
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """The size images of `height` x `width` are resized to before encoding."""
