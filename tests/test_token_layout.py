@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import Qwen2VLImageProcessor, SiglipImageProcessor
 from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
 
-from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.auto import AutoAdapter, _as_batch
 from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, measure_patch_layout, to_raster
 
 PATCH = 4
@@ -98,3 +98,19 @@ def test_a_processor_that_changes_pixel_values_is_refused():
 
     with pytest.raises(LayoutNotDerivable, match="toy_vlm: none of the 1 view.* is that image unmoved"):
         measure_patch_layout(PROCESSORS["siglip"], quantising, 32, 32, PATCH, "toy_vlm")
+
+
+@pytest.mark.parametrize(
+    "shape_of",
+    [
+        lambda t: t,  # [B, N, D]
+        lambda t: t.reshape(1, -1, t.shape[-1]),  # Pixtral: every image's tokens in one [1, sum N, D] sequence
+        lambda t: t.reshape(-1, t.shape[-1]),  # Qwen: [sum N, D]
+        lambda t: [image[None] for image in t],  # one [1, N, D] per image
+        lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[-1], 4, 6),  # a conv tower's [B, D, h, w] map
+    ],
+    ids=["batched", "packed-1", "packed", "per-image", "conv-map"],
+)
+def test_every_output_form_reads_as_batch_tokens(shape_of):
+    tokens = torch.randn(3, 24, 8)
+    assert torch.equal(_as_batch(shape_of(tokens), batch=3), tokens)
