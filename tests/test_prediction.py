@@ -357,7 +357,9 @@ def sampler_run(pretrained, decoder_export, tmp_path_factory) -> dict[str, Path]
 def predict_command(run: dict[str, Path], out: Path) -> list[str]:
     configs = ["--config", str(run["sampler"]), "--config", str(run["root"] / "predict.yaml")]
     writer_out = ["--trainer.callbacks.init_args.out_dir", str(out)]
-    return ["predict", *configs, *writer_out, "--ckpt_path", str(run["checkpoint"])]
+    # The trainer's root: LightningCLI saves the run's config.yaml there (by default, the working directory).
+    root = ["--trainer.default_root_dir", str(out.parent)]
+    return ["predict", *configs, *writer_out, *root, "--ckpt_path", str(run["checkpoint"])]
 
 
 def test_vugen_predict_on_a_sampler_checkpoint_writes_the_bytes_of_export_geneval(
