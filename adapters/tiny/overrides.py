@@ -19,7 +19,13 @@ __all__ = ["OVERRIDES"]
 # LLaVA's default tower is CLIP: one CLS token the processor must count before the "default" strategy drops it.
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
 
+# BLIP-2's processors put `num_query_tokens` image tokens before the text themselves: the prompt holds none.
+_QUERY_TOKENS_FIRST = {"placeholder": ""}
+
 OVERRIDES: dict[str, dict[str, Any]] = {
+    "blip-2": _QUERY_TOKENS_FIRST,
+    "instructblip": _QUERY_TOKENS_FIRST,
+    "instructblipvideo": _QUERY_TOKENS_FIRST,
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,

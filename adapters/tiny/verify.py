@@ -28,6 +28,7 @@ __all__ = ["TinyCheck", "image_tokens_per_image", "observed_image_token", "verif
 
 # Inputs of the language side: never passed to `get_image_features`.
 _TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "position_ids", "labels"}
+_VIDEO_FRAMES = 4  # InstructBLIP-Video reads clips of exactly 4 frames
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "a red circle on the left"}]},
@@ -57,7 +58,8 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     """
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
     processor = AutoProcessor.from_pretrained(directory)
-    AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
+    if hasattr(processor, "image_processor"):  # InstructBLIP-Video has a video processor only
+        AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
     AutoTokenizer.from_pretrained(directory)
     # A processor class that takes no chat template (BLIP, GIT, ...) leaves it to its tokenizer.
     templater = processor if processor.chat_template else processor.tokenizer
@@ -81,7 +83,10 @@ def _random_image(size: tuple[int, int]) -> Image.Image:
 
 
 def _process(processor: Any, text: str, image: Image.Image) -> BatchFeature:
-    """The processor's output for one prompt and one image (nested per prompt when the flat form is refused)."""
+    """The processor's output for one prompt and one image (nested per prompt when the flat form is refused; a clip
+    of the image repeated for a processor of videos only)."""
+    if not hasattr(processor, "image_processor") and hasattr(processor, "video_processor"):
+        return processor(images=[[image] * _VIDEO_FRAMES], text=[text], return_tensors="pt")
     try:
         return processor(images=[image], text=[text], return_tensors="pt")
     except (ValueError, TypeError, IndexError):
