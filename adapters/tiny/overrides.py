@@ -39,6 +39,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "unavailable": "AriaImageProcessor resizes only to 490 or 980 px (max_image_size), too large for a tiny "
         "tower, and the projector knows only the real patch counts (projector_patch_to_query_dict)"
     },
-    # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
-    "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
+    # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch; its text model
+    # builds a sliding-window mask whatever its layer types, and the default window is None.
+    "step3p7": {
+        "image_processor": {"patch_size": 32, "max_image_size": 64},
+        "config": {"text_config.sliding_window": 16},
+    },
 }

@@ -64,7 +64,8 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     # A processor class that takes no chat template (BLIP, GIT, ...) leaves it to its tokenizer.
     templater = processor if processor.chat_template else processor.tokenizer
     text = templater.apply_chat_template(CONVERSATION, tokenize=False)
-    inputs = _process(processor, text, _random_image(image_size))
+    # Floating inputs in the model's dtype, as a user's code does: Llama 4's image processor emits bfloat16 pixels.
+    inputs = _process(processor, text, _random_image(image_size)).to(model.dtype)
     if "labels" not in inputs:  # PaliGemma's processor makes its own (the prompt masked)
         padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
         inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
@@ -85,12 +86,15 @@ def _random_image(size: tuple[int, int]) -> Image.Image:
 def _process(processor: Any, text: str, image: Image.Image) -> BatchFeature:
     """The processor's output for one prompt and one image (nested per prompt when the flat form is refused; a clip
     of the image repeated for a processor of videos only)."""
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    if "mm_token_type_ids" in processor.model_input_names:  # Cosmos3 Edge's M-RoPE needs them but returns them on ask
+        kwargs["return_mm_token_type_ids"] = True
     if not hasattr(processor, "image_processor") and hasattr(processor, "video_processor"):
-        return processor(images=[[image] * _VIDEO_FRAMES], text=[text], return_tensors="pt")
+        return processor(images=[[image] * _VIDEO_FRAMES], text=[text], **kwargs)
     try:
-        return processor(images=[image], text=[text], return_tensors="pt")
+        return processor(images=[image], text=[text], **kwargs)
     except (ValueError, TypeError, IndexError):
-        return processor(images=[[image]], text=[text], return_tensors="pt")
+        return processor(images=[[image]], text=[text], **kwargs)
 
 
 def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
@@ -108,7 +112,7 @@ def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
 def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, int] = (32, 32)) -> int | None:
     """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
     when the model has no `get_image_features` that takes the image processor's output alone."""
-    inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    inputs = image_processor(images=[_random_image(size)], return_tensors="pt").to(model.dtype)
     try:
         with torch.no_grad():
             features = _image_features(model, inputs)
