@@ -62,6 +62,8 @@ _SCALAR_SIZES = {
     "min_image_tokens": "tokens",
     "max_image_tokens": "tokens",
 }
+# Image-processor attributes holding edges (or areas) of the tower's input: all follow the tiny image size.
+_EDGE_SIZES = ("size", "crop_size", "max_image_size", "high_res_size", "pad_size")
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 
 
@@ -124,7 +126,7 @@ def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], overrid
 def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any], settings: dict[str, Any]) -> Any:
     """An image or video processor of class `cls` resizing to the shrunk vision tower's input.
 
-    Every size the default instance holds is rewritten: `size`/`crop_size` edges to the image size (areas to
+    Every size the default instance holds is rewritten: `size`/`crop_size`/... edges to the image size (areas to
     areas), `patch_size`, `merge_size` and `temporal_patch_size` to the vision config's. `settings` (from the
     overrides table) win.
     """
@@ -133,7 +135,7 @@ def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any
     image = image[0] if isinstance(image, (list, tuple)) else image
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     kwargs: dict[str, Any] = {}
-    for key in ("size", "crop_size", "max_image_size"):
+    for key in _EDGE_SIZES:
         value = getattr(default, key, None)
         value = dict(value) if isinstance(value, (dict, SizeDict)) else None  # SizeDict iterates its set fields
         if value:
