@@ -26,6 +26,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "blip-2": _QUERY_TOKENS_FIRST,
     "instructblip": _QUERY_TOKENS_FIRST,
     "instructblipvideo": _QUERY_TOKENS_FIRST,
+    # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
+    # `intermediate_size` inputs; its two projector layers and the multimodal projector chain one width.
+    "llama4": {
+        "config": {
+            "vision_config.intermediate_size": 128,
+            "vision_config.projector_input_dim": 64,
+            "vision_config.projector_output_dim": 64,
+            "vision_config.vision_output_dim": 64,
+        }
+    },
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
