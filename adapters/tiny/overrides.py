@@ -24,6 +24,16 @@ _QUERY_TOKENS_FIRST = {"placeholder": ""}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "blip-2": _QUERY_TOKENS_FIRST,
+    # GOT-OCR2's processor writes 256 image tokens per tile whatever it is given (a class default `save_pretrained`
+    # does not keep): a 256 px tile of 4 px patches, downsampled 4x by the projector, makes 16x16; layer 0 windowed
+    # to keep the 4096-patch encoder cheap.
+    "got_ocr2": {
+        "config": {
+            "vision_config.image_size": 256,
+            "vision_config.window_size": 8,
+            "vision_config.global_attn_indexes": [1],
+        }
+    },
     "instructblip": _QUERY_TOKENS_FIRST,
     "instructblipvideo": _QUERY_TOKENS_FIRST,
     # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
@@ -39,6 +49,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
+    # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
+    # (8x8 patches, downsampled 4x by the projector's two strided convolutions).
+    "pp_chart2table": {"placeholder": "<|image|>" * 4},
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.

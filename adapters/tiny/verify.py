@@ -126,7 +126,9 @@ def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, in
 
 
 def observed_image_token(processor: Any) -> int | None:
-    """The special token the processor repeats most for one image in the test chat (None: none, or it fails)."""
+    """The special token the processor adds most copies of for one image in the test chat: counted against the
+    chat's plain tokenization, so that the template's own repeated tokens (`<|im_end|>`) never count (None: none, or
+    the processor fails)."""
     templater = processor if processor.chat_template else processor.tokenizer
     try:
         text = templater.apply_chat_template(CONVERSATION, tokenize=False)
@@ -134,8 +136,9 @@ def observed_image_token(processor: Any) -> int | None:
     except Exception:  # a processor that cannot run yet: the verification reports it
         return None
     special = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.added_tokens_decoder)
-    counts = Counter(index for index in ids if index in special)
-    repeated = [(count, index) for index, count in counts.items() if count > 1]
+    added = Counter(index for index in ids if index in special)
+    added.subtract(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    repeated = [(count, index) for index, count in added.items() if count > 1]
     return max(repeated)[1] if repeated else None
 
 
