@@ -38,6 +38,19 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "instructblipvideo": _QUERY_TOKENS_FIRST,
     # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
     # `intermediate_size` inputs; its two projector layers and the multimodal projector chain one width.
+    # Janus's aligners project the vision tower and the VQ codes to `projection_dim`: the language model's width; its
+    # VQ-GAN (image generation only) has widths the generic shrink does not know (group norms of 32 channels).
+    "janus": {
+        "config": {
+            "vision_config.projection_dim": 64,
+            "vq_config.projection_dim": 64,
+            "vq_config.base_channels": 32,
+            "vq_config.channel_multiplier": [1, 1, 1],  # 32 px / 2**2 = num_patches 8
+            "vq_config.latent_channels": 32,
+            "vq_config.num_embeddings": 256,
+            "vq_config.image_token_embed_dim": 64,
+        }
+    },
     "llama4": {
         "config": {
             "vision_config.intermediate_size": 128,
