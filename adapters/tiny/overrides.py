@@ -62,6 +62,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
+    # LLaVA-OneVision counts `num_image_tokens` per tile of its SigLIP tower, (32 / 4) ** 2, before it adds the
+    # unpadded grid and newlines: the measured count of the packed features is not it.
+    "llava_onevision": {"processor": {"num_image_tokens": 64}, "image_processor": {"image_seq_length": 64}},
     # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
     # (8x8 patches, downsampled 4x by the projector's two strided convolutions).
     "pp_chart2table": {"placeholder": "<|image|>" * 4},
