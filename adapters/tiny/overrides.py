@@ -70,8 +70,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "pp_chart2table": {"placeholder": "<|image|>" * 4},
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
-    # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
-    "paligemma": {"config": {"vision_config.projection_dim": 64}},
+    # PaliGemma's tower projects to `projection_dim` (the top-level key wins), which feeds the language model directly.
+    "paligemma": {"config": {"projection_dim": 64, "vision_config.projection_dim": 64}},
     # The processor refuses any max_image_size but 490 or 980 px: thousands of patches for a tiny tower, and a
     # projector that only knows the real patch counts.
     "aria": {

@@ -66,7 +66,7 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     text = templater.apply_chat_template(CONVERSATION, tokenize=False)
     # Floating inputs in the model's dtype, as a user's code does: Llama 4's image processor emits bfloat16 pixels.
     inputs = _process(processor, text, _random_image(image_size)).to(model.dtype)
-    if "labels" not in inputs:  # PaliGemma's processor makes its own (the prompt masked)
+    if "labels" not in inputs or bool((inputs["labels"] == -100).all()):  # PaliGemma's mask a prompt wholly
         padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
         inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
     with torch.no_grad():
