@@ -34,6 +34,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "vision_config.global_attn_indexes": [1],
         }
     },
+    # Inkling's image processor `size` is one patch (one image token), not the image.
+    "inkling_mm_model": {"image_processor": {"size": {"height": 4, "width": 4}}},
     "instructblip": _QUERY_TOKENS_FIRST,
     "instructblipvideo": _QUERY_TOKENS_FIRST,
     # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
