@@ -70,6 +70,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
     # (8x8 patches, downsampled 4x by the projector's two strided convolutions).
     "pp_chart2table": {"placeholder": "<|image|>" * 4},
+    # Mllama's tower concatenates its last hidden state with its 2 intermediate layers': 3 x 32 wide.
+    "mllama": {"config": {"vision_config.vision_output_dim": 96}},
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim` (the top-level key wins), which feeds the language model directly.
