@@ -72,6 +72,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "pp_chart2table": {"placeholder": "<|image|>" * 4},
     # Mllama's tower concatenates its last hidden state with its 2 intermediate layers': 3 x 32 wide.
     "mllama": {"config": {"vision_config.vision_output_dim": 96}},
+    # MuseGlimmer's adapter reads the pixel-shuffled tower output: 2x2 merged tokens of 32 channels.
+    "muse_glimmer": {"config": {"out_hidden_size": 128}},
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim` (the top-level key wins), which feeds the language model directly.
