@@ -53,6 +53,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "vq_config.image_token_embed_dim": 64,
         }
     },
+    # Kimi-K2.5's projector normalizes each tower token (32 wide) before merging 2x2 of them.
+    "kimi_k25": {"config": {"projection_hidden_size": 32}},
     "llama4": {
         "config": {
             "vision_config.intermediate_size": 128,

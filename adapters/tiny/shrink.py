@@ -119,6 +119,10 @@ def is_vision_role(key: str, value: dict[str, Any]) -> bool:
 
 def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sections: bool) -> None:
     old_depth = _depth(config)
+    # Multi-head attention stays so: DeepSeek-V3's MLA expands its latent into one key per query head.
+    multi_head = isinstance(config.get("num_attention_heads"), int) and config.get("num_key_value_heads") == config.get(
+        "num_attention_heads"
+    )
     for key, value in list(config.items()):
         if is_sub_config(key, value):
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
@@ -126,6 +130,8 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
             new = _shrunk_value(key, value, vision, vocab_size)
             if new is not None:
                 config[key] = new
+    if multi_head:
+        config["num_key_value_heads"] = config["num_attention_heads"]
     depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
     for key in _DEPTH:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
