@@ -55,6 +55,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # Kimi-K2.5's projector normalizes each tower token (32 wide) before merging 2x2 of them.
     "kimi_k25": {"config": {"projection_hidden_size": 32}},
+    # LFM2-VL counts image tokens after its 2x2 downsampling: one 32 px tile is (32 / 4 / 2) ** 2 = 16 tokens, the
+    # most of one tile (as 256 of a real 512 px tile); a minimum above it would upscale a whole-size image.
+    "lfm2_vl": {"image_processor": {"min_image_tokens": 4, "max_image_tokens": 16}},
     "llama4": {
         "config": {
             "vision_config.intermediate_size": 128,
