@@ -79,6 +79,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mllama": {"config": {"vision_config.vision_output_dim": 96}},
     # MuseGlimmer's adapter reads the pixel-shuffled tower output: 2x2 merged tokens of 32 channels.
     "muse_glimmer": {"config": {"out_hidden_size": 128}},
+    # Unlimited-OCR feeds SAM's downsampled feature map to its CLIP encoder as patch embeddings: the last
+    # downsampling width is the encoder's.
+    "unlimited_ocr": {
+        "config": {
+            "vision_config.sam_config.output_channels": 32,
+            "vision_config.sam_config.downsample_channels": [32, 32],
+        }
+    },
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim` (the top-level key wins), which feeds the language model directly.
