@@ -114,7 +114,8 @@ def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], overrid
     tokens when the model finds images by them (Qwen-style position ids)."""
     if override is not None:
         return override
-    token = getattr(processor, "image_token", None) or "<image>"
+    # QianfanOCR's prompt placeholder (`<image>`) is another token than the one it expands it into.
+    token = getattr(processor, "image_placeholder_token", None) or getattr(processor, "image_token", None) or "<image>"
     token = getattr(token, "content", token)  # BLIP-2 keeps an AddedToken
     tokenizer = processor.tokenizer
     if "vision_start_token_id" in config and "vision_end_token_id" in config:

@@ -161,7 +161,9 @@ def _depth(config: dict[str, Any]) -> int | None:
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
-    """The tiny value of one scalar field, or None to keep it."""
+    """The tiny value of one scalar field (or of a `[height, width]` image or patch size), or None to keep it."""
+    if key in ("image_size", "patch_size") and isinstance(value, list) and len(value) == 2:
+        return [_FIXED[key]] * 2  # InternVL-style pairs (not Florence-2's per-stage patch list)
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     width = VISION_WIDTH if vision else TEXT_WIDTH
