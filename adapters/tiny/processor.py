@@ -95,7 +95,16 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
         if isinstance(parameter.default, str) and name.endswith("_token")
     }
     named = {name: defaults.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)}
-    literals = sorted(set(_LITERAL_TOKEN.findall(source)) | {v for k, v in defaults.items() if k not in named})
+    # Class constants (MiniMax-M3-VL's `IMAGE_TOKEN = "]<]image[>["`) whatever their spelling.
+    constants = {
+        value
+        for klass in cls.__mro__
+        for key, value in vars(klass).items()
+        if key.isupper() and key.endswith("_TOKEN") and isinstance(value, str)
+    }
+    literals = sorted(
+        set(_LITERAL_TOKEN.findall(source)) | constants | {v for k, v in defaults.items() if k not in named}
+    )
     return named, literals
 
 
