@@ -24,6 +24,18 @@ _QUERY_TOKENS_FIRST = {"placeholder": ""}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     "blip-2": _QUERY_TOKENS_FIRST,
+    # Florence-2's processor puts the image token before each prompt itself: the prompt holds none. Its DaViT tower
+    # keeps per-stage lists the generic shrink leaves alone; its projector feeds the text model (64 wide).
+    "florence2": {
+        "placeholder": "",
+        "config": {
+            "vision_config.embed_dim": [32, 32, 32, 32],
+            "vision_config.num_heads": [4, 4, 4, 4],
+            "vision_config.num_groups": [4, 4, 4, 4],
+            "vision_config.depths": [1, 1, 1, 1],
+            "vision_config.projection_dim": 64,
+        },
+    },
     # GOT-OCR2's processor writes 256 image tokens per tile whatever it is given (a class default `save_pretrained`
     # does not keep): a 256 px tile of 4 px patches, downsampled 4x by the projector, makes 16x16; layer 0 windowed
     # to keep the 4096-patch encoder cheap.
