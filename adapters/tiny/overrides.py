@@ -84,6 +84,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # LLaVA-OneVision counts `num_image_tokens` per tile of its SigLIP tower, (32 / 4) ** 2, before it adds the
     # unpadded grid and newlines: the measured count of the packed features is not it.
     "llava_onevision": {"processor": {"num_image_tokens": 64}, "image_processor": {"image_seq_length": 64}},
+    # Pix2Struct's encoder reads flattened 4x4 RGB patches (48 values after the row and column ids) and is as wide as
+    # the decoder that cross-attends to it. (Its processor always asks for 2048 patches: a class default.)
+    "pix2struct": {
+        "config": {"vision_config.patch_embed_hidden_size": 48, "vision_config.hidden_size": 64},
+        "image_processor": {"patch_size": {"height": 4, "width": 4}},
+    },
     # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
     # (8x8 patches, downsampled 4x by the projector's two strided convolutions).
     "pp_chart2table": {"placeholder": "<|image|>" * 4},
@@ -97,6 +103,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "config": {
             "vision_config.sam_config.output_channels": 32,
             "vision_config.sam_config.downsample_channels": [32, 32],
+        }
+    },
+    # PP-FormulaNet's encoder ends in a projection to the decoder that cross-attends to it (64 wide); its SAM neck
+    # and post-convolutions chain widths the generic shrink does not know.
+    "pp_formulanet": {
+        "config": {
+            "vision_config.decoder_hidden_size": 64,
+            "vision_config.output_channels": 32,
+            "vision_config.post_conv_in_channels": 32,
+            "vision_config.post_conv_mid_channels": 32,
+            "vision_config.post_conv_out_channels": 64,
         }
     },
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.

@@ -66,7 +66,11 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     text = templater.apply_chat_template(CONVERSATION, tokenize=False)
     # Floating inputs in the model's dtype, as a user's code does: Llama 4's image processor emits bfloat16 pixels.
     inputs = _process(processor, text, _random_image(image_size)).to(model.dtype)
-    if "labels" not in inputs or bool((inputs["labels"] == -100).all()):  # PaliGemma's mask a prompt wholly
+    if "input_ids" not in inputs:  # an encoder of the image alone (Pix2Struct, PP-FormulaNet): the text is the target
+        if "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = processor.tokenizer(text, return_tensors="pt").input_ids
+        inputs["labels"] = inputs["decoder_input_ids"]
+    elif "labels" not in inputs or bool((inputs["labels"] == -100).all()):  # PaliGemma's mask a prompt wholly
         padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
         inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
     with torch.no_grad():
@@ -75,7 +79,7 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
     shape = tuple(features.shape) if features is not None else ()
-    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], shape)
+    return TinyCheck(loss, model.num_parameters(), inputs.get("input_ids", inputs["labels"]).shape[-1], shape)
 
 
 def _random_image(size: tuple[int, int]) -> Image.Image:
