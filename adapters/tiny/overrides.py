@@ -38,12 +38,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # GOT-OCR2's processor writes 256 image tokens per tile whatever it is given (a class default `save_pretrained`
     # does not keep): a 256 px tile of 4 px patches, downsampled 4x by the projector, makes 16x16; layer 0 windowed
-    # to keep the 4096-patch encoder cheap.
+    # to keep the 4096-patch encoder cheap. The SAM neck (and the projector convolutions after it) 32 wide.
     "got_ocr2": {
         "config": {
             "vision_config.image_size": 256,
             "vision_config.window_size": 8,
             "vision_config.global_attn_indexes": [1],
+            "vision_config.output_channels": 32,
         }
     },
     # Inkling's image processor `size` is one patch (one image token), not the image.
@@ -91,8 +92,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "image_processor": {"patch_size": {"height": 4, "width": 4}},
     },
     # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
-    # (8x8 patches, downsampled 4x by the projector's two strided convolutions).
-    "pp_chart2table": {"placeholder": "<|image|>" * 4},
+    # (8x8 patches, downsampled 4x by the projector's two strided convolutions); its SAM neck 32 wide as GOT-OCR2's.
+    "pp_chart2table": {"placeholder": "<|image|>" * 4, "config": {"vision_config.output_channels": 32}},
     # Mllama's tower concatenates its last hidden state with its 2 intermediate layers': 3 x 32 wide.
     "mllama": {"config": {"vision_config.vision_output_dim": 96}},
     # MuseGlimmer's adapter reads the pixel-shuffled tower output: 2x2 merged tokens of 32 channels.
