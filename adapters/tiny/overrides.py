@@ -6,7 +6,8 @@ Keys of an entry (all optional):
     processor_class: the processor class name where transformers maps the architecture to none.
     processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
     tokens: extra special tokens for the tokenizer.
-    placeholder: what the chat template writes for an image, where the processor's image token is not it.
+    placeholder: what the chat template writes for an image, where the processor's image token is not it ("" where
+        the processor puts the image tokens before the prompt itself).
     unavailable: the one-line reason the architecture cannot be built offline.
 """
 
@@ -51,8 +52,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "inkling_mm_model": {"image_processor": {"size": {"height": 4, "width": 4}}},
     "instructblip": _QUERY_TOKENS_FIRST,
     "instructblipvideo": _QUERY_TOKENS_FIRST,
-    # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
-    # `intermediate_size` inputs; its two projector layers and the multimodal projector chain one width.
     # Janus's aligners project the vision tower and the VQ codes to `projection_dim`: the language model's width; its
     # VQ-GAN (image generation only) has widths the generic shrink does not know (group norms of 32 channels).
     "janus": {
@@ -71,6 +70,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # LFM2-VL counts image tokens after its 2x2 downsampling: one 32 px tile is (32 / 4 / 2) ** 2 = 16 tokens, the
     # most of one tile (as 256 of a real 512 px tile); a minimum above it would upscale a whole-size image.
     "lfm2_vl": {"image_processor": {"min_image_tokens": 4, "max_image_tokens": 16}},
+    # Llama 4's vision adapter reads the pixel-shuffled patches (hidden_size / ratio**2 wide) with an MLP of
+    # `intermediate_size` inputs; its two projector layers and the multimodal projector chain one width.
     "llama4": {
         "config": {
             "vision_config.intermediate_size": 128,
@@ -85,6 +86,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # LLaVA-OneVision counts `num_image_tokens` per tile of its SigLIP tower, (32 / 4) ** 2, before it adds the
     # unpadded grid and newlines: the measured count of the packed features is not it.
     "llava_onevision": {"processor": {"num_image_tokens": 64}, "image_processor": {"image_seq_length": 64}},
+    # Mllama's tower concatenates its last hidden state with its 2 intermediate layers': 3 x 32 wide.
+    "mllama": {"config": {"vision_config.vision_output_dim": 96}},
+    # MuseGlimmer's adapter reads the pixel-shuffled tower output: 2x2 merged tokens of 32 channels.
+    "muse_glimmer": {"config": {"out_hidden_size": 128}},
     # Pix2Struct's encoder reads flattened 4x4 RGB patches (48 values after the row and column ids) and is as wide as
     # the decoder that cross-attends to it. (Its processor always asks for 2048 patches: a class default.)
     "pix2struct": {
@@ -94,18 +99,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # PP-Chart2Table's processor expands no placeholder: the prompt holds every image token, 4 for the tiny tower
     # (8x8 patches, downsampled 4x by the projector's two strided convolutions); its SAM neck 32 wide as GOT-OCR2's.
     "pp_chart2table": {"placeholder": "<|image|>" * 4, "config": {"vision_config.output_channels": 32}},
-    # Mllama's tower concatenates its last hidden state with its 2 intermediate layers': 3 x 32 wide.
-    "mllama": {"config": {"vision_config.vision_output_dim": 96}},
-    # MuseGlimmer's adapter reads the pixel-shuffled tower output: 2x2 merged tokens of 32 channels.
-    "muse_glimmer": {"config": {"out_hidden_size": 128}},
-    # Unlimited-OCR feeds SAM's downsampled feature map to its CLIP encoder as patch embeddings: the last
-    # downsampling width is the encoder's.
-    "unlimited_ocr": {
-        "config": {
-            "vision_config.sam_config.output_channels": 32,
-            "vision_config.sam_config.downsample_channels": [32, 32],
-        }
-    },
     # PP-FormulaNet's encoder ends in a projection to the decoder that cross-attends to it (64 wide); its SAM neck
     # and post-convolutions chain widths the generic shrink does not know.
     "pp_formulanet": {
@@ -132,5 +125,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "step3p7": {
         "image_processor": {"patch_size": 32, "max_image_size": 64},
         "config": {"text_config.sliding_window": 16},
+    },
+    # Unlimited-OCR feeds SAM's downsampled feature map to its CLIP encoder as patch embeddings: the last
+    # downsampling width is the encoder's.
+    "unlimited_ocr": {
+        "config": {
+            "vision_config.sam_config.output_channels": 32,
+            "vision_config.sam_config.downsample_channels": [32, 32],
+        }
     },
 }
