@@ -64,6 +64,8 @@ _SCALAR_SIZES = {
 }
 # Image-processor attributes holding edges (or areas) of the tower's input: all follow the tiny image size.
 _EDGE_SIZES = ("size", "crop_size", "max_image_size", "high_res_size", "pad_size")
+# Of those, the edge of one tile the tower reads whole (Idefics3's 364 px = its tower's image size), not a resize target.
+_TILE_SIZES = ("max_image_size",)
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 
 
@@ -149,7 +151,8 @@ def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any
         value = getattr(default, key, None)
         value = dict(value) if isinstance(value, (dict, SizeDict)) else None  # SizeDict iterates its set fields
         if value:
-            kwargs[key] = {edge: _edge(edge, length, image) for edge, length in value.items()}
+            tile = key in _TILE_SIZES
+            kwargs[key] = {edge: image if tile else _edge(edge, length, image) for edge, length in value.items()}
     for key, config_key in (
         ("patch_size", "patch_size"),
         ("merge_size", "spatial_merge_size"),
