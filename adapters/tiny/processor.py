@@ -56,6 +56,7 @@ _SCALAR_SIZES = {
     "encoder_patch_size": "patch",
     "vision_patch_size": "patch",
     "tile_size": "image",
+    "scale_resolution": "image",
     "min_pixels": "area",
     "max_pixels": "area",
     "max_num_patches": "patches",
