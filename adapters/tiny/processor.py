@@ -3,7 +3,8 @@ shrunk vision config, and a locally trained tokenizer that holds every special t
 
 Which special tokens a processor needs is read from the processor itself: the `tokenizer.<name>_token` attributes
 its module reads become named tokens of the tiny tokenizer (`tokenizer.image_token`, `tokenizer.boi_token`, ...),
-and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, ...) join the vocabulary as they are.
+and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, ...) or its class declares
+(`IMAGE_TOKEN = "]<]image[>["`) join the vocabulary as they are.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ _SCALAR_SIZES = {
 }
 # Image-processor attributes holding edges (or areas) of the tower's input: all follow the tiny image size.
 _EDGE_SIZES = ("size", "crop_size", "max_image_size", "high_res_size", "pad_size")
-# Of those, the edge of one tile the tower reads whole (Idefics3's 364 px = its tower's image size), not a resize target.
+# Of those, one tile the tower reads whole (Idefics3's 364 px: its tower's image size), not a resize target.
 _TILE_SIZES = ("max_image_size",)
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 

@@ -120,9 +120,8 @@ def is_vision_role(key: str, value: dict[str, Any]) -> bool:
 def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sections: bool) -> None:
     old_depth = _depth(config)
     # Multi-head attention stays so: DeepSeek-V3's MLA expands its latent into one key per query head.
-    multi_head = isinstance(config.get("num_attention_heads"), int) and config.get("num_key_value_heads") == config.get(
-        "num_attention_heads"
-    )
+    heads = config.get("num_attention_heads")
+    multi_head = isinstance(heads, int) and config.get("num_key_value_heads") == heads
     for key, value in list(config.items()):
         if is_sub_config(key, value):
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)

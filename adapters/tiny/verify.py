@@ -1,7 +1,8 @@
 """Check a saved tiny checkpoint the way a user's code meets it: loaded back with the Auto classes, the chat template
 applied to a message with an image, the processor run on image and text, the full model forward with labels (which
 fails unless the processor expands the image placeholder into as many image tokens as the vision path emits), and
-`get_image_features` on the processor's image inputs.
+`get_image_features` on the processor's image inputs. An encoder-decoder whose processor reads the image alone
+(Pix2Struct, PP-FormulaNet) gets the chat as its decoder input and target.
 """
 
 from __future__ import annotations
