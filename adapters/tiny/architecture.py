@@ -41,6 +41,8 @@ __all__ = ["ARCHITECTURES", "TinyBuildError", "build_tiny_architecture", "tiny_a
 ARCHITECTURES = tuple(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 # Processor arguments that fix how many tokens one image (or tile) expands into.
 _COUNT_ARGUMENTS = ("image_seq_len", "image_seq_length", "num_image_tokens", "tokens_per_image")
+# Token fields whose default is None but which the model reads all the same.
+_UNSET_TOKEN_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 _TOKEN_FIELD = re.compile(r"^(\w+?)(?:_token)?(?:_id|_index|_ids)$")
 # Special-token fields that mean the tokenizer's own roles.
 _ROLE_FIELDS = {
@@ -223,6 +225,8 @@ def _get_dotted(config: dict[str, Any], path: str) -> Any:
 def _is_token_field(key: str, value: Any) -> bool:
     if not _TOKEN_FIELD.match(key) or "layer" in key:
         return False
+    if value is None:  # BLIP-2 leaves its image token unset; the model still compares ids with it
+        return key in _UNSET_TOKEN_FIELDS
     if key.endswith("_ids"):
         return isinstance(value, list) and all(isinstance(v, int) for v in value)
     if not isinstance(value, int) or isinstance(value, bool):

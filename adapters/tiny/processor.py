@@ -3,7 +3,8 @@ shrunk vision config, and a locally trained tokenizer that holds every special t
 
 Which special tokens a processor needs is read from the processor itself: the `tokenizer.<name>_token` attributes
 its module reads become named tokens of the tiny tokenizer (`tokenizer.image_token`, `tokenizer.boi_token`, ...),
-and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, ...) join the vocabulary as they are.
+and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, ...) or its class declares
+(`IMAGE_TOKEN = "]<]image[>["`) join the vocabulary as they are.
 """
 
 from __future__ import annotations
@@ -56,12 +57,17 @@ _SCALAR_SIZES = {
     "encoder_patch_size": "patch",
     "vision_patch_size": "patch",
     "tile_size": "image",
+    "scale_resolution": "image",
     "min_pixels": "area",
     "max_pixels": "area",
     "max_num_patches": "patches",
     "min_image_tokens": "tokens",
     "max_image_tokens": "tokens",
 }
+# Image-processor attributes holding edges (or areas) of the tower's input: all follow the tiny image size.
+_EDGE_SIZES = ("size", "crop_size", "max_image_size", "high_res_size", "pad_size")
+# Of those, one tile the tower reads whole (Idefics3's 364 px: its tower's image size), not a resize target.
+_TILE_SIZES = ("max_image_size",)
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
 
 
@@ -93,7 +99,16 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
         if isinstance(parameter.default, str) and name.endswith("_token")
     }
     named = {name: defaults.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)}
-    literals = sorted(set(_LITERAL_TOKEN.findall(source)) | {v for k, v in defaults.items() if k not in named})
+    # Class constants (MiniMax-M3-VL's `IMAGE_TOKEN = "]<]image[>["`) whatever their spelling.
+    constants = {
+        value
+        for klass in cls.__mro__
+        for key, value in vars(klass).items()
+        if key.isupper() and key.endswith("_TOKEN") and isinstance(value, str)
+    }
+    literals = sorted(
+        set(_LITERAL_TOKEN.findall(source)) | constants | {v for k, v in defaults.items() if k not in named}
+    )
     return named, literals
 
 
@@ -110,9 +125,10 @@ def _module_source(cls: type) -> str:
 def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], override: str | None) -> str:
     """What the chat template writes for an image: the processor's image token, between the vision start and end
     tokens when the model finds images by them (Qwen-style position ids)."""
-    if override:
+    if override is not None:
         return override
-    token = getattr(processor, "image_token", None) or "<image>"
+    # QianfanOCR's prompt placeholder (`<image>`) is another token than the one it expands it into.
+    token = getattr(processor, "image_placeholder_token", None) or getattr(processor, "image_token", None) or "<image>"
     token = getattr(token, "content", token)  # BLIP-2 keeps an AddedToken
     tokenizer = processor.tokenizer
     if "vision_start_token_id" in config and "vision_end_token_id" in config:
@@ -124,7 +140,7 @@ def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], overrid
 def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any], settings: dict[str, Any]) -> Any:
     """An image or video processor of class `cls` resizing to the shrunk vision tower's input.
 
-    Every size the default instance holds is rewritten: `size`/`crop_size` edges to the image size (areas to
+    Every size the default instance holds is rewritten: `size`/`crop_size`/... edges to the image size (areas to
     areas), `patch_size`, `merge_size` and `temporal_patch_size` to the vision config's. `settings` (from the
     overrides table) win.
     """
@@ -133,11 +149,12 @@ def sized_sub_processor(cls: type, config: dict[str, Any], vision: dict[str, Any
     image = image[0] if isinstance(image, (list, tuple)) else image
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     kwargs: dict[str, Any] = {}
-    for key in ("size", "crop_size", "max_image_size"):
+    for key in _EDGE_SIZES:
         value = getattr(default, key, None)
         value = dict(value) if isinstance(value, (dict, SizeDict)) else None  # SizeDict iterates its set fields
         if value:
-            kwargs[key] = {edge: _edge(edge, length, image) for edge, length in value.items()}
+            tile = key in _TILE_SIZES
+            kwargs[key] = {edge: image if tile else _edge(edge, length, image) for edge, length in value.items()}
     for key, config_key in (
         ("patch_size", "patch_size"),
         ("merge_size", "spatial_merge_size"),

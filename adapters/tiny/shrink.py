@@ -119,6 +119,9 @@ def is_vision_role(key: str, value: dict[str, Any]) -> bool:
 
 def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sections: bool) -> None:
     old_depth = _depth(config)
+    # Multi-head attention stays so: DeepSeek-V3's MLA expands its latent into one key per query head.
+    heads = config.get("num_attention_heads")
+    multi_head = isinstance(heads, int) and config.get("num_key_value_heads") == heads
     for key, value in list(config.items()):
         if is_sub_config(key, value):
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
@@ -126,6 +129,8 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
             new = _shrunk_value(key, value, vision, vocab_size)
             if new is not None:
                 config[key] = new
+    if multi_head:
+        config["num_key_value_heads"] = config["num_attention_heads"]
     depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
     for key in _DEPTH:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
@@ -155,7 +160,9 @@ def _depth(config: dict[str, Any]) -> int | None:
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
-    """The tiny value of one scalar field, or None to keep it."""
+    """The tiny value of one scalar field (or of a `[height, width]` image or patch size), or None to keep it."""
+    if key in ("image_size", "patch_size") and isinstance(value, list) and len(value) == 2:
+        return [_FIXED[key]] * 2  # InternVL-style pairs (not Florence-2's per-stage patch list)
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     width = VISION_WIDTH if vision else TEXT_WIDTH

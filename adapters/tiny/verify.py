@@ -1,7 +1,8 @@
 """Check a saved tiny checkpoint the way a user's code meets it: loaded back with the Auto classes, the chat template
 applied to a message with an image, the processor run on image and text, the full model forward with labels (which
 fails unless the processor expands the image placeholder into as many image tokens as the vision path emits), and
-`get_image_features` on the processor's image inputs.
+`get_image_features` on the processor's image inputs. An encoder-decoder whose processor reads the image alone
+(Pix2Struct, PP-FormulaNet) gets the chat as its decoder input and target.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["TinyCheck", "image_tokens_per_image", "observed_image_token", "verif
 
 # Inputs of the language side: never passed to `get_image_features`.
 _TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "position_ids", "labels"}
+_VIDEO_FRAMES = 4  # InstructBLIP-Video reads clips of exactly 4 frames
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "a red circle on the left"}]},
@@ -57,13 +59,19 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     """
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
     processor = AutoProcessor.from_pretrained(directory)
-    AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
+    if hasattr(processor, "image_processor"):  # InstructBLIP-Video has a video processor only
+        AutoImageProcessor.from_pretrained(directory)  # what vugen's AutoAdapter loads besides the processor
     AutoTokenizer.from_pretrained(directory)
     # A processor class that takes no chat template (BLIP, GIT, ...) leaves it to its tokenizer.
     templater = processor if processor.chat_template else processor.tokenizer
     text = templater.apply_chat_template(CONVERSATION, tokenize=False)
-    inputs = _process(processor, text, _random_image(image_size))
-    if "labels" not in inputs:  # PaliGemma's processor makes its own (the prompt masked)
+    # Floating inputs in the model's dtype, as a user's code does: Llama 4's image processor emits bfloat16 pixels.
+    inputs = _process(processor, text, _random_image(image_size)).to(model.dtype)
+    if "input_ids" not in inputs:  # an encoder of the image alone (Pix2Struct, PP-FormulaNet): the text is the target
+        if "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = processor.tokenizer(text, return_tensors="pt").input_ids
+        inputs["labels"] = inputs["decoder_input_ids"]
+    elif "labels" not in inputs or bool((inputs["labels"] == -100).all()):  # PaliGemma's mask a prompt wholly
         padding = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])) == 0
         inputs["labels"] = inputs["input_ids"].masked_fill(padding, -100)
     with torch.no_grad():
@@ -72,7 +80,7 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
     shape = tuple(features.shape) if features is not None else ()
-    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], shape)
+    return TinyCheck(loss, model.num_parameters(), inputs.get("input_ids", inputs["labels"]).shape[-1], shape)
 
 
 def _random_image(size: tuple[int, int]) -> Image.Image:
@@ -81,11 +89,17 @@ def _random_image(size: tuple[int, int]) -> Image.Image:
 
 
 def _process(processor: Any, text: str, image: Image.Image) -> BatchFeature:
-    """The processor's output for one prompt and one image (nested per prompt when the flat form is refused)."""
+    """The processor's output for one prompt and one image (nested per prompt when the flat form is refused; a clip
+    of the image repeated for a processor of videos only)."""
+    kwargs: dict[str, Any] = {"return_tensors": "pt"}
+    if "mm_token_type_ids" in processor.model_input_names:  # Cosmos3 Edge's M-RoPE needs them but returns them on ask
+        kwargs["return_mm_token_type_ids"] = True
+    if not hasattr(processor, "image_processor") and hasattr(processor, "video_processor"):
+        return processor(images=[[image] * _VIDEO_FRAMES], text=[text], **kwargs)
     try:
-        return processor(images=[image], text=[text], return_tensors="pt")
+        return processor(images=[image], text=[text], **kwargs)
     except (ValueError, TypeError, IndexError):
-        return processor(images=[[image]], text=[text], return_tensors="pt")
+        return processor(images=[[image]], text=[text], **kwargs)
 
 
 def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
@@ -103,7 +117,7 @@ def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
 def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, int] = (32, 32)) -> int | None:
     """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
     when the model has no `get_image_features` that takes the image processor's output alone."""
-    inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    inputs = image_processor(images=[_random_image(size)], return_tensors="pt").to(model.dtype)
     try:
         with torch.no_grad():
             features = _image_features(model, inputs)
@@ -117,7 +131,9 @@ def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, in
 
 
 def observed_image_token(processor: Any) -> int | None:
-    """The special token the processor repeats most for one image in the test chat (None: none, or it fails)."""
+    """The special token the processor adds most copies of for one image in the test chat: counted against the
+    chat's plain tokenization, so that the template's own repeated tokens (`<|im_end|>`) never count (None: none, or
+    the processor fails)."""
     templater = processor if processor.chat_template else processor.tokenizer
     try:
         text = templater.apply_chat_template(CONVERSATION, tokenize=False)
@@ -125,8 +141,9 @@ def observed_image_token(processor: Any) -> int | None:
     except Exception:  # a processor that cannot run yet: the verification reports it
         return None
     special = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.added_tokens_decoder)
-    counts = Counter(index for index in ids if index in special)
-    repeated = [(count, index) for index, count in counts.items() if count > 1]
+    added = Counter(index for index in ids if index in special)
+    added.subtract(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    repeated = [(count, index) for index, count in added.items() if count > 1]
     return max(repeated)[1] if repeated else None
 
 
