@@ -337,7 +337,16 @@ class AutoAdapter(VLMAdapter):
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
         """Call the VLM's `get_image_features` with the inputs its signature accepts."""
-        return self._feature_model.get_image_features(**self.accepted_image_inputs(inputs))
+        accepted = self.accepted_image_inputs(inputs)
+        parameters = inspect.signature(self._feature_model.get_image_features).parameters.values()
+        missing = [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+        missing = [name for name in missing if name not in accepted]
+        if missing:  # e.g. InstructBLIP's Q-Former reads the prompt too
+            raise TypeError(
+                f"{self.model_type}: its get_image_features needs {', '.join(missing)}, which its image processor "
+                "does not give; override `image_features` in an adapter"
+            )
+        return self._feature_model.get_image_features(**accepted)
 
     @cached_property
     def _feature_model(self) -> nn.Module:
