@@ -188,8 +188,13 @@ class AutoAdapter(VLMAdapter):
 
     @property
     def vit_patch_size(self) -> int:
-        """Pixels per vision-encoder patch along one side."""
-        patch = self.vision_config.patch_size
+        """Pixels per vision-encoder patch along one side: the vision config's `patch_size`, else its sub-configs' (a
+        tower of two encoders, Unlimited-OCR's), else the image processor's."""
+        configs = [self.vision_config, *(v for v in vars(self.vision_config).values() if hasattr(v, "patch_size"))]
+        patch = next((c.patch_size for c in configs if getattr(c, "patch_size", None)), None)
+        patch = patch or getattr(self.image_processor, "patch_size", None)
+        if not patch:
+            raise TypeError(f"{self.model_type}: no `patch_size` in its vision config; override `vit_patch_size`")
         return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
     @property
@@ -427,8 +432,9 @@ class AutoAdapter(VLMAdapter):
         """The decoder stack (no LM head, no vision tower): `get_decoder()`, and once more where that is a whole causal
         LM with its head (BLIP-2 and InstructBLIP wrap an `OPTForCausalLM` / `LlamaForCausalLM`)."""
         decoder = self.vlm.get_decoder()
-        if decoder.get_output_embeddings() is not None:
-            decoder = decoder.get_decoder()
+        if decoder.get_output_embeddings() is not None or hasattr(decoder, "lm_head"):
+            inner = decoder.get_decoder()
+            decoder = inner if inner is not decoder else getattr(decoder, "model", decoder.base_model)  # Llama 4
         return decoder
 
     @property

@@ -17,7 +17,7 @@ from tests.cli_harness import assert_one_line_error, run_vugen
 from vugen.applicability import NotApplicableError, check_recipe_applies
 from vugen.cli import main
 from vugen.commands import _recipe_checks
-from vugen.commands.check import check_checkpoint
+from vugen.commands.check import check_checkpoint, smallest_image_size
 from vugen.conformance import ADAPTER_CHECKS
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.llava import LlavaAdapter
@@ -141,6 +141,15 @@ def test_the_understanding_check_fails_when_lora_is_not_scoped(tiny_llava, monke
     monkeypatch.setattr(_recipe_checks, "TINY_LORA", unscoped)
     with pytest.raises(AssertionError, match="differs from the base model"):
         _recipe_checks.check_understanding_preserved(adapter, 32)
+
+
+@pytest.mark.parametrize("arch", ["kimi_k25", "blip-2"])
+def test_understanding_stays_intact_on_moe_mla_and_flattening_language_models(arch, tiny_checkpoint):
+    """Kimi-K2.5's DeepSeek-V3 LM: peft would remap its MLP names onto the fused expert parameters (LoRA on every
+    token) and MLA runs `kv_b_proj` on [B, 1, T, r]; BLIP-2's OPT flattens [B, T, D] before its MLP. The scope holds on
+    all of them."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    _recipe_checks.check_understanding_preserved(adapter, smallest_image_size(adapter))
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs

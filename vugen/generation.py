@@ -207,7 +207,13 @@ class LatentSampler(nn.Module):
             lora_dropout=config.lora_dropout,
             target_modules=adapter.lora_target_modules,
         )
-        inject_adapter_in_model(self.lora_config, adapter.language_model, adapter_name=LORA_ADAPTER_NAME)
+        # Through a holder without a `config`: given a transformers model, peft remaps the names of some MoE models'
+        # MLPs (DeepSeek-V3, Mixtral, ...: `gate_proj`, `down_proj`) onto their fused expert parameters, for adapters
+        # of transformers 4, and LoRA on a parameter is a weight parametrisation that acts on every token, outside the
+        # image-token scope. Held, the targets stay the modules named.
+        holder = nn.ModuleDict({"language_model": adapter.language_model})
+        inject_adapter_in_model(self.lora_config, holder, adapter_name=LORA_ADAPTER_NAME)
+        adapter.language_model.peft_config = holder.peft_config  # where peft's state-dict helpers read it
         self.lora_mask: Tensor | None = None  # [B, S, 1] of the running call; None = LoRA off (image_tokens scope)
         if config.lora_scope == "image_tokens":
             for lora_b in self.lora_b_layers():
@@ -226,9 +232,11 @@ class LatentSampler(nn.Module):
     def _scope_lora(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if self.lora_mask is None:
             return torch.zeros_like(output)
-        mask = self.lora_mask.to(output.dtype)
+        mask = self.lora_mask.to(output.dtype)  # [B, T, 1]
         if output.ndim == 2:  # layers that flatten [B, T, D] to [B * T, D] first (OPT's MLP in BLIP-2)
             mask = mask.reshape(-1, 1)
+        elif output.ndim > 3:  # layers run on [B, heads, T, D] (MLA's kv_b_proj in DeepSeek-V3 and kin)
+            mask = mask.reshape(mask.shape[0], *[1] * (output.ndim - 3), mask.shape[1], 1)
         return output * mask
 
     def run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, image_from: int, cache: Any = None):
@@ -396,3 +404,4 @@ def decode_latents(
 def pixel_shift(time_shift: float | None, pixels: int) -> float:
     """The pixel decoder's time shift: ``time_shift``, else the resolution shift relative to 256x256 RGB."""
     return float(time_shift) if time_shift is not None else resolution_shift(pixels, base_dim=_BASE_PIXELS)
+

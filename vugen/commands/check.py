@@ -39,6 +39,9 @@ __all__ = ["CheckReport", "ChecksFailed", "check", "check_checkpoint", "smallest
 
 LOAD = "load"
 SIDES = range(32, 1025, 8)  # image sides tried for the checks: Shapes needs multiples of 8
+# Tokens per image the smoke needs: its first batch (2 images) initialises the reducer by PCA, which needs more tokens
+# than the 8 latent channels.
+MIN_TOKENS = 8
 
 
 class ChecksFailed(VugenError):
@@ -261,14 +264,14 @@ def _adapter_options(cls: type[VLMAdapter], options: dict[str, Any]) -> dict[str
 
 
 def smallest_image_size(adapter: VLMAdapter) -> int:
-    """The smallest side in :data:`SIDES` for which the adapter gives a token grid of at least 2 x 2; the first side
-    when none does (the checks that encode images then fail, saying why)."""
+    """The smallest side in :data:`SIDES` for which the adapter gives a token grid of at least 2 x 2 and
+    :data:`MIN_TOKENS` tokens; the first side when none does (the checks that encode images then fail, saying why)."""
     for side in SIDES:
         try:
             rows, cols = adapter.token_grid(side, side)
         except Exception:  # e.g. a dynamic-resolution encoder whose sides must be multiples of 28 px
             continue
-        if rows >= 2 and cols >= 2:
+        if rows >= 2 and cols >= 2 and rows * cols >= MIN_TOKENS:
             return side
     return SIDES[0]
 
