@@ -33,6 +33,7 @@ OUTSIDE = {
     "qwen3_vl_moe": "MoE language model, deepstack vision features",
     "cosmos3_edge": "dynamic resolution, packed patches",
     "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
+    "kimi_k25": "DeepSeek-V3 LM: multi-head latent attention, MoE with fused experts",
 }
 END_TO_END = ["glm4v", "llava_next"]
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
@@ -232,12 +233,14 @@ class LatentSampler(nn.Module):
     def _scope_lora(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         if self.lora_mask is None:
             return torch.zeros_like(output)
-        mask = self.lora_mask.to(output.dtype)  # [B, T, 1]
+        mask = self.lora_mask.to(output.dtype)  # [B, T, 1] over the tokens of this call
         if output.ndim == 2:  # layers that flatten [B, T, D] to [B * T, D] first (OPT's MLP in BLIP-2)
-            mask = mask.reshape(-1, 1)
-        elif output.ndim > 3:  # layers run on [B, heads, T, D] (MLA's kv_b_proj in DeepSeek-V3 and kin)
-            mask = mask.reshape(mask.shape[0], *[1] * (output.ndim - 3), mask.shape[1], 1)
-        return output * mask
+            return output * mask.reshape(-1, 1)
+        past = output.shape[-2] - mask.shape[1]
+        if past > 0:  # a layer run on the cached tokens too (MLA's kv_b_proj expands the cached latent KV): the
+            mask = F.pad(mask, (0, 0, past, 0))  # cache holds the prompt, outside the scope
+        # layers run on [B, heads, T, D] (MLA's kv_b_proj in DeepSeek-V3 and kin)
+        return output * mask.reshape(mask.shape[0], *[1] * (output.ndim - 3), mask.shape[1], 1)
 
     def run(self, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, image_from: int, cache: Any = None):
         """Run the LM with LoRA active from sequence position ``image_from`` on; returns (hidden, cache)."""
@@ -404,4 +407,3 @@ def decode_latents(
 def pixel_shift(time_shift: float | None, pixels: int) -> float:
     """The pixel decoder's time shift: ``time_shift``, else the resolution shift relative to 256x256 RGB."""
     return float(time_shift) if time_shift is not None else resolution_shift(pixels, base_dim=_BASE_PIXELS)
-
