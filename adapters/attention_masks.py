@@ -41,7 +41,8 @@ def fit_attention_mask(
         dtype: The hidden states' dtype (for eager attention's additive mask).
 
     Raises:
-        ValueError: The mask does not cover the cached and the new tokens.
+        ValueError: The mask does not cover the cached and the new tokens, or the decoder has layers of another kind
+            than full or sliding-window attention.
     """
     config = config.get_text_config(decoder=True)  # the decoder's, as DynamicCache reads it
     past = cache.get_seq_length() if cache is not None else 0
@@ -54,12 +55,12 @@ def fit_attention_mask(
     kinds = list(dict.fromkeys(layer_types))
     if "sliding_attention" not in kinds:
         return _for_implementation(config, mask, dtype)
+    other = [kind for kind in kinds if kind not in _FITTED]
+    if other:
+        raise ValueError(f"4-D attention masks are fitted to full and sliding-window layers only, not to {other[0]}")
     masks = {}
     for kind in kinds:
         layer = layer_types.index(kind)
-        if kind not in _FITTED:  # convolution / state-space layers (LFM2's `conv`) are causal by construction and
-            masks[kind] = _for_implementation(config, mask, dtype)  # read no attention mask: theirs is a stand-in
-            continue
         window = layer_kwargs[layer].get("sliding_window") if kind == "sliding_attention" else None
         masks[kind] = _for_implementation(config, _layer_mask(mask, cache, layer, new_tokens, window), dtype)
     return masks[kinds[0]] if len(kinds) == 1 else masks

@@ -168,10 +168,13 @@ class RecipeSmoke:
         decoder = PixelDecoder(
             LATENT_DIM, patch_size=_patch_size(image_size), width=32, depth=1, num_heads=2, image_size=image_size
         )
+        rows, cols = adapter.token_grid(image_size, image_size)
         stage = DecoderStage(
             adapter,
             decoder,
             reducer=reducer,
+            # PCA of the first batch (2 images) needs more tokens than latent channels: a fixed 2x2 grid has 8
+            pca_init=2 * rows * cols > LATENT_DIM,
             sampling=SamplingConfig(steps=2),
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
             export_dir=str(self.decoder_export),
