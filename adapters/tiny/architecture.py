@@ -114,7 +114,7 @@ def _one_line(arch: str) -> Iterator[None]:
 
 def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, ProcessorMixin]:
     config_class = CONFIG_MAPPING[arch]
-    default = config_class().to_dict()
+    default = _with_vision_config(config_class)
     cls = processor_class(arch, override.get("processor_class"))
     if cls is None:
         raise TinyBuildError(f"{arch}: transformers maps it to no processor class")
@@ -141,6 +141,15 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
             processor.chat_template = tokenizer.chat_template
     _wire_observed_image_token(config, processor, override)
     return AutoModelForImageTextToText.from_config(config_class.from_dict(config)), processor
+
+
+def _with_vision_config(config_class: type) -> dict[str, Any]:
+    """The default config serialized, its vision sub-config filled in where the default is text-only (Gemma 4)."""
+    config = config_class().to_dict()
+    for key, sub_class in getattr(config_class, "sub_configs", {}).items():
+        if config.get(key) is None and "vision" in key and hasattr(sub_class, "model_type") and sub_class.model_type:
+            config[key] = sub_class().to_dict()
+    return config
 
 
 def _wire_observed_image_token(config: dict[str, Any], processor: ProcessorMixin, override: dict[str, Any]) -> None:

@@ -20,6 +20,17 @@ __all__ = ["OVERRIDES"]
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
+    # The language model is always a mixture of experts, but its default config leaves the expert counts unset.
+    "diffusion_gemma": {
+        "config": {
+            "text_config.num_experts": 4,
+            "text_config.top_k_experts": 2,
+            "text_config.moe_intermediate_size": 64,
+        }
+    },
+    # The sliding-window layers' head is the MLA query head: head_dim = qk_nope_head_dim + qk_rope_head_dim (16 + 16).
+    # Its tower embeds single frames (a 2-D patch conv): the Qwen2-VL image processor must not pair frames.
+    "dots3_note": {"config": {"text_config.head_dim": 32}, "image_processor": {"temporal_patch_size": 1}},
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,

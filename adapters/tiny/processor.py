@@ -41,7 +41,11 @@ __all__ = [
 ]
 
 _STANDARD_TOKENS = {"bos", "eos", "unk", "sep", "pad", "cls", "mask"}
-_NAMED_TOKEN = re.compile(r"tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b")
+# `tokenizer.image_token`, and `getattr(tokenizer, "audio_token", None)`: an optional token the processor still
+# checks (Gemma 4 refuses any input while its audio tokens are None).
+_NAMED_TOKEN = re.compile(
+    r"""tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b|getattr\(tokenizer, "([a-z][a-z0-9_]*?_token)", None\)"""
+)
 _LITERAL_TOKEN = re.compile(r"""["'](<\|?[A-Za-z][\w\-./:|]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
 _ADDED_TOKEN = re.compile(r"self\.([a-z_]+_token)\.content")
 # Processor arguments whose config key has another name.
@@ -82,7 +86,7 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
     own_objects = set(_ADDED_TOKEN.findall(source))
     names = {
         name
-        for name in _NAMED_TOKEN.findall(source)
+        for name in (attribute or optional for attribute, optional in _NAMED_TOKEN.findall(source))
         if name.removesuffix("_token") not in _STANDARD_TOKENS
         and not name.startswith("add_")
         and name not in own_objects

@@ -52,6 +52,7 @@ _HEADS = (
     "conf_num_attention_heads", "resampler_n_heads", "resampler_heads", "index_n_heads", "mamba_num_heads",
 )  # fmt: skip
 _KV_HEADS = ("num_key_value_heads", "swa_num_key_value_heads", "linear_num_key_heads")
+_KV_PAIRS = (("num_key_value_heads", "num_attention_heads"), ("swa_num_key_value_heads", "swa_num_attention_heads"))
 _HEAD_DIM = (
     "head_dim", "d_kv", "swa_head_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
     "v_head_dim", "mamba_head_dim", "resampler_head_dim", "resampler_dim_head", "index_head_dim", "qk_rope_head_dim",
@@ -62,7 +63,9 @@ _TEXT_WIDTH_KEYS = (
     "projector_hidden_size", "projection_hidden_size", "projection_intermediate_size", "alignment_intermediate_size",
     "word_embed_proj_dim", "hidden_size_per_layer_input", "ple_embed_dim", "projection_hidden_dim",
 )  # fmt: skip
-_VISION_WIDTH_KEYS = ("vision_hidden_size", "encoder_hidden_size", "adapter_in_dim", "projector_input_dim")
+_VISION_WIDTH_KEYS = (
+    "vision_hidden_size", "encoder_hidden_size", "adapter_in_dim", "adapter_input_size", "projector_input_dim",
+)  # fmt: skip
 _FIXED = {
     "kv_lora_rank": 32, "q_lora_rank": 32, "laurel_rank": 8, "hc_lowrank": 8, "loop_gate_rank": 8,
     "ssm_state_size": 16, "n_groups": 1, "n_group": 1, "topk_group": 1,
@@ -86,7 +89,12 @@ _LAYER_INDEX_LISTS = (
 )  # fmt: skip
 _VISION_ROLES = ("vision", "visual", "vit", "siglip", "clip", "sam", "encoder", "audio", "vq", "perceiver", "qformer")
 # Serialized dicts that are data, not sub-configs.
-_NOT_SUB_CONFIGS = ("id2label", "label2id", "rope_parameters", "rope_scaling", "vocabulary_map", "quantization_config")
+_NOT_SUB_CONFIGS = (
+    "id2label", "label2id", "rope_parameters", "rope_scaling", "vocabulary_map", "quantization_config",
+    "per_layer_config", "mtp_per_layer_config",
+)  # fmt: skip
+# Sparse per-layer overrides of heterogeneous configs: {"05": {"head_dim": 512}, ...} keyed by layer index.
+_PER_LAYER_OVERRIDES = ("per_layer_config", "mtp_per_layer_config")
 
 
 def is_sub_config(key: str, value: Any) -> bool:
@@ -119,13 +127,11 @@ def is_vision_role(key: str, value: dict[str, Any]) -> bool:
 
 def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sections: bool) -> None:
     old_depth = _depth(config)
+    old_layer_types = config.get("layer_types") if isinstance(config.get("layer_types"), list) else None
     for key, value in list(config.items()):
         if is_sub_config(key, value):
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
-        else:
-            new = _shrunk_value(key, value, vision, vocab_size)
-            if new is not None:
-                config[key] = new
+    _shrink_scalars(config, vision, vocab_size)
     depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
     for key in _DEPTH:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
@@ -136,6 +142,10 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
     for key in _LAYER_INDEX_LISTS:
         if isinstance(config.get(key), list):
             config[key] = _layer_indexes(config[key], old_depth or depth, depth)
+    for key in _PER_LAYER_OVERRIDES:
+        if isinstance(config.get(key), dict):
+            sources = _source_layers(old_layer_types, config.get("layer_types"), old_depth or depth, depth)
+            config[key] = _per_layer_overrides(config[key], sources, vision, vocab_size)
     _fix_feature_layers(config, depth)
     if isinstance(config.get("image_grid_pinpoints"), list):  # tiling layouts in multiples of the tiny image
         config["image_grid_pinpoints"] = [
@@ -152,6 +162,19 @@ def _depth(config: dict[str, Any]) -> int | None:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool):
             return config[key]
     return None
+
+
+def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> dict[str, Any]:
+    """Every scalar size field of one (sub-)config or per-layer override rewritten in place (and returned)."""
+    multi_head = {kv for kv, heads in _KV_PAIRS if kv in config and config[kv] == config.get(heads)}
+    for key, value in list(config.items()):
+        new = _shrunk_value(key, value, vision, vocab_size)
+        if new is not None:
+            config[key] = new
+    for kv, heads in _KV_PAIRS:  # plain multi-head attention stays so: some configs insist (GLM-5-Next, dots3)
+        if kv in multi_head:
+            config[kv] = config[heads]
+    return config
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
@@ -206,6 +229,26 @@ def _layer_indexes(indexes: list[Any], old_depth: int, depth: int) -> list[Any]:
         if new not in mapped:
             mapped.append(min(new, depth - 1))
     return mapped
+
+
+def _source_layers(old_types: list[Any] | None, new_types: Any, old_depth: int, depth: int) -> list[int]:
+    """For each layer of the shrunk model, the layer of the deep model it stands for: the first of its kind where
+    the config lists layer types (as `_per_layer` keeps them), else the proportional one."""
+    if old_types and isinstance(new_types, list) and all(kind in old_types for kind in new_types):
+        return [old_types.index(kind) for kind in new_types[:depth]]
+    return [index * old_depth // depth for index in range(depth)]
+
+
+def _per_layer_overrides(
+    overrides: dict[Any, dict[str, Any]], sources: list[int], vision: bool, vocab_size: int
+) -> dict[str, dict[str, Any]]:
+    """Sparse per-layer overrides re-keyed onto the shrunk layers (each takes its source layer's), values shrunk."""
+    by_layer = {int(index): values for index, values in overrides.items()}
+    shrunk = {}
+    for index, source in enumerate(sources):
+        if source in by_layer:
+            shrunk[str(index)] = _shrink_scalars(dict(by_layer[source]), vision, vocab_size)
+    return shrunk
 
 
 def _fix_feature_layers(config: dict[str, Any], depth: int) -> None:
