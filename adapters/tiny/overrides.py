@@ -20,6 +20,8 @@ __all__ = ["OVERRIDES"]
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
+    # Not in the processor mapping; its towers are Qwen3-VL's (vision and text sub-configs), and so is its processor.
+    "cosmos3_omni": {"processor_class": "Qwen3VLProcessor"},
     # The language model is always a mixture of experts, but its default config leaves the expert counts unset.
     "diffusion_gemma": {
         "config": {
@@ -31,9 +33,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # The sliding-window layers' head is the MLA query head: head_dim = qk_nope_head_dim + qk_rope_head_dim (16 + 16).
     # Its tower embeds single frames (a 2-D patch conv): the Qwen2-VL image processor must not pair frames.
     "dots3_note": {"config": {"text_config.head_dim": 32}, "image_processor": {"temporal_patch_size": 1}},
+    # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor.
+    "fast_vlm": {"processor_class": "LlavaProcessor"},
+    # Not in the processor mapping; zai-org/GLM-OCR ships GLM-4.6V's processor.
+    "glm_ocr": {"processor_class": "Glm46VProcessor"},
+    # Not in the processor mapping; a GLM-4.6V config (GLM-4.1V checkpoints) with its own image and video processors.
+    "glmga": {"processor_class": "Glm46VProcessor"},
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
+    # Not in the processor mapping; Mistral Small 4 ships Pixtral's processor, as Mistral 3 and Large 4 do.
+    "mistral4": {"processor_class": "PixtralProcessor"},
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.

@@ -8,13 +8,15 @@ and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import sys
 from typing import Any
 
-from transformers import ProcessorMixin
+from transformers import BaseImageProcessor, BaseVideoProcessor, FeatureExtractionMixin, ProcessorMixin
 from transformers.image_utils import SizeDict
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.feature_extraction_auto import (
     FEATURE_EXTRACTOR_MAPPING_NAMES,
     feature_extractor_class_from_name,
@@ -67,12 +69,38 @@ _SCALAR_SIZES = {
     "max_image_tokens": "tokens",
 }
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
+_SUB_PROCESSOR_BASES = {
+    "image_processor": BaseImageProcessor,
+    "video_processor": BaseVideoProcessor,
+    "feature_extractor": FeatureExtractionMixin,
+}
+_MAPPINGS = {
+    "image_processor": IMAGE_PROCESSOR_MAPPING_NAMES,
+    "video_processor": VIDEO_PROCESSOR_MAPPING_NAMES,
+    "feature_extractor": FEATURE_EXTRACTOR_MAPPING_NAMES,
+}
 
 
 def processor_class(model_type: str, override: str | None = None) -> type[ProcessorMixin] | None:
-    """The processor class transformers maps `model_type` to (or `override`, a class name), None when there is none."""
+    """The processor class transformers maps `model_type` to (or `override`, a class name), else the one its model
+    folder defines (Kosmos-2, the Qwen Omni thinkers are missing from the mapping); None when there is none."""
     name = override or PROCESSOR_MAPPING_NAMES.get(model_type)
-    return processor_class_from_name(name) if name else None
+    if name:
+        return processor_class_from_name(name)
+    return _folder_class(model_type, ProcessorMixin)
+
+
+def _folder_class(model_type: str, base: type) -> type | None:
+    """The one public subclass of `base` the model folder of `model_type` defines (the torchvision one of an image
+    processor pair), None when it defines none or several."""
+    folder = importlib.import_module(CONFIG_MAPPING[model_type].__module__.rsplit(".", 1)[0])
+    candidates = []
+    for name in dir(folder):
+        if name.endswith(("Processor", "FeatureExtractor")):
+            value = getattr(folder, name)
+            if isinstance(value, type) and issubclass(value, base):
+                candidates.append(value)
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
@@ -171,6 +199,10 @@ def _edge(edge: str, length: Any, image: int) -> Any:
 def sub_processor_class(attribute: str, model_type: str, processor: type) -> type | None:
     """The class of one sub-processor (`image_processor`, `video_processor`, `feature_extractor`) of `processor`."""
     owner = processor.__module__.split(".")[-2]  # the processor's own model folder (glm4v_moe uses glm4v's)
+    if attribute in _MAPPINGS and model_type not in _MAPPINGS[attribute]:  # unmapped: Glmga's own, not GLM-4.6V's
+        own = _folder_class(model_type, _SUB_PROCESSOR_BASES[attribute])
+        if own is not None:
+            return own
     for name in (model_type, owner):
         if attribute == "image_processor" and name in IMAGE_PROCESSOR_MAPPING_NAMES:
             classes = IMAGE_PROCESSOR_MAPPING_NAMES[name]
