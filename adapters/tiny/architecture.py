@@ -122,11 +122,12 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
     own = [f"<|{stem}|>" for stem in _own_token_stems(default)]
     tokenizer = tokenizer_for(named, literals, own + override.get("tokens", []), placeholder="")
     config = shrink_config_dict(default, len(tokenizer), rotary_sections=_uses_rotary_sections(arch, default))
-    _set_dotted(config, override.get("config", {}))
+    settings = _token_names_resolved(override.get("config", {}), tokenizer)
+    _set_dotted(config, settings)
     vision = _vision_config(config)
     processor = tiny_processor(cls, arch, config, vision, tokenizer, override)
     _wire_token_ids(config, tokenizer, processor)
-    _set_dotted(config, override.get("config", {}))
+    _set_dotted(config, settings)
     placeholder = image_placeholder(processor, config, override.get("placeholder"))
     processor.chat_template = tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
     counted = _counted_settings(processor)
@@ -289,6 +290,16 @@ def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
             if nested is not value:
                 return nested
     return config
+
+
+def _token_names_resolved(values: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Override values of token-id fields given as token strings (`"<|vision_bos|>"`) turned into the tiny ids."""
+    return {
+        path: tokenizer.convert_tokens_to_ids(value)
+        if isinstance(value, str) and _TOKEN_FIELD.match(path.rsplit(".", 1)[-1])
+        else value
+        for path, value in values.items()
+    }
 
 
 def _set_dotted(config: dict[str, Any], values: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 processor builder cannot know. Each entry says why.
 
 Keys of an entry (all optional):
-    config: dotted config keys -> values, set after the generic shrink (`"text_config.hidden_size": 64`).
+    config: dotted config keys -> values, set after the generic shrink (`"text_config.hidden_size": 64`); a token-id
+        field may name its token (`"vision_start_token_id": "<|vision_bos|>"`) for the tiny tokenizer's id.
     processor_class: the processor class name where transformers maps the architecture to none.
     processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
     tokens: extra special tokens for the tokenizer.
@@ -42,8 +43,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
-    # Not in the processor mapping; Mistral Small 4 ships Pixtral's processor, as Mistral 3 and Large 4 do.
-    "mistral4": {"processor_class": "PixtralProcessor"},
+    # The mapping names a text-only causal LM: no image to verify a VLM wrapper on.
+    "mistral4": {
+        "unavailable": "Mistral4ForCausalLM reads no image (Mistral Small 4 checkpoints are mistral3 with a mistral4 "
+        "text_config)"
+    },
+    # The thinker's M-RoPE finds images by `vision_start_token_id`, a field its config class lacks (the released
+    # thinker_config.json adds it): the processor's vision_bos token.
+    "qwen2_5_omni_thinker": {
+        "config": {"vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>"}
+    },
     # Qwen2-VL's vision `hidden_size` is the merger's output width: the language model's.
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
@@ -53,6 +62,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "aria": {
         "unavailable": "AriaImageProcessor resizes only to 490 or 980 px (max_image_size), too large for a tiny "
         "tower, and the projector knows only the real patch counts (projector_patch_to_query_dict)"
+    },
+    # As Qwen2.5-Omni's thinker.
+    "qwen3_omni_moe_thinker": {
+        "config": {"vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>"}
     },
     # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
     "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},

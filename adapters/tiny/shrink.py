@@ -167,6 +167,7 @@ def _depth(config: dict[str, Any]) -> int | None:
 def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> dict[str, Any]:
     """Every scalar size field of one (sub-)config or per-layer override rewritten in place (and returned)."""
     multi_head = {kv for kv, heads in _KV_PAIRS if kv in config and config[kv] == config.get(heads)}
+    mla_head = _is_int(config.get("head_dim")) and config["head_dim"] == _mla_query_head(config)
     for key, value in list(config.items()):
         new = _shrunk_value(key, value, vision, vocab_size)
         if new is not None:
@@ -174,7 +175,18 @@ def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> di
     for kv, heads in _KV_PAIRS:  # plain multi-head attention stays so: some configs insist (GLM-5-Next, dots3)
         if kv in multi_head:
             config[kv] = config[heads]
+    if mla_head:  # an MLA query head stays the sum of its parts (Mistral 4 rotates head_dim * partial factor)
+        config["head_dim"] = _mla_query_head(config)
     return config
+
+
+def _mla_query_head(config: dict[str, Any]) -> int | None:
+    parts = [config.get(key) for key in ("qk_nope_head_dim", "qk_rope_head_dim")]
+    return sum(parts) if all(_is_int(part) for part in parts) else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
