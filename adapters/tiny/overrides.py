@@ -34,8 +34,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # The sliding-window layers' head is the MLA query head: head_dim = qk_nope_head_dim + qk_rope_head_dim (16 + 16).
     # Its tower embeds single frames (a 2-D patch conv): the Qwen2-VL image processor must not pair frames.
     "dots3_note": {"config": {"text_config.head_dim": 32}, "image_processor": {"temporal_patch_size": 1}},
-    # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor.
-    "fast_vlm": {"processor_class": "LlavaProcessor"},
+    # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
+    # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
+    # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.
+    "fast_vlm": {
+        "processor_class": "LlavaProcessor",
+        "config": {
+            "vision_config.model_args": {"inference_mode": True, "layers": [1] * 5, "embed_dims": [8, 8, 16, 32, 32]},
+            "vision_config.hidden_size": 64,
+        },
+        "processor": {"patch_size": 64},
+        "image_processor": {"size": {"shortest_edge": 128}, "crop_size": {"height": 128, "width": 128}},
+    },
     # Not in the processor mapping; zai-org/GLM-OCR ships GLM-4.6V's processor.
     "glm_ocr": {"processor_class": "Glm46VProcessor"},
     # Not in the processor mapping; a GLM-4.6V config (GLM-4.1V checkpoints) with its own image and video processors.
