@@ -125,7 +125,9 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
     settings = _token_names_resolved(override.get("config", {}), tokenizer)
     _set_dotted(config, settings)
     vision = _vision_config(config)
+    vocab_size = len(tokenizer)
     processor = tiny_processor(cls, arch, config, vision, tokenizer, override)
+    _resize_vocab(config, vocab_size, len(tokenizer))  # a processor may add tokens (Kosmos-2's patch indices)
     _wire_token_ids(config, tokenizer, processor)
     _set_dotted(config, settings)
     placeholder = image_placeholder(processor, config, override.get("placeholder"))
@@ -171,7 +173,10 @@ def _counted_settings(processor: ProcessorMixin) -> dict[str, list[str]]:
     """The count-of-image-tokens arguments of the processor (`__init__` arguments or class-level defaults) and of its
     image processor (instance attributes): {"processor": [...], "image_processor": [...]}."""
     cls = type(processor)
-    accepted = set(inspect.signature(cls.__init__).parameters) | set(vars(cls))
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = set(parameters)
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        accepted |= set(vars(cls))  # a class-level default the constructor takes as a keyword (and saves)
     image_processor = getattr(processor, "image_processor", None)
     counted = {
         "processor": [name for name in _COUNT_ARGUMENTS if name in accepted],
@@ -290,6 +295,15 @@ def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
             if nested is not value:
                 return nested
     return config
+
+
+def _resize_vocab(config: dict[str, Any], old: int, new: int) -> None:
+    """Every `vocab_size` of the tiny tokenizer's old length set to its new one."""
+    for key, value in config.items():
+        if is_sub_config(key, value):
+            _resize_vocab(value, old, new)
+        elif key in ("vocab_size", "vocab_size_per_layer_input") and value == old:
+            config[key] = new
 
 
 def _token_names_resolved(values: dict[str, Any], tokenizer: Any) -> dict[str, Any]:

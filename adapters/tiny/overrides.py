@@ -50,6 +50,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm_ocr": {"processor_class": "Glm46VProcessor"},
     # Not in the processor mapping; a GLM-4.6V config (GLM-4.1V checkpoints) with its own image and video processors.
     "glmga": {"processor_class": "Glm46VProcessor"},
+    # The processor writes its class-level 64 image tokens (no constructor argument sets or saves another count): the
+    # resampler emits as many latent queries.
+    "kosmos-2": {"config": {"latent_query_num": 64}},
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,
