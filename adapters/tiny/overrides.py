@@ -53,6 +53,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # The processor writes its class-level 64 image tokens (no constructor argument sets or saves another count): the
     # resampler emits as many latent queries.
     "kosmos-2": {"config": {"latent_query_num": 64}},
+    # Its image processor cuts flattened patches of its own size (no vision-config key says it): the tiny patch, and
+    # a few of them; the processor's image-token count is the resampler's latent queries (4 after the shrink).
+    "kosmos-2.5": {
+        "image_processor": {"patch_size": {"height": 4, "width": 4}, "max_patches": 64},
+        "processor": {"num_image_tokens": 4},
+    },
     "llava": _CLIP_CLS,
     "llava_next": _CLIP_CLS,
     "llava_next_video": _CLIP_CLS,

@@ -33,7 +33,7 @@ IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8x8 patches: a handful of image tokens after a
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2
 
 # key -> value as a function of the sub-config's width W. One table: a key means the same in every config.
-_WIDTH = ("hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size", "patch_embed_hidden_size")
+_WIDTH = ("hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size")
 _FFN = (
     "intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "mlp_dim", "intermediate_size_mlp",
     "dense_intermediate_size", "shared_intermediate_size", "decoder_intermediate_size",
@@ -77,6 +77,7 @@ _FIXED = {
     "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_position_embeddings": (IMAGE_SIZE // PATCH_SIZE) ** 2,
     "mm_tokens_per_image": 16, "projection_dim": VISION_WIDTH, "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
     "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
+    "patch_embed_hidden_size": 3 * PATCH_SIZE**2,  # a flattened RGB patch (Pix2Struct, Kosmos-2.5)
 }  # fmt: skip
 _PER_LAYER_LISTS = (
     "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
