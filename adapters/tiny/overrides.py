@@ -88,4 +88,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
     "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
+    # Not in the processor mapping (any encoder with any decoder); its default pair, ViT with a BERT decoder, is
+    # TrOCR's. The model shifts labels right by the pad and start ids, which a user sets on the top-level config.
+    "vision-encoder-decoder": {
+        "processor_class": "TrOCRProcessor",
+        "config": {"pad_token_id": "<|endoftext|>", "decoder_start_token_id": "<s>"},
+    },
 }
