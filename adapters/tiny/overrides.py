@@ -21,6 +21,17 @@ __all__ = ["OVERRIDES"]
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
+    # Images and audio are VQ codes written into the vocabulary at fixed offsets, the ranges back to back and inside
+    # `vocab_size`: tiny codebooks at the bottom of the tiny vocabulary (sharing rows with text tokens, which a random
+    # model does not mind).
+    "apertus1p5": {
+        "config": {
+            "vision_config.codebook_size": 64,
+            "audio_config.codebook_size": 64,
+            "image_token_offset": 0,
+            "audio_token_offset": 64,
+        }
+    },
     # Not in the processor mapping; its towers are Qwen3-VL's (vision and text sub-configs), and so is its processor.
     "cosmos3_omni": {"processor_class": "Qwen3VLProcessor"},
     # The language model is always a mixture of experts, but its default config leaves the expert counts unset.
@@ -67,6 +78,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "unavailable": "Mistral4ForCausalLM reads no image (Mistral Small 4 checkpoints are mistral3 with a mistral4 "
         "text_config)"
     },
+    # The adapter reads tower layers counted without the embeddings (index < depth), two of them.
+    "molmo2": {"config": {"adapter_config.vision_feature_layer": [-1, -2]}},
     # The thinker's M-RoPE finds images by `vision_start_token_id`, a field its config class lacks (the released
     # thinker_config.json adds it): the processor's vision_bos token.
     "qwen2_5_omni_thinker": {

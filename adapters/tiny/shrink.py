@@ -52,7 +52,13 @@ _HEADS = (
     "conf_num_attention_heads", "resampler_n_heads", "resampler_heads", "index_n_heads", "mamba_num_heads",
 )  # fmt: skip
 _KV_HEADS = ("num_key_value_heads", "swa_num_key_value_heads", "linear_num_key_heads")
-_KV_PAIRS = (("num_key_value_heads", "num_attention_heads"), ("swa_num_key_value_heads", "swa_num_attention_heads"))
+# (follower, leader): equal in the deep config, kept equal in the tiny one (configs validate it: plain multi-head
+# attention in GLM-5-Next and dots3, WavTokenizer's codebook without projections in Apertus 1.5).
+_TIED = (
+    ("num_key_value_heads", "num_attention_heads"),
+    ("swa_num_key_value_heads", "swa_num_attention_heads"),
+    ("codebook_dim", "hidden_size"),
+)
 _HEAD_DIM = (
     "head_dim", "d_kv", "swa_head_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
     "v_head_dim", "mamba_head_dim", "resampler_head_dim", "resampler_dim_head", "index_head_dim", "qk_rope_head_dim",
@@ -78,6 +84,9 @@ _FIXED = {
     "mm_tokens_per_image": 16, "projection_dim": VISION_WIDTH, "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
     "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
     "patch_embed_hidden_size": 3 * PATCH_SIZE**2,  # a flattened RGB patch (Pix2Struct, Kosmos-2.5)
+    # Convolutional VQ image tokenizers (Chameleon, Emu3, Apertus 1.5) and audio codecs (WavTokenizer): one residual
+    # block a resolution, channels a multiple of GroupNorm's 32 groups.
+    "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4,
 }  # fmt: skip
 _PER_LAYER_LISTS = (
     "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
@@ -167,15 +176,18 @@ def _depth(config: dict[str, Any]) -> int | None:
 
 def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> dict[str, Any]:
     """Every scalar size field of one (sub-)config or per-layer override rewritten in place (and returned)."""
-    multi_head = {kv for kv, heads in _KV_PAIRS if kv in config and config[kv] == config.get(heads)}
+    tied = [
+        (follower, leader)
+        for follower, leader in _TIED
+        if follower in config and config[follower] == config.get(leader)
+    ]
     mla_head = _is_int(config.get("head_dim")) and config["head_dim"] == _mla_query_head(config)
     for key, value in list(config.items()):
         new = _shrunk_value(key, value, vision, vocab_size)
         if new is not None:
             config[key] = new
-    for kv, heads in _KV_PAIRS:  # plain multi-head attention stays so: some configs insist (GLM-5-Next, dots3)
-        if kv in multi_head:
-            config[kv] = config[heads]
+    for follower, leader in tied:
+        config[follower] = config[leader]
     if mla_head:  # an MLA query head stays the sum of its parts (Mistral 4 rotates head_dim * partial factor)
         config["head_dim"] = _mla_query_head(config)
     return config
