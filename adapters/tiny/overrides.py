@@ -80,6 +80,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # The adapter reads tower layers counted without the embeddings (index < depth), two of them.
     "molmo2": {"config": {"adapter_config.vision_feature_layer": [-1, -2]}},
+    # The top-level `out_hidden_size` is the tower's merged patch: vision width 32 * merge_size 2 ** 2.
+    "muse_spark": {"config": {"out_hidden_size": 128}},
     # The thinker's M-RoPE finds images by `vision_start_token_id`, a field its config class lacks (the released
     # thinker_config.json adds it): the processor's vision_bos token.
     "qwen2_5_omni_thinker": {

@@ -143,6 +143,9 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
     _shrink_scalars(config, vision, vocab_size)
     depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
+    if isinstance(config.get("depths"), list) and len(config["depths"]) == old_depth:  # a pyramid: a layer a stage
+        depth = old_depth
+        _shrink_stages(config, VISION_WIDTH if vision else TEXT_WIDTH)
     for key in _DEPTH:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
             config[key] = depth
@@ -254,6 +257,13 @@ def _layer_indexes(indexes: list[Any], old_depth: int, depth: int) -> list[Any]:
         if new not in mapped:
             mapped.append(min(new, depth - 1))
     return mapped
+
+
+def _shrink_stages(config: dict[str, Any], width: int) -> None:
+    """The per-stage lists of a pyramid (Muse Spark's audio tower) kept one entry a stage: one block, tiny widths."""
+    config["depths"] = [1] * len(config["depths"])
+    if isinstance(config.get("hidden_sizes"), list):
+        config["hidden_sizes"] = [width] * len(config["hidden_sizes"])
 
 
 def _source_layers(old_types: list[Any] | None, new_types: Any, old_depth: int, depth: int) -> list[int]:
