@@ -32,6 +32,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "audio_token_offset": 64,
         }
     },
+    # Its rotary embedding reads parameters per layer type, which the default config leaves empty: the released
+    # layout, with M-RoPE sections for the tiny head (16 wide: sections summing to 8).
+    "cohere_compass": {
+        "config": {
+            "text_config.rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+            }
+        }
+    },
     # Not in the processor mapping; its towers are Qwen3-VL's (vision and text sub-configs), and so is its processor.
     "cosmos3_omni": {"processor_class": "Qwen3VLProcessor"},
     # The language model is always a mixture of experts, but its default config leaves the expert counts unset.

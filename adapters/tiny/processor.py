@@ -49,6 +49,7 @@ _NAMED_TOKEN = re.compile(
     r"""tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b|getattr\(tokenizer, "([a-z][a-z0-9_]*?_token)", None\)"""
 )
 _LITERAL_TOKEN = re.compile(r"""["'](<\|?[A-Za-z][\w\-./:|]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
+_WRITTEN_TOKEN = re.compile(r"""self\.([a-z][a-z0-9_]*_token) = ["']([^"'\s]+)["']""")
 _ADDED_TOKEN = re.compile(r"self\.([a-z_]+_token)\.content")
 # Processor arguments whose config key has another name.
 _CONFIG_ALIASES = {
@@ -124,7 +125,12 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
         for name, parameter in inspect.signature(cls.__init__).parameters.items()
         if isinstance(parameter.default, str) and name.endswith("_token")
     }
-    named = {name: defaults.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)}
+    # A processor that writes its own literal (`self.image_token = "<|IMAGE_PAD|>"`) yet counts by the tokenizer's
+    # `image_token_id` (Cohere Compass) needs the two to be the same token.
+    written = dict(_WRITTEN_TOKEN.findall(source))
+    named = {
+        name: defaults.get(name) or written.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)
+    }
     literals = sorted(set(_LITERAL_TOKEN.findall(source)) | {v for k, v in defaults.items() if k not in named})
     return named, literals
 

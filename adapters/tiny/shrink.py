@@ -300,7 +300,18 @@ def _fix_feature_layers(config: dict[str, Any], depth: int) -> None:
 
 
 def _shrink_rope(config: dict[str, Any], rotary_sections: bool) -> None:
+    """M-RoPE sections summing to half the rotated width, in the rope parameters or in each layer type's."""
     rope = config["rope_parameters"]
+    if not rope:  # the modeling code's defaults, or per-layer-type parameters the override table states
+        return
+    if all(isinstance(value, dict) for value in rope.values()):  # {"full_attention": {...}, ...}
+        for parameters in rope.values():
+            _shrink_rope_parameters(config, parameters, rotary_sections)
+    else:
+        _shrink_rope_parameters(config, rope, rotary_sections)
+
+
+def _shrink_rope_parameters(config: dict[str, Any], rope: dict[str, Any], rotary_sections: bool) -> None:
     head_dim = config.get("head_dim") or TEXT_WIDTH // HEADS
     if isinstance(config.get("qk_rope_head_dim"), int):
         head_dim = config["qk_rope_head_dim"]
