@@ -119,6 +119,7 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
     if cls is None:
         raise TinyBuildError(f"{arch}: transformers maps it to no processor class")
     named, literals = processor_special_tokens(cls)
+    named |= override.get("named_tokens", {})
     own = [f"<|{stem}|>" for stem in _own_token_stems(default)]
     tokenizer = tokenizer_for(named, literals, own + override.get("tokens", []), placeholder="")
     config = shrink_config_dict(default, len(tokenizer), rotary_sections=_uses_rotary_sections(arch, default))
@@ -128,6 +129,8 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
     vocab_size = len(tokenizer)
     processor = tiny_processor(cls, arch, config, vision, tokenizer, override)
     _resize_vocab(config, vocab_size, len(tokenizer))  # a processor may add tokens (Kosmos-2's patch indices)
+    if "vocabulary_map" in config:  # token -> id, where Chameleon and Emu3 find their image tokens and VQ codes
+        config["vocabulary_map"] = tokenizer.get_vocab()
     _wire_token_ids(config, tokenizer, processor)
     _set_dotted(config, settings)
     placeholder = image_placeholder(processor, config, override.get("placeholder"))

@@ -7,6 +7,8 @@ Keys of an entry (all optional):
     processor_class: the processor class name where transformers maps the architecture to none.
     processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
     tokens: extra special tokens for the tokenizer.
+    named_tokens: named tokens of the tokenizer (`{"image_token": "<image>"}`) where the processor's defaults are not
+        what the model looks for.
     placeholder: what the chat template writes for an image, where the processor's image token is not it.
     unavailable: the one-line reason the architecture cannot be built offline.
 """
@@ -19,6 +21,8 @@ __all__ = ["OVERRIDES"]
 
 # LLaVA's default tower is CLIP: one CLS token the processor must count before the "default" strategy drops it.
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
+# VQ codes a model maps into its vocabulary by token name (`vocabulary_map`): the tiny codebook's 64 codes.
+_CODES = range(64)
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     # Images and audio are VQ codes written into the vocabulary at fixed offsets, the ranges back to back and inside
@@ -31,6 +35,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "image_token_offset": 0,
             "audio_token_offset": 64,
         }
+    },
+    # The VQ-GAN's codes reach the language model by name: `IMGIMG` + the code's digits as letters (A = 0) + `Z`.
+    "chameleon": {
+        "config": {"vq_config.num_embeddings": len(_CODES)},
+        "tokens": ["IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z" for code in _CODES],
     },
     # Its rotary embedding reads parameters per layer type, which the default config leaves empty: the released
     # layout, with M-RoPE sections for the tiny head (16 wide: sections summing to 8).
@@ -54,6 +63,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # The sliding-window layers' head is the MLA query head: head_dim = qk_nope_head_dim + qk_rope_head_dim (16 + 16).
     # Its tower embeds single frames (a 2-D patch conv): the Qwen2-VL image processor must not pair frames.
     "dots3_note": {"config": {"text_config.head_dim": 32}, "image_processor": {"temporal_patch_size": 1}},
+    # The VQ-VAE's codes reach the language model by name (`<|visual token 000042|>`); the model finds images by
+    # `<image>` and ends code rows with `<|extra_200|>`. The VQ attention is as wide as the deepest channels (32 * 4).
+    "emu3": {
+        "config": {"vq_config.hidden_size": 128},
+        "named_tokens": {"image_token": "<image>"},
+        "tokens": ["<image>", "<|extra_200|>"] + [f"<|visual token {code:06d}|>" for code in _CODES],
+    },
     # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
     # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
     # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.

@@ -86,7 +86,7 @@ _FIXED = {
     "patch_embed_hidden_size": 3 * PATCH_SIZE**2,  # a flattened RGB patch (Pix2Struct, Kosmos-2.5)
     # Convolutional VQ image tokenizers (Chameleon, Emu3, Apertus 1.5) and audio codecs (WavTokenizer): one residual
     # block a resolution, channels a multiple of GroupNorm's 32 groups.
-    "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4,
+    "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
 }  # fmt: skip
 _PER_LAYER_LISTS = (
     "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
