@@ -86,6 +86,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm_ocr": {"processor_class": "Glm46VProcessor"},
     # Not in the processor mapping; a GLM-4.6V config (GLM-4.1V checkpoints) with its own image and video processors.
     "glmga": {"processor_class": "Glm46VProcessor"},
+    # The default config names no deepstack map nor Window Q-Former rate (the released ones do): tower layer -> LM
+    # layer pairs, and "1/2" (the spatial-offset groups halve the side); the Q-Former takes vision width // 64 heads,
+    # so the tower is 64 wide. The model drops the CLS before the Q-Former pools, so the pooled count the processor
+    # writes has no CLS to take off: its strategy is "full".
+    "granite4_vision": {
+        "processor": {"vision_feature_select_strategy": "full"},
+        "config": {
+            "downsample_rate": "1/2",
+            "deepstack_layer_map": [[-1, 0], [-2, 1]],
+            "vision_config.hidden_size": 64,
+        },
+    },
     # The processor writes its class-level 64 image tokens (no constructor argument sets or saves another count): the
     # resampler emits as many latent queries.
     "kosmos-2": {"config": {"latent_query_num": 64}},
@@ -125,6 +137,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # As Qwen2.5-Omni's thinker.
     "qwen3_omni_moe_thinker": {
         "config": {"vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>"}
+    },
+    # Its indexed-attention layers need the QSA indexer, which the default config leaves unset (one key head, a
+    # budget divisible by the compression ratio, an index head as wide as the rotated part).
+    "qwen4_exp": {
+        "config": {
+            "text_config.indexer_n_heads": 2,
+            "text_config.indexer_kv_heads": 1,
+            "text_config.indexer_head_dim": 16,
+            "text_config.indexer_budget": 16,
+            "text_config.indexer_compress_ratio": 4,
+        }
     },
     # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
     "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
