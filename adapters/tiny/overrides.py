@@ -52,6 +52,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # Not in the processor mapping; its towers are Qwen3-VL's (vision and text sub-configs), and so is its processor.
     "cosmos3_omni": {"processor_class": "Qwen3VLProcessor"},
+    # Its decoder reads a dense-or-sparse MLP kind a layer, which the default config leaves unset; the SAM stage's
+    # last downsampling width is the second encoder's width (32 after the shrink). That encoder appends a fixed 144
+    # learnt queries (12 x 12, the 768 px grid), which the processor counts as image / patch / 4 per side: 192 px.
+    "deepseek_ocr2": {
+        "config": {
+            "text_config.mlp_layer_types": ["dense", "sparse"],
+            "vision_config.sam_config.downsample_channels": [32, 32],
+            "vision_config.sam_config.image_size": 192,
+        },
+        "image_processor": {"crop_to_patches": False},
+    },
     # The language model is always a mixture of experts, but its default config leaves the expert counts unset.
     "diffusion_gemma": {
         "config": {
@@ -98,6 +109,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "vision_config.hidden_size": 64,
         },
     },
+    # The processor refuses an image token its chat template did not wrap in the image start and end tokens.
+    "hunyuan_vl": {"placeholder": "<|image_start|><|image|><|image_end|>"},
     # The processor writes its class-level 64 image tokens (no constructor argument sets or saves another count): the
     # resampler emits as many latent queries.
     "kosmos-2": {"config": {"latent_query_num": 64}},

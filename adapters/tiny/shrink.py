@@ -88,6 +88,7 @@ _FIXED = {
     # block a resolution, channels a multiple of GroupNorm's 32 groups.
     "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
 }  # fmt: skip
+_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 _PER_LAYER_LISTS = (
     "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
     "activation_sparsity_pattern",
@@ -191,6 +192,10 @@ def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> di
             config[key] = new
     for follower, leader in tied:
         config[follower] = config[leader]
+    if "head_dim" in config and config["head_dim"] is None and _is_int(config.get("num_attention_heads")):
+        config["head_dim"] = (VISION_WIDTH if vision else TEXT_WIDTH) // HEADS  # stated: HunYuan-VL reads it as is
+    if config.get("num_experts_per_tok", 0) is None and any(_is_int(config.get(key)) for key in _EXPERT_COUNTS):
+        config["num_experts_per_tok"] = EXPERTS_PER_TOKEN  # a router needs it (DeepSeek-OCR 2's default omits it)
     if mla_head:  # an MLA query head stays the sum of its parts (Mistral 4 rotates head_dim * partial factor)
         config["head_dim"] = _mla_query_head(config)
     return config
