@@ -132,6 +132,26 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "molmo2": {"config": {"adapter_config.vision_feature_layer": [-1, -2]}},
     # The top-level `out_hidden_size` is the tower's merged patch: vision width 32 * merge_size 2 ** 2.
     "muse_spark": {"config": {"out_hidden_size": 128}},
+    # The default tower is a placeholder timm ResNet without `model_args`; the released ones are timm's Perception
+    # Encoder ViT, shrunk through timm's own arguments (4 px patches of a 32 px tile, a CLS token), with the released
+    # 2x2 pooling of the projected tokens, which the processor counts; at most 4 tiles, not 36.
+    "perception_lm": {
+        "config": {
+            "vision_config.architecture": "vit_pe_core_large_patch14_336",
+            "vision_config.model_args": {
+                "embed_dim": 32,
+                "depth": 2,
+                "num_heads": 4,
+                "patch_size": 4,
+                "img_size": [32, 32],
+                "ref_feat_shape": [8, 8],
+                "class_token": True,
+            },
+            "projector_pooling_ratio": 2,
+        },
+        "processor": {"patch_size": 4, "pooling_ratio": 2},
+        "image_processor": {"max_num_tiles": 4},
+    },
     # The thinker's M-RoPE finds images by `vision_start_token_id`, a field its config class lacks (the released
     # thinker_config.json adds it): the processor's vision_bos token.
     "qwen2_5_omni_thinker": {
