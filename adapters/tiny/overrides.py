@@ -93,6 +93,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "processor": {"patch_size": 64},
         "image_processor": {"size": {"shortest_edge": 128}, "crop_size": {"height": 128, "width": 128}},
     },
+    # Its tower is timm's MobileNet-V5 encoder, which fixes its output: 2048 wide (the fusion adapter), 16 x 16 soft
+    # tokens. What shrinks is the channels of its ~80 blocks (timm's channel_multiplier).
+    "gemma3n": {
+        "config": {
+            "vision_config.hidden_size": 2048,
+            "vision_config.model_args": {"channel_multiplier": 0.0625},
+        }
+    },
     # Not in the processor mapping; zai-org/GLM-OCR ships GLM-4.6V's processor.
     "glm_ocr": {"processor_class": "Glm46VProcessor"},
     # Not in the processor mapping; a GLM-4.6V config (GLM-4.1V checkpoints) with its own image and video processors.

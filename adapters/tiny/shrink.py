@@ -89,9 +89,10 @@ _FIXED = {
     "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
 }  # fmt: skip
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+_PER_LAYER_SIZES = ("intermediate_size",)  # an int, or a list of one per layer
 _PER_LAYER_LISTS = (
-    "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
-    "activation_sparsity_pattern",
+    *_PER_LAYER_SIZES, "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers",
+    "layer_rope_theta", "activation_sparsity_pattern",
 )  # fmt: skip
 _LAYER_INDEX_LISTS = (
     "full_attn_idxs", "fullatt_block_indexes", "deepstack_visual_indexes", "global_attn_indexes", "moe_layers",
@@ -211,7 +212,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
-    """The tiny value of one scalar field, or None to keep it."""
+    """The tiny value of one scalar field (or of each entry of a per-layer list of sizes: Gemma 3n's
+    `intermediate_size`), or None to keep it."""
+    if isinstance(value, list) and value and all(_is_int(entry) for entry in value) and key in _PER_LAYER_SIZES:
+        shrunk = [_shrunk_value(key, entry, vision, vocab_size) for entry in value]
+        return [entry if new is None else new for entry, new in zip(value, shrunk, strict=True)]
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     width = VISION_WIDTH if vision else TEXT_WIDTH
