@@ -33,7 +33,7 @@ from vugen_adapters.tiny.processor import (
     tiny_processor,
     tokenizer_for,
 )
-from vugen_adapters.tiny.shrink import is_sub_config, is_vision_role, shrink_config_dict
+from vugen_adapters.tiny.shrink import VOCAB_KEYS, is_sub_config, is_vision_role, shrink_config_dict
 from vugen_adapters.tiny.verify import image_tokens_per_image, observed_image_token
 
 __all__ = ["ARCHITECTURES", "TinyBuildError", "build_tiny_architecture", "tiny_architecture"]
@@ -305,7 +305,7 @@ def _resize_vocab(config: dict[str, Any], old: int, new: int) -> None:
     for key, value in config.items():
         if is_sub_config(key, value):
             _resize_vocab(value, old, new)
-        elif key in ("vocab_size", "vocab_size_per_layer_input") and value == old:
+        elif key in VOCAB_KEYS and value == old:
             config[key] = new
 
 

@@ -21,6 +21,8 @@ __all__ = ["OVERRIDES"]
 
 # LLaVA's default tower is CLIP: one CLS token the processor must count before the "default" strategy drops it.
 _CLIP_CLS = {"processor": {"num_additional_image_tokens": 1}}
+# Inkling 2's image processor `size` is one merged patch (patch 4 x merge 2 = 8 px), not the image.
+_INKLING2 = {"image_processor": {"size": {"height": 8, "width": 8}}}
 # VQ codes a model maps into its vocabulary by token name (`vocabulary_map`): the tiny codebook's 64 codes.
 _CODES = range(64)
 
@@ -119,6 +121,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # The processor refuses an image token its chat template did not wrap in the image start and end tokens.
     "hunyuan_vl": {"placeholder": "<|image_start|><|image|><|image_end|>"},
+    "inkling2": _INKLING2,
+    "inkling2_loop": _INKLING2,
     # The processor writes its class-level 64 image tokens (no constructor argument sets or saves another count): the
     # resampler emits as many latent queries.
     "kosmos-2": {"config": {"latent_query_num": 64}},

@@ -20,6 +20,7 @@ __all__ = [
     "PATCH_SIZE",
     "TEXT_WIDTH",
     "VISION_WIDTH",
+    "VOCAB_KEYS",
     "is_sub_config",
     "is_vision_role",
     "shrink_config_dict",
@@ -88,6 +89,8 @@ _FIXED = {
     # block a resolution, channels a multiple of GroupNorm's 32 groups.
     "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
 }  # fmt: skip
+# The text vocabulary, wherever a config repeats it (Inkling 2's head is `unpadded_vocab_size` wide).
+VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size")
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 _PER_LAYER_SIZES = ("intermediate_size",)  # an int, or a list of one per layer
 _PER_LAYER_LISTS = (
@@ -235,7 +238,7 @@ def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
             return min(value, tiny) if value > 0 else None
     if key in _FIXED:
         return min(value, _FIXED[key]) if value > 0 else None
-    if key in ("vocab_size", "vocab_size_per_layer_input") and not vision:
+    if key in VOCAB_KEYS and not vision:
         return vocab_size
     if key == "qk_head_dim":
         return 2 * (width // HEADS)  # nope + rope
