@@ -9,7 +9,8 @@ Keys of an entry (all optional):
     tokens: extra special tokens for the tokenizer.
     named_tokens: named tokens of the tokenizer (`{"image_token": "<image>"}`) where the processor's defaults are not
         what the model looks for.
-    placeholder: what the chat template writes for an image, where the processor's image token is not it.
+    placeholder: what the chat template writes for an image, where the processor's image token is not it ("" where
+        the processor writes the image token itself).
     unavailable: the one-line reason the architecture cannot be built offline.
 """
 
@@ -83,6 +84,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "named_tokens": {"image_token": "<image>"},
         "tokens": ["<image>", "<|extra_200|>"] + [f"<|visual token {code:06d}|>" for code in _CODES],
     },
+    # Its video processor draws timestamps with a font file it cannot find offline; images need no drawing.
+    "ernie4_5_vl_moe": {"video_processor": {"draw_on_frames": False}},
     # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
     # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
     # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.
@@ -95,6 +98,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "processor": {"patch_size": 64},
         "image_processor": {"size": {"shortest_edge": 128}, "crop_size": {"height": 128, "width": 128}},
     },
+    # The processor looks its image and row-break tokens up by name in the vocabulary, and puts the image token in
+    # front of every prompt itself: the chat template writes none.
+    "fuyu": {"tokens": ["|SPEAKER|", "|NEWLINE|"], "placeholder": ""},
     # Its tower is timm's MobileNet-V5 encoder, which fixes its output: 2048 wide (the fusion adapter), 16 x 16 soft
     # tokens. What shrinks is the channels of its ~80 blocks (timm's channel_multiplier).
     "gemma3n": {
