@@ -251,6 +251,7 @@ def _is_token_field(key: str, value: Any) -> bool:
 def _wire_token_ids(config: dict[str, Any], tokenizer: Any, processor: Any) -> None:
     """Point every special-token id field of the config into the tiny vocabulary."""
     _wire_roles(config, tokenizer)
+    _wire_unset_ids(config, processor)
     for path, stem in _token_fields(config).items():
         *parents, key = path.split(".")
         owner = config
@@ -260,6 +261,15 @@ def _wire_token_ids(config: dict[str, Any], tokenizer: Any, processor: Any) -> N
             owner[key] = [_token_id(f"{stem}_{i}", tokenizer, processor) for i in range(len(owner[key]))]
         else:
             owner[key] = _token_id(stem, tokenizer, processor)
+
+
+def _wire_unset_ids(config: dict[str, Any], processor: Any) -> None:
+    """Unset top-level token-id fields (`image_token_id: null`, NemotronH Omni's default) set to the processor's."""
+    for key, value in config.items():
+        if value is None and key.endswith("_token_id") and key not in _ROLE_FIELDS:
+            index = getattr(processor, key, None)
+            if isinstance(index, int):
+                config[key] = index
 
 
 def _wire_roles(config: dict[str, Any], tokenizer: Any) -> None:

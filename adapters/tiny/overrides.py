@@ -6,6 +6,7 @@ Keys of an entry (all optional):
         field may name its token (`"vision_start_token_id": "<|vision_bos|>"`) for the tiny tokenizer's id.
     processor_class: the processor class name where transformers maps the architecture to none.
     processor, image_processor, video_processor, feature_extractor: arguments of those constructors.
+    sub_processor_classes: sub-processor attribute -> class name, where no mapping names one.
     tokens: extra special tokens for the tokenizer.
     named_tokens: named tokens of the tokenizer (`{"image_token": "<image>"}`) where the processor's defaults are not
         what the model looks for.
@@ -84,8 +85,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "named_tokens": {"image_token": "<image>"},
         "tokens": ["<image>", "<|extra_200|>"] + [f"<|visual token {code:06d}|>" for code in _CODES],
     },
-    # Its video processor draws timestamps with a font file it cannot find offline; images need no drawing.
-    "ernie4_5_vl_moe": {"video_processor": {"draw_on_frames": False}},
+    # Its video processor draws timestamps with a font file it cannot find offline; images need no drawing. Its
+    # M-RoPE interleaves the height and width sections, which must be equal (the released [22, 22, 20]).
+    "ernie4_5_vl_moe": {
+        "video_processor": {"draw_on_frames": False},
+        "config": {"text_config.rope_parameters.mrope_section": [3, 3, 2]},
+    },
     # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
     # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
     # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.
@@ -150,6 +155,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "molmo2": {"config": {"adapter_config.vision_feature_layer": [-1, -2]}},
     # The top-level `out_hidden_size` is the tower's merged patch: vision width 32 * merge_size 2 ** 2.
     "muse_spark": {"config": {"out_hidden_size": 128}},
+    # Its processor requires a feature extractor, which no mapping names: its sound encoder is Parakeet's.
+    "nemotron_h_omni": {"sub_processor_classes": {"feature_extractor": "ParakeetFeatureExtractor"}},
     # The default tower is a placeholder timm ResNet without `model_args`; the released ones are timm's Perception
     # Encoder ViT, shrunk through timm's own arguments (4 px patches of a 32 px tile, a CLS token), with the released
     # 2x2 pooling of the projected tokens, which the processor counts; at most 4 tiles, not 36.

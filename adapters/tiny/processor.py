@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any
 
+import transformers
 from transformers import BaseImageProcessor, BaseVideoProcessor, FeatureExtractionMixin, ProcessorMixin
 from transformers.image_utils import SizeDict
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -239,14 +240,16 @@ def tiny_processor(
         config: the shrunk serialized config: `__init__` arguments named like a config key take its value.
         vision: the shrunk vision sub-config (image and patch sizes).
         tokenizer: the tiny tokenizer.
-        settings: overrides: `processor` (init arguments), `image_processor` and `video_processor` (their arguments).
+        settings: overrides: `processor` (init arguments), `image_processor` and `video_processor` (their arguments),
+            `sub_processor_classes` (attribute -> class name, where no mapping names one).
     """
     parts: dict[str, Any] = {}
     for attribute in cls.get_attributes():
         if "tokenizer" in attribute:
             parts[attribute] = tokenizer
             continue
-        sub_class = sub_processor_class(attribute, model_type, cls)
+        named = settings.get("sub_processor_classes", {}).get(attribute)
+        sub_class = getattr(transformers, named) if named else sub_processor_class(attribute, model_type, cls)
         if sub_class is None:
             raise LookupError(f"no {attribute} class for {model_type}")
         parts[attribute] = (

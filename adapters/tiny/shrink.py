@@ -92,6 +92,8 @@ _FIXED = {
 # The text vocabulary, wherever a config repeats it (Inkling 2's head is `unpadded_vocab_size` wide).
 VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size")
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+# Per-layer kinds the shrunk depth holds one layer of each (NemotronH's mamba / attention / MoE / MLP blocks).
+_KIND_LISTS = ("layer_types", "layers_block_type", "mlp_layer_types")
 _PER_LAYER_SIZES = ("intermediate_size",)  # an int, or a list of one per layer
 _PER_LAYER_LISTS = (
     *_PER_LAYER_SIZES, "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers",
@@ -147,7 +149,7 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
         if is_sub_config(key, value):
             _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
     _shrink_scalars(config, vision, vocab_size)
-    depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
+    depth = max([DEPTH] + [len(_kinds(config[key])) for key in _KIND_LISTS if isinstance(config.get(key), list)])
     if isinstance(config.get("depths"), list) and len(config["depths"]) == old_depth:  # a pyramid: a layer a stage
         depth = old_depth
         _shrink_stages(config, VISION_WIDTH if vision else TEXT_WIDTH)
