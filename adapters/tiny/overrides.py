@@ -40,6 +40,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "audio_token_offset": 64,
         }
     },
+    # The processor resizes only to 490 or 980 px and the projector knows only the real patch counts (1225 patches
+    # -> 128 queries): 490 px images in 14 px patches, which a 32-wide two-layer tower runs in a blink.
+    "aria": {
+        "config": {"vision_config.image_size": 490, "vision_config.patch_size": 14},
+        "image_processor": {"max_image_size": 490, "min_image_size": 490},
+    },
     # The VQ-GAN's codes reach the language model by name: `IMGIMG` + the code's digits as letters (A = 0) + `Z`.
     "chameleon": {
         "config": {"vq_config.num_embeddings": len(_CODES)},
@@ -91,6 +97,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "video_processor": {"draw_on_frames": False},
         "config": {"text_config.rope_parameters.mrope_section": [3, 3, 2]},
     },
+    # The mapping lists a protein-text model: nothing for a VLM wrapper to read images with.
+    "evolla": {"unavailable": "EvollaForProteinText2Text reads protein sequences, not images"},
     # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
     # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
     # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.
@@ -186,12 +194,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_vl": {"config": {"vision_config.hidden_size": 64}},
     # PaliGemma's tower projects to `projection_dim`, which feeds the language model directly.
     "paligemma": {"config": {"vision_config.projection_dim": 64}},
-    # The processor refuses any max_image_size but 490 or 980 px: thousands of patches for a tiny tower, and a
-    # projector that only knows the real patch counts.
-    "aria": {
-        "unavailable": "AriaImageProcessor resizes only to 490 or 980 px (max_image_size), too large for a tiny "
-        "tower, and the projector knows only the real patch counts (projector_patch_to_query_dict)"
-    },
     # As Qwen2.5-Omni's thinker.
     "qwen3_omni_moe_thinker": {
         "config": {"vision_start_token_id": "<|vision_bos|>", "vision_end_token_id": "<|vision_eos|>"}

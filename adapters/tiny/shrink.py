@@ -104,6 +104,7 @@ _LAYER_INDEX_LISTS = (
     "cross_attention_layers", "intermediate_layers_indices", "spatial_target_layers", "kv_source_layers",
     "rope_scaling_layers", "ple_layer_ids", "mlp_only_layers",
 )  # fmt: skip
+_TEXT_ROLES = ("text", "llm", "language", "decoder", "dit")
 _VISION_ROLES = ("vision", "visual", "vit", "siglip", "clip", "sam", "encoder", "audio", "vq", "perceiver", "qformer")
 # Serialized dicts that are data, not sub-configs.
 _NOT_SUB_CONFIGS = (
@@ -136,7 +137,7 @@ def shrink_config_dict(config: dict[str, Any], vocab_size: int, rotary_sections:
 
 def is_vision_role(key: str, value: dict[str, Any]) -> bool:
     """Whether the sub-config `value` under `key` is a vision, audio, VQ or resampler tower (narrow widths)."""
-    if any(word in key for word in ("text", "llm", "language", "decoder", "dit")):
+    if any(word in key for word in _TEXT_ROLES):
         return False
     name = f"{key} {value.get('model_type') or ''}"
     return any(word in name for word in _VISION_ROLES)
@@ -147,7 +148,8 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
     old_layer_types = config.get("layer_types") if isinstance(config.get("layer_types"), list) else None
     for key, value in list(config.items()):
         if is_sub_config(key, value):
-            _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
+            text = any(word in key for word in _TEXT_ROLES)  # T5Gemma 2's encoder.text_config is a text model
+            _shrink(value, not text and (vision or is_vision_role(key, value)), vocab_size, rotary_sections)
     _shrink_scalars(config, vision, vocab_size)
     depth = max([DEPTH] + [len(_kinds(config[key])) for key in _KIND_LISTS if isinstance(config.get(key), list)])
     if isinstance(config.get("depths"), list) and len(config["depths"]) == old_depth:  # a pyramid: a layer a stage
