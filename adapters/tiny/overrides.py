@@ -159,8 +159,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "unavailable": "Mistral4ForCausalLM reads no image (Mistral Small 4 checkpoints are mistral3 with a mistral4 "
         "text_config)"
     },
-    # The adapter reads tower layers counted without the embeddings (index < depth), two of them.
-    "molmo2": {"config": {"adapter_config.vision_feature_layer": [-1, -2]}},
+    # The adapter reads tower layers counted without the embeddings (index < depth), two of them. Its crops overlap
+    # by margins of patches, 4 a side of a 27-patch crop: 1 of the tiny 8-patch crop, and a couple of crops. The
+    # adapter's `hidden_size` is the tower's width.
+    "molmo2": {
+        "config": {"adapter_config.vision_feature_layer": [-1, -2], "adapter_config.hidden_size": 32},
+        "image_processor": {"overlap_margins": [1, 1], "max_crops": 2},
+    },
     # The top-level `out_hidden_size` is the tower's merged patch: vision width 32 * merge_size 2 ** 2.
     "muse_spark": {"config": {"out_hidden_size": 128}},
     # Its processor requires a feature extractor, which no mapping names: its sound encoder is Parakeet's.

@@ -95,6 +95,7 @@ _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_n
 # Per-layer kinds the shrunk depth holds one layer of each (NemotronH's mamba / attention / MoE / MLP blocks).
 _KIND_LISTS = ("layer_types", "layers_block_type", "mlp_layer_types")
 _PER_LAYER_SIZES = ("intermediate_size",)  # an int, or a list of one per layer
+_LIST_SIZES = (*_PER_LAYER_SIZES, "image_size", "patch_size")  # sizes that may be lists
 _PER_LAYER_LISTS = (
     *_PER_LAYER_SIZES, "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers",
     "layer_rope_theta", "activation_sparsity_pattern",
@@ -219,9 +220,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
-    """The tiny value of one scalar field (or of each entry of a per-layer list of sizes: Gemma 3n's
-    `intermediate_size`), or None to keep it."""
-    if isinstance(value, list) and value and all(_is_int(entry) for entry in value) and key in _PER_LAYER_SIZES:
+    """The tiny value of one scalar field (or of each entry of a list of sizes: Gemma 3n's per-layer
+    `intermediate_size`, Molmo 2's [height, width] `image_size`), or None to keep it."""
+    if isinstance(value, list) and value and all(_is_int(entry) for entry in value) and key in _LIST_SIZES:
         shrunk = [_shrunk_value(key, entry, vision, vocab_size) for entry in value]
         return [entry if new is None else new for entry, new in zip(value, shrunk, strict=True)]
     if not isinstance(value, int) or isinstance(value, bool):
