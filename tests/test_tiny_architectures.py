@@ -29,6 +29,8 @@ SAMPLE = {
     "shieldgemma2": "Gemma3 pooling: image_seq_length measured from the vision path (boi token as placeholder)",
     "idefics2": "perceiver resampler sub-config, image_seq_len measured from the model",
     "git": "no chat template on the processor class: the tokenizer's; no get_image_features",
+    "gemma4": "per-layer config overrides re-keyed onto the shrunk layers; a text-only default gets its vision config",
+    "chameleon": "VQ image codes reach the LM by name: vocabulary_map is the tiny tokenizer's vocabulary",
 }
 TEXT_WIDTH_BOUND = 64
 PARAMETER_BOUND = 2_000_000
@@ -71,9 +73,9 @@ def test_unknown_name_is_one_line_naming_the_choices(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_architecture_without_offline_processor_says_why_in_one_line(tmp_path):
-    """mistral4 maps to no processor class in transformers: refused before anything is written."""
-    with pytest.raises(TinyBuildError, match=r"^mistral4: .*no processor class") as error:
+def test_architecture_that_cannot_be_built_says_why_in_one_line(tmp_path):
+    """mistral4 maps to a text-only causal LM: refused, with the reason, before anything is written."""
+    with pytest.raises(TinyBuildError, match=r"^mistral4: .*reads no image") as error:
         build_tiny_vlm("mistral4", tmp_path / "m")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "m").exists()

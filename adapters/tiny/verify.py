@@ -104,6 +104,8 @@ def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, in
     """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
     when the model has no `get_image_features` that takes the image processor's output alone."""
     inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    if isinstance(inputs, torch.Tensor):  # IDEFICS' image processor returns bare pixels, for its cross-attention
+        return None
     try:
         with torch.no_grad():
             features = _image_features(model, inputs)
