@@ -216,9 +216,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # Step3p7's image processor `patch_size` is a crop edge in pixels (504), not the tower's patch.
     "step3p7": {"image_processor": {"patch_size": 32, "max_image_size": 64}},
-    # Its LayoutLMv3 image processor refuses to exist without pytesseract (the survey machine has none: the build
-    # says so); where it is installed, no OCR: the words come with the text.
-    "udop": {"image_processor": {"apply_ocr": False}},
+    # Its LayoutLMv3 image processor needs pytesseract for OCR only: off, the words come with the text. The model
+    # starts decoding from `decoder_start_token_id`, which its config class lacks: the pad token, as T5's.
+    "udop": {"image_processor": {"apply_ocr": False}, "config": {"decoder_start_token_id": "<|endoftext|>"}},
     # Not in the processor mapping (any encoder with any decoder); its default pair, ViT with a BERT decoder, is
     # TrOCR's. The model shifts labels right by the pad and start ids, which a user sets on the top-level config.
     "vision-encoder-decoder": {
