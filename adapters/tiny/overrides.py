@@ -161,9 +161,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # The adapter reads tower layers counted without the embeddings (index < depth), two of them. Its crops overlap
     # by margins of patches, 4 a side of a 27-patch crop: 1 of the tiny 8-patch crop, and a couple of crops. The
-    # adapter's `hidden_size` is the tower's width.
+    # adapter's `hidden_size` is the tower's width. The processor writes its image tokens by name (`<im_patch>`).
     "molmo2": {
-        "config": {"adapter_config.vision_feature_layer": [-1, -2], "adapter_config.hidden_size": 32},
+        "config": {
+            "adapter_config.vision_feature_layer": [-1, -2],
+            "adapter_config.hidden_size": 32,
+            "image_patch_id": "<im_patch>",
+            "image_start_token_id": "<im_start>",
+            "low_res_image_start_token_id": "<low_res_im_start>",
+            "image_end_token_id": "<im_end>",
+            "frame_start_token_id": "<frame_start>",
+            "frame_end_token_id": "<frame_end>",
+        },
         "image_processor": {"overlap_margins": [1, 1], "max_crops": 2},
     },
     # The top-level `out_hidden_size` is the tower's merged patch: vision width 32 * merge_size 2 ** 2.
