@@ -132,11 +132,12 @@ def observed_image_token(processor: Any) -> int | None:
     return max(repeated)[1] if repeated else None
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The pooled features, else the first tensor met depth first (Granite 4 Vision returns its features only as
+    `deepstack_features`, (layer, [tensor]) pairs); None without any."""
     if isinstance(value, torch.Tensor):
         return value
     if hasattr(value, "pooler_output") and isinstance(value.pooler_output, (torch.Tensor, list, tuple)):
         return _first_tensor(value.pooler_output)
-    if isinstance(value, dict):
-        value = list(value.values())
-    return _first_tensor(value[0])
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((tensor for tensor in map(_first_tensor, items) if tensor is not None), None)
