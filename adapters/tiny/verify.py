@@ -52,7 +52,7 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
         image_size: (height, width) of the random test image.
 
     Raises:
-        AssertionError: the loss is not finite.
+        AssertionError: the forward computes no loss, or a non-finite one.
         Exception: whatever transformers raises on a mismatch (image-token count, missing inputs, ...).
     """
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
@@ -69,6 +69,8 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     with torch.no_grad():
         output = model(**inputs)
         features = _image_features(model, inputs)
+    if getattr(output, "loss", None) is None:  # DiffusionGemma's block-diffusion forward takes no labels
+        raise AssertionError(f"{type(model).__name__}.forward computes no loss from labels")
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
     shape = tuple(features.shape) if features is not None else ()
