@@ -74,7 +74,8 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
     shape = tuple(features.shape) if features is not None else ()
-    return TinyCheck(loss, model.num_parameters(), inputs["input_ids"].shape[-1], shape)
+    tokens = inputs["input_ids"] if "input_ids" in inputs else inputs["labels"]  # TrOCR's processor: labels only
+    return TinyCheck(loss, model.num_parameters(), tokens.shape[-1], shape)
 
 
 def _random_image(size: tuple[int, int]) -> Image.Image:
