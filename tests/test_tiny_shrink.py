@@ -48,6 +48,7 @@ def test_pyramid_keeps_a_layer_a_stage():
         ("molmo2", ("vision_config", "image_size"), [IMAGE_SIZE] * 2),  # [height, width]
         ("kosmos-2.5", ("vision_config", "patch_embed_hidden_size"), 3 * PATCH_SIZE**2),  # a flattened patch
         ("t5gemma2", ("encoder", "text_config", "hidden_size"), TEXT_WIDTH),  # a text model under "encoder"
+        ("hunyuan_vl", ("vision_config", "max_image_size"), 2 * IMAGE_SIZE),  # sizes the position table (8M)
         # one layer of each block kind, attention included (two layers held only mamba and MoE)
         ("nemotron_h_omni", ("text_config", "layers_block_type"), ["linear_attention", "moe", "full_attention", "mlp"]),
     ],

@@ -34,7 +34,9 @@ IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8x8 patches: a handful of image tokens after a
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2
 
 # key -> value as a function of the sub-config's width W. One table: a key means the same in every config.
-_WIDTH = ("hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size")
+_WIDTH = (
+    "hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size", "mm_embed_dim", "output_proj_dims",
+)  # fmt: skip
 _FFN = (
     "intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "mlp_dim", "intermediate_size_mlp",
     "dense_intermediate_size", "shared_intermediate_size", "decoder_intermediate_size",
@@ -82,6 +84,9 @@ _FIXED = {
     "interleave_moe_layer_step": 1, "index_topk": 16, "num_query_tokens": 4, "latent_query_num": 4,
     "resampler_n_latents": 4, "resampler_num_latents": 4, "num_kv_shared_layers": 0, "max_window_layers": DEPTH,
     "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_position_embeddings": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+    # the largest images a tower's position table covers: the processor's up to 2x2 tiny images
+    "max_image_size": 2 * IMAGE_SIZE, "max_img_size": 2 * IMAGE_SIZE, "min_image_size": IMAGE_SIZE,
+    "mm_posemb_size": 4 * IMAGE_SIZE // PATCH_SIZE,
     "mm_tokens_per_image": 16, "projection_dim": VISION_WIDTH, "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
     "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
     "patch_embed_hidden_size": 3 * PATCH_SIZE**2,  # a flattened RGB patch (Pix2Struct, Kosmos-2.5)
