@@ -33,7 +33,7 @@ from vugen_adapters.tiny.processor import (
     tiny_processor,
     tokenizer_for,
 )
-from vugen_adapters.tiny.shrink import is_sub_config, is_vision_role, shrink_config_dict
+from vugen_adapters.tiny.shrink import VOCAB_KEYS, is_sub_config, is_vision_role, shrink_config_dict
 from vugen_adapters.tiny.verify import image_tokens_per_image, observed_image_token
 
 __all__ = ["ARCHITECTURES", "TinyBuildError", "build_tiny_architecture", "tiny_architecture"]
@@ -116,20 +116,26 @@ def _one_line(arch: str) -> Iterator[None]:
 
 def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, ProcessorMixin]:
     config_class = CONFIG_MAPPING[arch]
-    default = config_class().to_dict()
+    default = _with_vision_config(config_class)
     cls = processor_class(arch, override.get("processor_class"))
     if cls is None:
         raise TinyBuildError(f"{arch}: transformers maps it to no processor class")
     named, literals = processor_special_tokens(cls)
+    named |= override.get("named_tokens", {})
     own = [f"<|{stem}|>" for stem in _own_token_stems(default)]
     tokenizer = tokenizer_for(named, literals, own + override.get("tokens", []), placeholder="")
     config = shrink_config_dict(default, len(tokenizer), rotary_sections=_uses_rotary_sections(arch, default))
-    _set_dotted(config, override.get("config", {}))
+    settings = _token_names_resolved(override.get("config", {}), tokenizer)
+    _set_dotted(config, settings)
     vision = _vision_config(config)
+    vocab_size = len(tokenizer)
     processor = tiny_processor(cls, arch, config, vision, tokenizer, override)
+    _resize_vocab(config, vocab_size, len(tokenizer))  # a processor may add tokens (Kosmos-2's patch indices)
+    if "vocabulary_map" in config:  # token -> id, where Chameleon and Emu3 find their image tokens and VQ codes
+        config["vocabulary_map"] = tokenizer.get_vocab()
     _wire_token_ids(config, tokenizer, processor)
-    _set_dotted(config, override.get("config", {}))
-    placeholder = image_placeholder(processor, config, override.get("placeholder"))
+    _set_dotted(config, settings)
+    placeholder = override.get("placeholder", image_placeholder(processor, config, None))
     processor.chat_template = tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
     counted = _counted_settings(processor)
     if counted:  # the processor expands an image into a fixed count of tokens: the count the tiny vision path emits
@@ -143,6 +149,15 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
             processor.chat_template = tokenizer.chat_template
     _wire_observed_image_token(config, processor, override)
     return AutoModelForImageTextToText.from_config(config_class.from_dict(config)), processor
+
+
+def _with_vision_config(config_class: type) -> dict[str, Any]:
+    """The default config serialized, its vision sub-config filled in where the default is text-only (Gemma 4)."""
+    config = config_class().to_dict()
+    for key, sub_class in getattr(config_class, "sub_configs", {}).items():
+        if config.get(key) is None and "vision" in key and hasattr(sub_class, "model_type") and sub_class.model_type:
+            config[key] = sub_class().to_dict()
+    return config
 
 
 def _wire_observed_image_token(config: dict[str, Any], processor: ProcessorMixin, override: dict[str, Any]) -> None:
@@ -163,7 +178,10 @@ def _counted_settings(processor: ProcessorMixin) -> dict[str, list[str]]:
     """The count-of-image-tokens arguments of the processor (`__init__` arguments or class-level defaults) and of its
     image processor (instance attributes): {"processor": [...], "image_processor": [...]}."""
     cls = type(processor)
-    accepted = set(inspect.signature(cls.__init__).parameters) | set(vars(cls))
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = set(parameters)
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        accepted |= set(vars(cls))  # a class-level default the constructor takes as a keyword (and saves)
     image_processor = getattr(processor, "image_processor", None)
     counted = {
         "processor": [name for name in _COUNT_ARGUMENTS if name in accepted],
@@ -237,6 +255,7 @@ def _is_token_field(key: str, value: Any) -> bool:
 def _wire_token_ids(config: dict[str, Any], tokenizer: Any, processor: Any) -> None:
     """Point every special-token id field of the config into the tiny vocabulary."""
     _wire_roles(config, tokenizer)
+    _wire_unset_ids(config, processor)
     for path, stem in _token_fields(config).items():
         *parents, key = path.split(".")
         owner = config
@@ -246,6 +265,15 @@ def _wire_token_ids(config: dict[str, Any], tokenizer: Any, processor: Any) -> N
             owner[key] = [_token_id(f"{stem}_{i}", tokenizer, processor) for i in range(len(owner[key]))]
         else:
             owner[key] = _token_id(stem, tokenizer, processor)
+
+
+def _wire_unset_ids(config: dict[str, Any], processor: Any) -> None:
+    """Unset top-level token-id fields (`image_token_id: null`, NemotronH Omni's default) set to the processor's."""
+    for key, value in config.items():
+        if value is None and key.endswith("_token_id") and key not in _ROLE_FIELDS:
+            index = getattr(processor, key, None)
+            if isinstance(index, int):
+                config[key] = index
 
 
 def _wire_roles(config: dict[str, Any], tokenizer: Any) -> None:
@@ -284,6 +312,25 @@ def _vision_config(config: dict[str, Any]) -> dict[str, Any]:
             if nested is not value:
                 return nested
     return config
+
+
+def _resize_vocab(config: dict[str, Any], old: int, new: int) -> None:
+    """Every `vocab_size` of the tiny tokenizer's old length set to its new one."""
+    for key, value in config.items():
+        if is_sub_config(key, value):
+            _resize_vocab(value, old, new)
+        elif key in VOCAB_KEYS and value == old:
+            config[key] = new
+
+
+def _token_names_resolved(values: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Override values of token-id fields given as token strings (`"<|vision_bos|>"`) turned into the tiny ids."""
+    return {
+        path: tokenizer.convert_tokens_to_ids(value)
+        if isinstance(value, str) and _TOKEN_FIELD.match(path.rsplit(".", 1)[-1])
+        else value
+        for path, value in values.items()
+    }
 
 
 def _set_dotted(config: dict[str, Any], values: dict[str, Any]) -> None:

@@ -9,13 +9,16 @@ and the special-token literals its module writes (`"<|image_pad|>"`, `"[IMG]"`, 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import sys
 from typing import Any
 
-from transformers import ProcessorMixin
+import transformers
+from transformers import BaseImageProcessor, BaseVideoProcessor, FeatureExtractionMixin, ProcessorMixin
 from transformers.image_utils import SizeDict
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.feature_extraction_auto import (
     FEATURE_EXTRACTOR_MAPPING_NAMES,
     feature_extractor_class_from_name,
@@ -42,8 +45,13 @@ __all__ = [
 ]
 
 _STANDARD_TOKENS = {"bos", "eos", "unk", "sep", "pad", "cls", "mask"}
-_NAMED_TOKEN = re.compile(r"tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b")
+# `tokenizer.image_token`, and `getattr(tokenizer, "audio_token", None)`: an optional token the processor still
+# checks (Gemma 4 refuses any input while its audio tokens are None).
+_NAMED_TOKEN = re.compile(
+    r"""tokenizer\.([a-z][a-z0-9_]*?_token)(?:_id)?\b|getattr\(tokenizer, "([a-z][a-z0-9_]*?_token)", None\)"""
+)
 _LITERAL_TOKEN = re.compile(r"""["'](<\|?[A-Za-z][\w\-./:|]{0,40}\|?>|\[[A-Z][A-Z_]{1,30}\])["']""")
+_WRITTEN_TOKEN = re.compile(r"""self\.([a-z][a-z0-9_]*_token) = ["']([^"'\s]+)["']""")
 _ADDED_TOKEN = re.compile(r"self\.([a-z_]+_token)\.content")
 # Processor arguments whose config key has another name.
 _CONFIG_ALIASES = {
@@ -69,12 +77,38 @@ _EDGE_SIZES = ("size", "crop_size", "max_image_size", "high_res_size", "pad_size
 # Of those, one tile the tower reads whole (Idefics3's 364 px: its tower's image size), not a resize target.
 _TILE_SIZES = ("max_image_size",)
 _AREA = 10_000  # a `size` edge above this is a pixel area (Qwen-style processors), not a length
+_SUB_PROCESSOR_BASES = {
+    "image_processor": BaseImageProcessor,
+    "video_processor": BaseVideoProcessor,
+    "feature_extractor": FeatureExtractionMixin,
+}
+_MAPPINGS = {
+    "image_processor": IMAGE_PROCESSOR_MAPPING_NAMES,
+    "video_processor": VIDEO_PROCESSOR_MAPPING_NAMES,
+    "feature_extractor": FEATURE_EXTRACTOR_MAPPING_NAMES,
+}
 
 
 def processor_class(model_type: str, override: str | None = None) -> type[ProcessorMixin] | None:
-    """The processor class transformers maps `model_type` to (or `override`, a class name), None when there is none."""
+    """The processor class transformers maps `model_type` to (or `override`, a class name), else the one its model
+    folder defines (Kosmos-2, the Qwen Omni thinkers are missing from the mapping); None when there is none."""
     name = override or PROCESSOR_MAPPING_NAMES.get(model_type)
-    return processor_class_from_name(name) if name else None
+    if name:
+        return processor_class_from_name(name)
+    return _folder_class(model_type, ProcessorMixin)
+
+
+def _folder_class(model_type: str, base: type) -> type | None:
+    """The one public subclass of `base` the model folder of `model_type` defines (the torchvision one of an image
+    processor pair), None when it defines none or several."""
+    folder = importlib.import_module(CONFIG_MAPPING[model_type].__module__.rsplit(".", 1)[0])
+    candidates = []
+    for name in dir(folder):
+        if name.endswith(("Processor", "FeatureExtractor")):
+            value = getattr(folder, name)
+            if isinstance(value, type) and issubclass(value, base):
+                candidates.append(value)
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
@@ -88,7 +122,7 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
     own_objects = set(_ADDED_TOKEN.findall(source))
     names = {
         name
-        for name in _NAMED_TOKEN.findall(source)
+        for name in (attribute or optional for attribute, optional in _NAMED_TOKEN.findall(source))
         if name.removesuffix("_token") not in _STANDARD_TOKENS
         and not name.startswith("add_")
         and name not in own_objects
@@ -98,7 +132,12 @@ def processor_special_tokens(cls: type) -> tuple[dict[str, str], list[str]]:
         for name, parameter in inspect.signature(cls.__init__).parameters.items()
         if isinstance(parameter.default, str) and name.endswith("_token")
     }
-    named = {name: defaults.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)}
+    # A processor that writes its own literal (`self.image_token = "<|IMAGE_PAD|>"`) yet counts by the tokenizer's
+    # `image_token_id` (Cohere Compass) needs the two to be the same token.
+    written = dict(_WRITTEN_TOKEN.findall(source))
+    named = {
+        name: defaults.get(name) or written.get(name) or f"<|{name.removesuffix('_token')}|>" for name in sorted(names)
+    }
     # Class constants (MiniMax-M3-VL's `IMAGE_TOKEN = "]<]image[>["`) whatever their spelling.
     constants = {
         value
@@ -184,6 +223,10 @@ def _edge(edge: str, length: Any, image: int) -> Any:
 def sub_processor_class(attribute: str, model_type: str, processor: type) -> type | None:
     """The class of one sub-processor (`image_processor`, `video_processor`, `feature_extractor`) of `processor`."""
     owner = processor.__module__.split(".")[-2]  # the processor's own model folder (glm4v_moe uses glm4v's)
+    if attribute in _MAPPINGS and model_type not in _MAPPINGS[attribute]:  # unmapped: Glmga's own, not GLM-4.6V's
+        own = _folder_class(model_type, _SUB_PROCESSOR_BASES[attribute])
+        if own is not None:
+            return own
     for name in (model_type, owner):
         if attribute == "image_processor" and name in IMAGE_PROCESSOR_MAPPING_NAMES:
             classes = IMAGE_PROCESSOR_MAPPING_NAMES[name]
@@ -214,14 +257,16 @@ def tiny_processor(
         config: the shrunk serialized config: `__init__` arguments named like a config key take its value.
         vision: the shrunk vision sub-config (image and patch sizes).
         tokenizer: the tiny tokenizer.
-        settings: overrides: `processor` (init arguments), `image_processor` and `video_processor` (their arguments).
+        settings: overrides: `processor` (init arguments), `image_processor` and `video_processor` (their arguments),
+            `sub_processor_classes` (attribute -> class name, where no mapping names one).
     """
     parts: dict[str, Any] = {}
     for attribute in cls.get_attributes():
         if "tokenizer" in attribute:
             parts[attribute] = tokenizer
             continue
-        sub_class = sub_processor_class(attribute, model_type, cls)
+        named = settings.get("sub_processor_classes", {}).get(attribute)
+        sub_class = getattr(transformers, named) if named else sub_processor_class(attribute, model_type, cls)
         if sub_class is None:
             raise LookupError(f"no {attribute} class for {model_type}")
         parts[attribute] = (

@@ -20,6 +20,7 @@ __all__ = [
     "PATCH_SIZE",
     "TEXT_WIDTH",
     "VISION_WIDTH",
+    "VOCAB_KEYS",
     "is_sub_config",
     "is_vision_role",
     "shrink_config_dict",
@@ -33,7 +34,9 @@ IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8x8 patches: a handful of image tokens after a
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2
 
 # key -> value as a function of the sub-config's width W. One table: a key means the same in every config.
-_WIDTH = ("hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size", "patch_embed_hidden_size")
+_WIDTH = (
+    "hidden_size", "d_model", "embed_dim", "n_embd", "decoder_hidden_size", "mm_embed_dim", "output_proj_dims",
+)  # fmt: skip
 _FFN = (
     "intermediate_size", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim", "mlp_dim", "intermediate_size_mlp",
     "dense_intermediate_size", "shared_intermediate_size", "decoder_intermediate_size",
@@ -52,6 +55,13 @@ _HEADS = (
     "conf_num_attention_heads", "resampler_n_heads", "resampler_heads", "index_n_heads", "mamba_num_heads",
 )  # fmt: skip
 _KV_HEADS = ("num_key_value_heads", "swa_num_key_value_heads", "linear_num_key_heads")
+# (follower, leader): equal in the deep config, kept equal in the tiny one (configs validate it: plain multi-head
+# attention in GLM-5-Next and dots3, WavTokenizer's codebook without projections in Apertus 1.5).
+_TIED = (
+    ("num_key_value_heads", "num_attention_heads"),
+    ("swa_num_key_value_heads", "swa_num_attention_heads"),
+    ("codebook_dim", "hidden_size"),
+)
 _HEAD_DIM = (
     "head_dim", "d_kv", "swa_head_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
     "v_head_dim", "mamba_head_dim", "resampler_head_dim", "resampler_dim_head", "index_head_dim", "qk_rope_head_dim",
@@ -62,7 +72,9 @@ _TEXT_WIDTH_KEYS = (
     "projector_hidden_size", "projection_hidden_size", "projection_intermediate_size", "alignment_intermediate_size",
     "word_embed_proj_dim", "hidden_size_per_layer_input", "ple_embed_dim", "projection_hidden_dim",
 )  # fmt: skip
-_VISION_WIDTH_KEYS = ("vision_hidden_size", "encoder_hidden_size", "adapter_in_dim", "projector_input_dim")
+_VISION_WIDTH_KEYS = (
+    "vision_hidden_size", "encoder_hidden_size", "adapter_in_dim", "adapter_input_size", "projector_input_dim",
+)  # fmt: skip
 _FIXED = {
     "kv_lora_rank": 32, "q_lora_rank": 32, "laurel_rank": 8, "hc_lowrank": 8, "loop_gate_rank": 8,
     "ssm_state_size": 16, "n_groups": 1, "n_group": 1, "topk_group": 1,
@@ -72,21 +84,41 @@ _FIXED = {
     "interleave_moe_layer_step": 1, "index_topk": 16, "num_query_tokens": 4, "latent_query_num": 4,
     "resampler_n_latents": 4, "resampler_num_latents": 4, "num_kv_shared_layers": 0, "max_window_layers": DEPTH,
     "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_position_embeddings": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+    # the largest images a tower's position table covers: the processor's up to 2x2 tiny images
+    "max_image_size": 2 * IMAGE_SIZE, "max_img_size": 2 * IMAGE_SIZE, "min_image_size": IMAGE_SIZE,
+    "mm_posemb_size": 4 * IMAGE_SIZE // PATCH_SIZE,
     "mm_tokens_per_image": 16, "projection_dim": VISION_WIDTH, "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
     "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
+    "patch_embed_hidden_size": 3 * PATCH_SIZE**2,  # a flattened RGB patch (Pix2Struct, Kosmos-2.5)
+    # Convolutional VQ image tokenizers (Chameleon, Emu3, Apertus 1.5) and audio codecs (WavTokenizer): one residual
+    # block a resolution, channels a multiple of GroupNorm's 32 groups.
+    "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
 }  # fmt: skip
+# The text vocabulary, wherever a config repeats it (Inkling 2's head is `unpadded_vocab_size` wide).
+VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size")
+_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+# Per-layer kinds the shrunk depth holds one layer of each (NemotronH's mamba / attention / MoE / MLP blocks).
+_KIND_LISTS = ("layer_types", "layers_block_type", "mlp_layer_types")
+_PER_LAYER_SIZES = ("intermediate_size",)  # an int, or a list of one per layer
+_LIST_SIZES = (*_PER_LAYER_SIZES, "image_size", "patch_size")  # sizes that may be lists
 _PER_LAYER_LISTS = (
-    "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers", "layer_rope_theta",
-    "activation_sparsity_pattern",
+    *_PER_LAYER_SIZES, "layer_types", "mlp_layer_types", "indexer_types", "layers_block_type", "no_rope_layers",
+    "layer_rope_theta", "activation_sparsity_pattern",
 )  # fmt: skip
 _LAYER_INDEX_LISTS = (
     "full_attn_idxs", "fullatt_block_indexes", "deepstack_visual_indexes", "global_attn_indexes", "moe_layers",
     "cross_attention_layers", "intermediate_layers_indices", "spatial_target_layers", "kv_source_layers",
     "rope_scaling_layers", "ple_layer_ids", "mlp_only_layers",
 )  # fmt: skip
+_TEXT_ROLES = ("text", "llm", "language", "decoder", "dit")
 _VISION_ROLES = ("vision", "visual", "vit", "siglip", "clip", "sam", "encoder", "audio", "vq", "perceiver", "qformer")
 # Serialized dicts that are data, not sub-configs.
-_NOT_SUB_CONFIGS = ("id2label", "label2id", "rope_parameters", "rope_scaling", "vocabulary_map", "quantization_config")
+_NOT_SUB_CONFIGS = (
+    "id2label", "label2id", "rope_parameters", "rope_scaling", "vocabulary_map", "quantization_config",
+    "per_layer_config", "mtp_per_layer_config",
+)  # fmt: skip
+# Sparse per-layer overrides of heterogeneous configs: {"05": {"head_dim": 512}, ...} keyed by layer index.
+_PER_LAYER_OVERRIDES = ("per_layer_config", "mtp_per_layer_config")
 
 
 def is_sub_config(key: str, value: Any) -> bool:
@@ -111,7 +143,7 @@ def shrink_config_dict(config: dict[str, Any], vocab_size: int, rotary_sections:
 
 def is_vision_role(key: str, value: dict[str, Any]) -> bool:
     """Whether the sub-config `value` under `key` is a vision, audio, VQ or resampler tower (narrow widths)."""
-    if any(word in key for word in ("text", "llm", "language", "decoder", "dit")):
+    if any(word in key for word in _TEXT_ROLES):
         return False
     name = f"{key} {value.get('model_type') or ''}"
     return any(word in name for word in _VISION_ROLES)
@@ -122,16 +154,18 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
     # Multi-head attention stays so: DeepSeek-V3's MLA expands its latent into one key per query head.
     heads = config.get("num_attention_heads")
     multi_head = isinstance(heads, int) and config.get("num_key_value_heads") == heads
+    old_layer_types = config.get("layer_types") if isinstance(config.get("layer_types"), list) else None
     for key, value in list(config.items()):
         if is_sub_config(key, value):
-            _shrink(value, is_vision_role(key, value) or vision, vocab_size, rotary_sections)
-        else:
-            new = _shrunk_value(key, value, vision, vocab_size)
-            if new is not None:
-                config[key] = new
+            text = any(word in key for word in _TEXT_ROLES)  # T5Gemma 2's encoder.text_config is a text model
+            _shrink(value, not text and (vision or is_vision_role(key, value)), vocab_size, rotary_sections)
+    _shrink_scalars(config, vision, vocab_size)
     if multi_head:
         config["num_key_value_heads"] = config["num_attention_heads"]
-    depth = max([DEPTH] + [len(_kinds(config[key])) for key in ("layer_types",) if isinstance(config.get(key), list)])
+    depth = max([DEPTH] + [len(_kinds(config[key])) for key in _KIND_LISTS if isinstance(config.get(key), list)])
+    if isinstance(config.get("depths"), list) and len(config["depths"]) == old_depth:  # a pyramid: a layer a stage
+        depth = old_depth
+        _shrink_stages(config, VISION_WIDTH if vision else TEXT_WIDTH)
     for key in _DEPTH:
         if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > depth:
             config[key] = depth
@@ -141,6 +175,10 @@ def _shrink(config: dict[str, Any], vision: bool, vocab_size: int, rotary_sectio
     for key in _LAYER_INDEX_LISTS:
         if isinstance(config.get(key), list):
             config[key] = _layer_indexes(config[key], old_depth or depth, depth)
+    for key in _PER_LAYER_OVERRIDES:
+        if isinstance(config.get(key), dict):
+            sources = _source_layers(old_layer_types, config.get("layer_types"), old_depth or depth, depth)
+            config[key] = _per_layer_overrides(config[key], sources, vision, vocab_size)
     _fix_feature_layers(config, depth)
     if isinstance(config.get("image_grid_pinpoints"), list):  # tiling layouts in multiples of the tiny image
         config["image_grid_pinpoints"] = [
@@ -159,10 +197,47 @@ def _depth(config: dict[str, Any]) -> int | None:
     return None
 
 
+def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> dict[str, Any]:
+    """Every scalar size field of one (sub-)config or per-layer override rewritten in place (and returned)."""
+    tied = [
+        (follower, leader)
+        for follower, leader in _TIED
+        if follower in config and config[follower] == config.get(leader)
+    ]
+    mla_head = _is_int(config.get("head_dim")) and config["head_dim"] == _mla_query_head(config)
+    for key, value in list(config.items()):
+        new = _shrunk_value(key, value, vision, vocab_size)
+        if new is not None:
+            config[key] = new
+    for follower, leader in tied:
+        config[follower] = config[leader]
+    if "head_dim" in config and config["head_dim"] is None and _is_int(config.get("num_attention_heads")):
+        config["head_dim"] = (VISION_WIDTH if vision else TEXT_WIDTH) // HEADS  # stated: HunYuan-VL reads it as is
+    if config.get("num_experts_per_tok", 0) is None and any(_is_int(config.get(key)) for key in _EXPERT_COUNTS):
+        config["num_experts_per_tok"] = EXPERTS_PER_TOKEN  # a router needs it (DeepSeek-OCR 2's default omits it)
+    if mla_head:  # an MLA query head stays the sum of its parts (Mistral 4 rotates head_dim * partial factor)
+        config["head_dim"] = _mla_query_head(config)
+    return config
+
+
+def _mla_query_head(config: dict[str, Any]) -> int | None:
+    parts = [config.get(key) for key in ("qk_nope_head_dim", "qk_rope_head_dim")]
+    return sum(parts) if all(_is_int(part) for part in parts) else None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
-    """The tiny value of one scalar field (or of a `[height, width]` image or patch size), or None to keep it."""
+    """The tiny value of one scalar field (or of each entry of a list of sizes: Gemma 3n's per-layer
+    `intermediate_size`, Molmo 2's [height, width] `image_size`; InternVL's `[height, width]` image and patch sizes),
+    or None to keep it."""
     if key in ("image_size", "patch_size") and isinstance(value, list) and len(value) == 2:
         return [_FIXED[key]] * 2  # InternVL-style pairs (not Florence-2's per-stage patch list)
+    if isinstance(value, list) and value and all(_is_int(entry) for entry in value) and key in _LIST_SIZES:
+        shrunk = [_shrunk_value(key, entry, vision, vocab_size) for entry in value]
+        return [entry if new is None else new for entry, new in zip(value, shrunk, strict=True)]
     if not isinstance(value, int) or isinstance(value, bool):
         return None
     width = VISION_WIDTH if vision else TEXT_WIDTH
@@ -181,7 +256,7 @@ def _shrunk_value(key: str, value: Any, vision: bool, vocab_size: int) -> Any:
             return min(value, tiny) if value > 0 else None
     if key in _FIXED:
         return min(value, _FIXED[key]) if value > 0 else None
-    if key in ("vocab_size", "vocab_size_per_layer_input") and not vision:
+    if key in VOCAB_KEYS and not vision:
         return vocab_size
     if key == "qk_head_dim":
         return 2 * (width // HEADS)  # nope + rope
@@ -215,6 +290,33 @@ def _layer_indexes(indexes: list[Any], old_depth: int, depth: int) -> list[Any]:
     return mapped
 
 
+def _shrink_stages(config: dict[str, Any], width: int) -> None:
+    """The per-stage lists of a pyramid (Muse Spark's audio tower) kept one entry a stage: one block, tiny widths."""
+    config["depths"] = [1] * len(config["depths"])
+    if isinstance(config.get("hidden_sizes"), list):
+        config["hidden_sizes"] = [width] * len(config["hidden_sizes"])
+
+
+def _source_layers(old_types: list[Any] | None, new_types: Any, old_depth: int, depth: int) -> list[int]:
+    """For each layer of the shrunk model, the layer of the deep model it stands for: the first of its kind where
+    the config lists layer types (as `_per_layer` keeps them), else the proportional one."""
+    if old_types and isinstance(new_types, list) and all(kind in old_types for kind in new_types):
+        return [old_types.index(kind) for kind in new_types[:depth]]
+    return [index * old_depth // depth for index in range(depth)]
+
+
+def _per_layer_overrides(
+    overrides: dict[Any, dict[str, Any]], sources: list[int], vision: bool, vocab_size: int
+) -> dict[str, dict[str, Any]]:
+    """Sparse per-layer overrides re-keyed onto the shrunk layers (each takes its source layer's), values shrunk."""
+    by_layer = {int(index): values for index, values in overrides.items()}
+    shrunk = {}
+    for index, source in enumerate(sources):
+        if source in by_layer:
+            shrunk[str(index)] = _shrink_scalars(dict(by_layer[source]), vision, vocab_size)
+    return shrunk
+
+
 def _fix_feature_layers(config: dict[str, Any], depth: int) -> None:
     """`vision_feature_layer` (an int or a list) must index the tower's hidden states: embeddings plus `depth`."""
 
@@ -229,7 +331,18 @@ def _fix_feature_layers(config: dict[str, Any], depth: int) -> None:
 
 
 def _shrink_rope(config: dict[str, Any], rotary_sections: bool) -> None:
+    """M-RoPE sections summing to half the rotated width, in the rope parameters or in each layer type's."""
     rope = config["rope_parameters"]
+    if not rope:  # the modeling code's defaults, or per-layer-type parameters the override table states
+        return
+    if all(isinstance(value, dict) for value in rope.values()):  # {"full_attention": {...}, ...}
+        for parameters in rope.values():
+            _shrink_rope_parameters(config, parameters, rotary_sections)
+    else:
+        _shrink_rope_parameters(config, rope, rotary_sections)
+
+
+def _shrink_rope_parameters(config: dict[str, Any], rope: dict[str, Any], rotary_sections: bool) -> None:
     head_dim = config.get("head_dim") or TEXT_WIDTH // HEADS
     if isinstance(config.get("qk_rope_head_dim"), int):
         head_dim = config["qk_rope_head_dim"]

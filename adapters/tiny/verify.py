@@ -54,7 +54,7 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
         image_size: (height, width) of the random test image.
 
     Raises:
-        AssertionError: the loss is not finite.
+        AssertionError: the forward computes no loss, or a non-finite one.
         Exception: whatever transformers raises on a mismatch (image-token count, missing inputs, ...).
     """
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
@@ -77,10 +77,13 @@ def verify_tiny_checkpoint(directory: str | Path, image_size: tuple[int, int] = 
     with torch.no_grad():
         output = model(**inputs)
         features = _image_features(model, inputs)
+    if getattr(output, "loss", None) is None:  # DiffusionGemma's block-diffusion forward takes no labels
+        raise AssertionError(f"{type(model).__name__}.forward computes no loss from labels")
     loss = float(output.loss)
     assert np.isfinite(loss), f"non-finite loss {loss}"
     shape = tuple(features.shape) if features is not None else ()
-    return TinyCheck(loss, model.num_parameters(), inputs.get("input_ids", inputs["labels"]).shape[-1], shape)
+    tokens = inputs["input_ids"] if "input_ids" in inputs else inputs["labels"]  # TrOCR's processor: labels only
+    return TinyCheck(loss, model.num_parameters(), tokens.shape[-1], shape)
 
 
 def _random_image(size: tuple[int, int]) -> Image.Image:
@@ -117,7 +120,10 @@ def _image_features(model: Any, inputs: BatchFeature) -> torch.Tensor | None:
 def image_tokens_per_image(model: Any, image_processor: Any, size: tuple[int, int] = (32, 32)) -> int | None:
     """How many language-model tokens the vision path makes of one image (of one tile, for tiling processors); None
     when the model has no `get_image_features` that takes the image processor's output alone."""
-    inputs = image_processor(images=[_random_image(size)], return_tensors="pt").to(model.dtype)
+    inputs = image_processor(images=[_random_image(size)], return_tensors="pt")
+    if isinstance(inputs, torch.Tensor):  # IDEFICS' image processor returns bare pixels, for its cross-attention
+        return None
+    inputs = inputs.to(model.dtype)
     try:
         with torch.no_grad():
             features = _image_features(model, inputs)
@@ -147,11 +153,12 @@ def observed_image_token(processor: Any) -> int | None:
     return max(repeated)[1] if repeated else None
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The pooled features, else the first tensor met depth first (Granite 4 Vision returns its features only as
+    `deepstack_features`, (layer, [tensor]) pairs); None without any."""
     if isinstance(value, torch.Tensor):
         return value
     if hasattr(value, "pooler_output") and isinstance(value.pooler_output, (torch.Tensor, list, tuple)):
         return _first_tensor(value.pooler_output)
-    if isinstance(value, dict):
-        value = list(value.values())
-    return _first_tensor(value[0])
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((tensor for tensor in map(_first_tensor, items) if tensor is not None), None)
