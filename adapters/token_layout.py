@@ -9,16 +9,15 @@ than a list of known shapes, the layout is measured from what the checkpoint its
    index (normalisation off, so the values come back as they went in) and reads, for every patch slot of
    `pixel_values`, which pixels it holds. That gives the encoder's patch grid for this image size and the raster
    position of every slot (raster for image tensors; merge-block order for Qwen-style patches; padding slots for
-   NaFlex), whatever the tensor layout.
+   NaFlex; for tiling processors, which of the views is the whole image), whatever the tensor layout.
 2. `to_raster` matches the tokens of one image to that layout: one token per patch slot (vision tokens, padding
    dropped), or one token per `f x f` block of patches after a merge / pixel shuffle / pooling (`f` solved from the
    token count), after any leading CLS / register tokens.
 
 A merge of patches that the processor gives in raster order (pixel shuffle, pooling, unshuffle) yields tokens raster
 over blocks; a merge of patches given in block order (Qwen's merger groups `f^2` consecutive slots) yields tokens in
-the order of the blocks. The
-adapter conformance suite checks the result (`test_tokens_are_in_raster_order`); a layout that is neither is reported
-with the checkpoint's model type and the hook to override.
+the order of the blocks. The adapter conformance checks verify the result (`raster_order` in `vugen check`); a layout
+that is neither is reported with the checkpoint's model type and the hook to override.
 """
 
 from __future__ import annotations
