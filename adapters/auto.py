@@ -4,7 +4,8 @@ It loads the checkpoint's own image processor (so normalisation and the pixel la
 patches or 5-D tiles, come from the checkpoint), calls `get_image_features`, and turns whatever comes back
 (a `[B, N, D]` tensor, one `[N_i, D]` tensor per image, all images packed into one sequence, a conv feature map) into
 raster `[B, N, D]` tokens, by the patch layout the image processor gives (`vugen_adapters.token_layout`): padding
-slots, CLS / register tokens, merge-block orders and merge / pixel-shuffle / pooling factors are derived, not listed. Where the processor would only normalise plain `[B, 3, H, W]` pixels (measured once, see
+slots, CLS / register tokens, merge-block orders and merge / pixel-shuffle / pooling factors are derived, not listed.
+Where the processor would only normalise plain `[B, 3, H, W]` pixels (measured once, see
 `reads_plain_pixels`), the adapter does that on the device instead. Family adapters subclass it and override only
 the hooks introspection gets wrong.
 """
