@@ -93,6 +93,7 @@ _FIXED = {
     # Convolutional VQ image tokenizers (Chameleon, Emu3, Apertus 1.5) and audio codecs (WavTokenizer): one residual
     # block a resolution, channels a multiple of GroupNorm's 32 groups.
     "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
+    "downsample_hidden_size": 16,  # the conv channels of Qwen3-Omni-style audio stems
 }  # fmt: skip
 # The text vocabulary, wherever a config repeats it (Inkling 2's head is `unpadded_vocab_size` wide).
 VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size")
