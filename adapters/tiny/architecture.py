@@ -135,7 +135,7 @@ def _build(arch: str, override: dict[str, Any]) -> tuple[PreTrainedModel, Proces
         config["vocabulary_map"] = tokenizer.get_vocab()
     _wire_token_ids(config, tokenizer, processor)
     _set_dotted(config, settings)
-    placeholder = override.get("placeholder", image_placeholder(processor, config, None))
+    placeholder = image_placeholder(processor, config, override.get("placeholder"))
     processor.chat_template = tokenizer.chat_template = CHAT_TEMPLATE.replace("IMAGE_PLACEHOLDER", placeholder)
     counted = _counted_settings(processor)
     if counted:  # the processor expands an image into a fixed count of tokens: the count the tiny vision path emits

@@ -85,13 +85,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     },
     # The sliding-window layers' head is the MLA query head: head_dim = qk_nope_head_dim + qk_rope_head_dim (16 + 16).
     # Its tower embeds single frames (a 2-D patch conv): the Qwen2-VL image processor must not pair frames.
-    # Its audio conv stem flattens downsample_hidden_size channels x feature_size / 8 bins (480 x 16 = 7680).
+    # Its audio conv stem flattens downsample_hidden_size channels (16 after the shrink) x feature_size / 8 bins.
     "dots3_note": {
-        "config": {
-            "text_config.head_dim": 32,
-            "audio_config.downsample_hidden_size": 16,
-            "audio_config.conv_output_size": 16 * 16,
-        },
+        "config": {"text_config.head_dim": 32, "audio_config.conv_output_size": 16 * 16},
         "image_processor": {"temporal_patch_size": 1},
     },
     # The VQ-VAE's codes reach the language model by name (`<|visual token 000042|>`); the model finds images by

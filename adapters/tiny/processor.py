@@ -164,7 +164,7 @@ def _module_source(cls: type) -> str:
 def image_placeholder(processor: ProcessorMixin, config: dict[str, Any], override: str | None) -> str:
     """What the chat template writes for an image: the processor's image token, between the vision start and end
     tokens when the model finds images by them (Qwen-style position ids)."""
-    if override is not None:
+    if override is not None:  # "" where the processor writes the image token itself (Fuyu)
         return override
     # QianfanOCR's prompt placeholder (`<image>`) is another token than the one it expands it into.
     token = getattr(processor, "image_placeholder_token", None) or getattr(processor, "image_token", None) or "<image>"

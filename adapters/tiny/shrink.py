@@ -3,9 +3,12 @@
 `shrink_config_dict` walks the serialized config (`config.to_dict()`) and rewrites, in each (sub-)config, the keys
 it knows by name: widths, depths, heads, head widths, experts, image and patch sizes, projector widths. The values
 depend on the sub-config's role (the language model is 64 wide, vision and audio towers 32) and keep the ratios an
-architecture needs: MLA rope and nope widths equal, `layer_types`-like per-layer lists cut to one entry per kind
-(the depth grows to hold every kind), layer-index lists mapped onto the shrunk depth, M-RoPE sections summing to half
-the rotary width. Rebuilding the config class from the shrunk dict then recomputes whatever the class derives.
+architecture needs: MLA rope and nope widths equal (and an MLA `head_dim` their sum where it was), sizes equal in the
+deep config kept equal (kv heads and heads, codebook and hidden widths), `layer_types`-like per-layer lists cut to one
+entry per kind (the depth grows to hold every kind), layer-index lists and sparse `per_layer_config` overrides mapped
+onto the shrunk depth, pyramid stage lists kept one entry a stage, M-RoPE sections summing to half the rotary width
+(per layer type where the rope parameters are). Rebuilding the config class from the shrunk dict then recomputes
+whatever the class derives.
 
 What the generic rules cannot know (a width that is a product of two others, a processor that counts pixels) lives
 in `vugen_adapters.tiny.overrides` as data.
@@ -93,6 +96,7 @@ _FIXED = {
     # Convolutional VQ image tokenizers (Chameleon, Emu3, Apertus 1.5) and audio codecs (WavTokenizer): one residual
     # block a resolution, channels a multiple of GroupNorm's 32 groups.
     "base_channels": 32, "latent_channels": 32, "num_res_blocks": 1, "num_filters": 4, "codebook_size": 64,
+    "downsample_hidden_size": 16,  # the conv channels of Qwen3-Omni-style audio stems
 }  # fmt: skip
 # The text vocabulary, wherever a config repeats it (Inkling 2's head is `unpadded_vocab_size` wide).
 VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size")
