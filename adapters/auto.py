@@ -191,12 +191,16 @@ class AutoAdapter(VLMAdapter):
     @property
     def vit_patch_size(self) -> int:
         """Pixels per vision-encoder patch along one side: the vision config's `patch_size`, else its sub-configs' (a
-        tower of two encoders, Unlimited-OCR's), else the image processor's."""
+        tower of two encoders, Unlimited-OCR's), else the image processor's, else 1 (see below)."""
         configs = [self.vision_config, *(v for v in vars(self.vision_config).values() if hasattr(v, "patch_size"))]
         patch = next((c.patch_size for c in configs if getattr(c, "patch_size", None)), None)
         patch = patch or getattr(self.image_processor, "patch_size", None)
+        if isinstance(patch, dict) or hasattr(patch, "height"):  # {"height", "width"}, or a SizeDict
+            patch = patch["height"] if isinstance(patch, dict) else patch.height
         if not patch:
-            raise TypeError(f"{self.model_type}: no `patch_size` in its vision config; override `vit_patch_size`")
+            # A tower that says nothing of its patches (timm's, in `model_args`): count in pixels; the patch layout
+            # then solves the tokens' factor over the pixel grid, which is the patch size.
+            return 1
         return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
     @property
