@@ -22,9 +22,19 @@ from torch import Tensor
 from transformers import PretrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-__all__ = ["fit_attention_mask"]
+__all__ = ["BIDIRECTIONAL_KINDS", "fit_attention_mask", "language_layer_kinds"]
 
-_FITTED = ("full_attention", "sliding_attention")
+BIDIRECTIONAL_KINDS = ("full_attention", "sliding_attention", "indexed_attention")
+"""Layer kinds whose attention reads a 4-D mask as given: full, sliding-window (fitted to its window and cache) and
+indexed attention (DeepSeek sparse attention: full attention over the keys its indexer selects, under the mask). A
+decoder made only of these lets latent tokens attend to each other both ways."""
+
+
+def language_layer_kinds(config: PretrainedConfig) -> list[str]:
+    """The kinds of the decoder's layers (``full_attention``, ``sliding_attention``, ``linear_attention``, ``conv``,
+    ...), read as transformers' own cache reads them, from a language model's or a VLM's config."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return list(dict.fromkeys(layer_types))
 
 
 def fit_attention_mask(
@@ -55,7 +65,7 @@ def fit_attention_mask(
     kinds = list(dict.fromkeys(layer_types))
     if "sliding_attention" not in kinds:
         return _for_implementation(config, mask, dtype)
-    other = [kind for kind in kinds if kind not in _FITTED]
+    other = [kind for kind in kinds if kind not in BIDIRECTIONAL_KINDS]
     if other:
         raise ValueError(f"4-D attention masks are fitted to full and sliding-window layers only, not to {other[0]}")
     masks = {}

@@ -34,7 +34,7 @@ from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen.applicability import check_recipe_applies
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
-from vugen_adapters.attention_masks import fit_attention_mask
+from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.token_layout import PatchLayout, measure_patch_layout, to_raster
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -442,6 +442,13 @@ class AutoAdapter(VLMAdapter):
             inner = decoder.get_decoder()
             decoder = inner if inner is not decoder else getattr(decoder, "model", decoder.base_model)  # Llama 4
         return decoder
+
+    @cached_property
+    def bidirectional_latents(self) -> bool:
+        """True when every layer of the language model is an attention layer that reads the mask as given (full,
+        sliding-window, indexed: see `vugen_adapters.attention_masks`); linear attention, Mamba, convolution or chunked
+        layers cannot let the latent tokens see each other both ways."""
+        return set(language_layer_kinds(self.vlm.config)) <= set(BIDIRECTIONAL_KINDS)
 
     @property
     def block_classes(self) -> set[type[nn.Module]]:

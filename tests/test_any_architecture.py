@@ -22,6 +22,7 @@ from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
 from vugen.cli import run
 from vugen.commands.check import check_checkpoint
+from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import AutoAdapter
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
@@ -34,14 +35,32 @@ OUTSIDE = {
     "cosmos3_edge": "dynamic resolution, packed patches",
     "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
     "kimi_k25": "DeepSeek-V3 LM: multi-head latent attention, MoE with fused experts",
+    "lfm2_vl": "SigLIP2 NaFlex: flat patches padded per image, pixel-unshuffle projector; convolution/attention LM",
+    "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
+    "qwen3_5": "hybrid linear-attention (Gated DeltaNet) / attention LM: the latent sampler runs causal",
 }
 END_TO_END = ["glm4v", "llava_next"]
+
+
+@pytest.mark.parametrize(("arch", "bidirectional"), [("qwen3_5", False), ("lfm3_vl", False), ("gemma3", True)])
+def test_latent_attention_follows_the_kinds_of_language_model_layers(arch, bidirectional, tiny_checkpoint):
+    """Linear-attention and convolution layers take no mask: latent tokens there cannot see each other both ways, and
+    asking for it is one line; full and sliding-window attention layers can."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    assert adapter.bidirectional_latents is bidirectional
+    if bidirectional:
+        LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="bidirectional"))
+    else:
+        with pytest.raises(ValueError, match="image_attention: .* set image_attention: causal"):
+            LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="bidirectional"))
+        LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="causal"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES + sorted(OUTSIDE))
 def test_the_coverage_sample_passes_every_check_through_auto(arch, tmp_path):
-    folder = run(["tiny", arch, str(tmp_path / arch)])
+    folder = tmp_path / arch
+    run(["tiny", arch, str(folder)])
     report = check_checkpoint(str(folder), adapter="auto", workdir=tmp_path / "check")
     assert report.status == "pass", first_failure(report.to_dict())
     assert report.model_type == json.loads((Path(folder) / "config.json").read_text())["model_type"]

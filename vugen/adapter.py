@@ -86,6 +86,14 @@ class VLMAdapter(nn.Module, ABC):
         """The language model's decoder stack: the module LoRA wraps."""
 
     @property
+    def bidirectional_latents(self) -> bool:
+        """Whether the language model obeys the latent sampler's 4-D mask (latent tokens attending to each other both
+        ways: `image_attention: bidirectional`). True by default; False for language models with layers that take no
+        attention mask (linear attention, state-space or convolution layers, chunked attention): the latent sampler
+        then runs causal (`image_attention: causal`)."""
+        return True
+
+    @property
     def lora_target_modules(self) -> list[str] | str:
         """peft `target_modules`, relative to `language_model` (so never inside the vision tower).
 

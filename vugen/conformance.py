@@ -33,6 +33,7 @@ __all__ = [
     "PROMPTS",
     "Check",
     "CheckResult",
+    "CheckSkipped",
     "expect",
     "random_images",
     "run_checks",
@@ -41,6 +42,10 @@ __all__ = [
 PROMPTS = ["a large red circle on the left", "a small blue square"]
 RASTER_AUC = 0.95  # tokens of the changed half must score above the others this often
 Status = Literal["pass", "fail", "skip", "not_applicable"]
+
+
+class CheckSkipped(Exception):
+    """Raised by a check that does not apply to this adapter; the result is a skip with the reason, not a failure."""
 
 
 def expect(condition: Any, reason: str) -> None:
@@ -207,6 +212,10 @@ def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
     still applies), the first latent token must see the last one (the mask is not replaced by a causal one), and the
     block run on the prompt's cache must give the whole sequence's hidden states.
     """
+    if not adapter.bidirectional_latents:
+        raise CheckSkipped(
+            "the language model takes no bidirectional mask (bidirectional_latents): the sampler runs causal"
+        )
     encoding = adapter.tokenize(PROMPTS)
     prompt_mask = encoding["attention_mask"]
     prompt = adapter.embed_tokens(encoding["input_ids"])
@@ -460,6 +469,8 @@ def _run_one(check: Check, adapter: VLMAdapter, image_size: int) -> CheckResult:
     start = time.perf_counter()
     try:
         check.run(adapter, image_size)
+    except CheckSkipped as reason:
+        return CheckResult(check.name, "skip", time.perf_counter() - start, reason=str(reason))
     except Exception as error:  # a check reports whatever stops it: that is its job
         return CheckResult(
             check.name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import warnings
@@ -39,6 +40,13 @@ __all__ = ["UNDERSTANDING", "RecipeSmoke", "check_understanding_preserved"]
 
 LATENT_DIM = 8
 TINY_LORA = LatentSamplerConfig(lora_rank=4, lora_alpha=4.0, head_width=32, head_depth=1)
+
+
+def tiny_lora(adapter: VLMAdapter) -> LatentSamplerConfig:
+    """`TINY_LORA`, causal where the adapter's language model takes no bidirectional mask (`bidirectional_latents`)."""
+    return TINY_LORA if adapter.bidirectional_latents else dataclasses.replace(TINY_LORA, image_attention="causal")
+
+
 GENERATE_PROMPT = "a large red circle on the left"
 # Lightning's advice that does not apply to a few steps on a handful of images.
 _INAPPLICABLE_ADVICE = (
@@ -63,7 +71,7 @@ def check_understanding_preserved(adapter: VLMAdapter, image_size: int) -> None:
     clone = copy.deepcopy(adapter)
     inputs = _understanding_inputs(clone, image_size)
     base = [_hidden(clone, *pair) for pair in inputs]
-    sampler = LatentSampler(clone, LATENT_DIM, image_size, TINY_LORA)
+    sampler = LatentSampler(clone, LATENT_DIM, image_size, tiny_lora(clone))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in sampler.lora_b_layers():  # lora_B starts at zero: random weights make LoRA visible if it leaks
@@ -207,7 +215,7 @@ class RecipeSmoke:
         stage = SamplerStage(
             adapter,
             str(self.decoder_export),
-            latent_sampler=TINY_LORA,
+            latent_sampler=tiny_lora(adapter),
             sampling=SamplingConfig(steps=2, guidance_scale=2.0),
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         )
