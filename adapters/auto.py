@@ -13,7 +13,6 @@ the hooks introspection gets wrong.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -31,11 +30,9 @@ from transformers import (
 )
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
-from vugen.applicability import check_recipe_applies
-from vugen.errors import VugenError
-from vugen.hub import local_folder_or_hub_id
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
-from vugen_adapters.token_layout import PatchLayout, measure_patch_layout, to_raster
+from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
+from vugen_adapters.token_layout import PatchLayout, as_batch, measure_patch_layout, to_raster
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
@@ -47,39 +44,6 @@ _PROCESSOR_OVERRIDES = {
     "do_pan_and_scan": False,
     "crop_to_patches": False,
 }
-
-
-class RemoteCodeRefused(VugenError, ValueError):
-    """A checkpoint needs code from its repository while `trust_remote_code` is off."""
-
-
-def _remote_code_message(pretrained: str) -> str:
-    return (
-        f"{pretrained!r} ships its own modelling code (config.json has 'auto_map'), and vugen does not run "
-        "code from a checkpoint unless asked (never because a vugen checkpoint or bundle says so). To opt in, set "
-        "`trust_remote_code: true` on the adapter (--model.adapter.init_args.trust_remote_code true; "
-        "`vugen export ... --trust_remote_code true`; trust_remote_code=True to load_from_checkpoint or "
-        "VugenPipeline.from_pretrained) and pin `revision` to a commit you have read, so the code cannot change "
-        "under you."
-    )
-
-
-def check_pretrained_source(pretrained: str, trust_remote_code: bool) -> None:
-    """Fail at once, naming the path, when a local folder is missing (a value that looks like a path is never
-    taken for a Hub id, see :func:`vugen.hub.local_folder_or_hub_id`), holds no VLM or needs remote code."""
-    path = local_folder_or_hub_id(pretrained, "adapter `pretrained`")
-    if path is None:
-        return  # a hub id: transformers resolves it
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"adapter `pretrained`: {pretrained!r} holds no VLM: config.json is missing "
-            "(expected a folder written by `save_pretrained`, with config.json, the weights and the processor)"
-        )
-    config = json.loads(config_file.read_text())
-    check_recipe_applies(config, str(config_file))
-    if "auto_map" in config and not trust_remote_code:
-        raise RemoteCodeRefused(_remote_code_message(pretrained))
 
 
 class AutoAdapter(VLMAdapter):
@@ -141,7 +105,7 @@ class AutoAdapter(VLMAdapter):
             )
         except ValueError as error:
             if "trust_remote_code" in str(error):
-                raise RemoteCodeRefused(_remote_code_message(self.pretrained)) from error
+                raise RemoteCodeRefused(remote_code_message(self.pretrained)) from error
             raise ValueError(
                 f"adapter `pretrained`: {self.pretrained!r} is not an image-text-to-text VLM that "
                 f"transformers knows ({str(error).splitlines()[0]}). Write a family adapter for it "
@@ -188,7 +152,7 @@ class AutoAdapter(VLMAdapter):
             raise TypeError(f"{self.model_type}: its config has no `vision_config`; override `vision_config`")
         return config
 
-    @property
+    @cached_property
     def vit_patch_size(self) -> int:
         """Pixels per vision-encoder patch along one side: the vision config's `patch_size`, else its sub-configs' (a
         tower of two encoders, Unlimited-OCR's), else the image processor's, else 1 (see below)."""
@@ -349,15 +313,19 @@ class AutoAdapter(VLMAdapter):
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
         """Call the VLM's `get_image_features` with the inputs its signature accepts."""
         accepted = self.accepted_image_inputs(inputs)
-        parameters = inspect.signature(self._feature_model.get_image_features).parameters.values()
-        missing = [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-        missing = [name for name in missing if name not in accepted]
+        missing = [name for name in self._required_image_inputs if name not in accepted]
         if missing:  # e.g. InstructBLIP's Q-Former reads the prompt too
             raise TypeError(
                 f"{self.model_type}: its get_image_features needs {', '.join(missing)}, which its image processor "
                 "does not give; override `image_features` in an adapter"
             )
         return self._feature_model.get_image_features(**accepted)
+
+    @cached_property
+    def _required_image_inputs(self) -> list[str]:
+        """The parameters `get_image_features` cannot do without (read once: `image_features` runs every step)."""
+        parameters = inspect.signature(self._feature_model.get_image_features).parameters.values()
+        return [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
 
     @cached_property
     def _feature_model(self) -> nn.Module:
@@ -380,7 +348,7 @@ class AutoAdapter(VLMAdapter):
         flat-patch orders put back in raster order.
         """
         source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
-        features = _as_batch(source, batch)
+        features = as_batch(source, batch)
         layout = self.patch_layout(*size)
         if self.feature_source == "vision" and not layout.is_raster:  # towers fed whole images (SAM's) undo their
             self.check_token_order(layout.rows, layout.cols)  # own windows; packed ones may not
@@ -524,33 +492,6 @@ class AutoAdapter(VLMAdapter):
         """The name the language model takes its cache under: `cache` since transformers 5.24 (`past_key_values`
         warns and goes away in 5.40), `past_key_values` in models written before."""
         return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
-
-
-def _as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
-    """Per-image lists, packed sequences, channel-first feature maps and batched tensors -> `[B, N, D]`.
-
-    vugen encodes a batch of images of one size, so images have equal token counts and a sequence that packs all of
-    them (`[sum N, D]`, or `[1, sum N, D]` from Pixtral-style towers) splits evenly.
-    """
-    if isinstance(features, (list, tuple)):  # one entry per image, or per sample of several images
-        parts = [_tokens(part) for part in features]
-        features = torch.stack(parts) if len(parts) == batch else torch.cat(parts)
-    elif features.ndim == 4:  # a convolutional tower's [B, C, h, w] map
-        features = features.flatten(2).transpose(1, 2)
-    if features.ndim == 3 and features.shape[0] != batch:
-        features = features.reshape(-1, features.shape[-1])
-    if features.ndim == 2 and features.shape[0] % batch == 0:  # every image's tokens packed into one sequence
-        features = features.reshape(batch, -1, features.shape[-1])
-    if features.ndim != 3 or features.shape[0] != batch:
-        raise ValueError(f"cannot read {batch} images' features from a tensor of shape {tuple(features.shape)}")
-    return features
-
-
-def _tokens(part: Tensor) -> Tensor:
-    """One list entry as `[N, D]` tokens: `[1, N, D]` squeezed, a `[C, h, w]` map flattened channels-last."""
-    if part.ndim == 3 and part.shape[0] != 1:
-        return part.flatten(1).T
-    return part.reshape(-1, part.shape[-1])
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:

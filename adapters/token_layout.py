@@ -231,3 +231,30 @@ def _block_order(layout: PatchLayout, factor: int, model_type: str, hook: str) -
             f"block; override `{hook}`"
         )
     return blocks[:, 0]
+
+
+def as_batch(features: Tensor | list[Tensor] | tuple[Tensor, ...], batch: int) -> Tensor:
+    """Per-image lists, packed sequences, channel-first feature maps and batched tensors -> `[B, N, D]`.
+
+    vugen encodes a batch of images of one size, so images have equal token counts and a sequence that packs all of
+    them (`[sum N, D]`, or `[1, sum N, D]` from Pixtral-style towers) splits evenly.
+    """
+    if isinstance(features, (list, tuple)):  # one entry per image, or per sample of several images
+        parts = [_tokens(part) for part in features]
+        features = torch.stack(parts) if len(parts) == batch else torch.cat(parts)
+    elif features.ndim == 4:  # a convolutional tower's [B, C, h, w] map
+        features = features.flatten(2).transpose(1, 2)
+    if features.ndim == 3 and features.shape[0] != batch:
+        features = features.reshape(-1, features.shape[-1])
+    if features.ndim == 2 and features.shape[0] % batch == 0:  # every image's tokens packed into one sequence
+        features = features.reshape(batch, -1, features.shape[-1])
+    if features.ndim != 3 or features.shape[0] != batch:
+        raise ValueError(f"cannot read {batch} images' features from a tensor of shape {tuple(features.shape)}")
+    return features
+
+
+def _tokens(part: Tensor) -> Tensor:
+    """One list entry as `[N, D]` tokens: `[1, N, D]` squeezed, a `[C, h, w]` map flattened channels-last."""
+    if part.ndim == 3 and part.shape[0] != 1:
+        return part.flatten(1).T
+    return part.reshape(-1, part.shape[-1])

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vugen_adapters.auto import AutoAdapter, RemoteCodeRefused
+from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.llava import LlavaAdapter
+from vugen_adapters.source import RemoteCodeRefused
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from vugen.checkpoint import CheckpointError, checked_hyperparameters
 from vugen.registry import UnregisteredAdapterError
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import SamplerStage
-from vugen_adapters.auto import RemoteCodeRefused
 from vugen_adapters.llava import LlavaAdapter
+from vugen_adapters.source import RemoteCodeRefused
 
 EVIL = "vugen_test_evil"  # the marker module's name
 

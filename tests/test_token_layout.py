@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers import Qwen2VLImageProcessor, SiglipImageProcessor
 from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
 
-from vugen_adapters.auto import AutoAdapter, _as_batch
-from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, measure_patch_layout, to_raster
+from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, as_batch, measure_patch_layout, to_raster
 
 PATCH = 4
 PROCESSORS = {
@@ -113,4 +113,4 @@ def test_a_processor_that_changes_pixel_values_is_refused():
 )
 def test_every_output_form_reads_as_batch_tokens(shape_of):
     tokens = torch.randn(3, 24, 8)
-    assert torch.equal(_as_batch(shape_of(tokens), batch=3), tokens)
+    assert torch.equal(as_batch(shape_of(tokens), batch=3), tokens)
