@@ -35,6 +35,9 @@ HEADS, KV_HEADS = 4, 2
 DEPTH = 2
 IMAGE_SIZE, PATCH_SIZE = 32, 4  # 8x8 patches: a handful of image tokens after any 2x2 merge
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2
+# SAM's configs initialise at std 1e-10 (weights meant to be loaded): a random tower that small returns the same tokens
+# for every image, so no check could read anything from them. Below this, a tiny model initialises at the usual 0.02.
+MIN_INITIALIZER_RANGE, INITIALIZER_RANGE = 1e-4, 0.02
 
 # key -> value as a function of the sub-config's width W. One table: a key means the same in every config.
 _WIDTH = (
@@ -219,6 +222,8 @@ def _shrink_scalars(config: dict[str, Any], vision: bool, vocab_size: int) -> di
         config["head_dim"] = (VISION_WIDTH if vision else TEXT_WIDTH) // HEADS  # stated: HunYuan-VL reads it as is
     if config.get("num_experts_per_tok", 0) is None and any(_is_int(config.get(key)) for key in _EXPERT_COUNTS):
         config["num_experts_per_tok"] = EXPERTS_PER_TOKEN  # a router needs it (DeepSeek-OCR 2's default omits it)
+    if isinstance(config.get("initializer_range"), float) and config["initializer_range"] < MIN_INITIALIZER_RANGE:
+        config["initializer_range"] = INITIALIZER_RANGE
     if mla_head:  # an MLA query head stays the sum of its parts (Mistral 4 rotates head_dim * partial factor)
         config["head_dim"] = _mla_query_head(config)
     return config
