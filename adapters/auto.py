@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ from transformers import (
 from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
-from vugen_adapters.token_layout import PatchLayout, as_batch, measure_patch_layout, to_raster
+from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, as_batch, measure_patch_layout, to_raster
 
+# What a vision tower's learned query tables are called (DeepSeek-OCR 2's `query_768_resolution`, Q-Former
+# `query_tokens`, Perceiver `latents`): tokens read out of one are in the order the model learnt, not a patch grid.
+_QUERY_TABLE_NAME = re.compile(r"quer|latent")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
 _PROCESSOR_OVERRIDES = {
@@ -349,6 +353,8 @@ class AutoAdapter(VLMAdapter):
         """
         source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
         features = as_batch(source, batch)
+        if self.feature_source == "vision":
+            self.check_not_learned_queries(features)
         layout = self.patch_layout(*size)
         if self.feature_source == "vision" and not layout.is_raster:  # towers fed whole images (SAM's) undo their
             self.check_token_order(layout.rows, layout.cols)  # own windows; packed ones may not
@@ -382,6 +388,34 @@ class AutoAdapter(VLMAdapter):
                 f"{window} px, so the encoder's tokens come back in window order; use the family adapter "
                 "(e.g. `qwen2_5_vl`), which undoes it, or feature_source='projector'"
             )
+
+    def check_not_learned_queries(self, features: Tensor) -> None:
+        """Towers that end in learned queries (DeepSeek-OCR 2's "visual causal flow") return one token per query, each
+        reading the whole image, in an order the model learnt: no raster order to read, so say so rather than guess."""
+        name = self._learned_query_tables.get(tuple(features.shape[1:]))
+        if name is not None:
+            raise LayoutNotDerivable(
+                f"{self.model_type}: its vision tower returns {features.shape[1]} learned query tokens (`{name}`), in "
+                "an order the model learnt, not a patch grid, so there is no raster order to read; override "
+                "`vision_tokens` in an adapter to read a spatial stage of the tower (see examples/custom_adapter)"
+            )
+
+    @cached_property
+    def _learned_query_tables(self) -> dict[tuple[int, int], str]:
+        """`(rows, width)` -> name of each learned query table of the vision tower (`get_encoder(modality="image")`):
+        an `nn.Embedding` or a bare parameter named like one (`_QUERY_TABLE_NAME`), not a projection's weight. Tables
+        of the connector (Idefics2's Perceiver, BLIP-2's Q-Former) read tokens after the ones `vision_tokens` picks."""
+        tower = self._feature_model.get_encoder(modality="image")
+        if not isinstance(tower, nn.Module) or tower is self._feature_model:  # none, or none apart from the connector
+            return {}
+        tables = {}
+        for module_name, module in tower.named_modules():
+            named = [(module_name, module.weight)] if isinstance(module, nn.Embedding) else []
+            named += [(f"{module_name}.{name}".lstrip("."), p) for name, p in module.named_parameters(recurse=False)]
+            for name, table in named:
+                if _QUERY_TABLE_NAME.search(name.rsplit(".", 1)[-1]) and table.ndim >= 2:
+                    tables[(table.numel() // table.shape[-1], table.shape[-1])] = f"{type(tower).__name__}.{name}"
+        return tables
 
     def vision_tokens(self, output: Any) -> Tensor | list[Tensor]:
         """Encoder tokens the projector reads: the `vision_feature_layer` hidden state when configured."""

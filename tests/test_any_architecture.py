@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -22,8 +23,10 @@ from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
 from vugen.cli import run
 from vugen.commands.check import check_checkpoint
+from vugen.conformance import check_raster_order, half_images
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.token_layout import LayoutNotDerivable
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
 OUTSIDE = {
@@ -38,6 +41,7 @@ OUTSIDE = {
     "lfm2_vl": "SigLIP2 NaFlex: flat patches padded per image, pixel-unshuffle projector; convolution/attention LM",
     "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
     "qwen3_5": "hybrid linear-attention (Gated DeltaNet) / attention LM: the latent sampler runs causal",
+    "unlimited_ocr": "two towers in series: SAM's downsampled map fed to a CLIP encoder, both concatenated per patch",
 }
 END_TO_END = ["glm4v", "llava_next"]
 
@@ -54,6 +58,40 @@ def test_latent_attention_follows_the_kinds_of_language_model_layers(arch, bidir
         with pytest.raises(ValueError, match="image_attention: .* set image_attention: causal"):
             LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="bidirectional"))
         LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="causal"))
+
+
+class ColumnsMirrored(AutoAdapter):
+    """The negative control of a raster order: the same tokens, each row read right to left."""
+
+    def select_features(self, output, size, batch):
+        features = super().select_features(output, size, batch)
+        side = math.isqrt(features.shape[1])  # square images
+        return features.unflatten(1, (side, side)).flip(2).flatten(1, 2)
+
+
+def test_two_towers_in_series_give_their_patch_grid_in_raster_order(tiny_checkpoint):
+    """Unlimited-OCR: SAM's downsampled `[B, C, h, w]` map is the CLIP encoder's patch embeddings; the tower returns
+    CLIP's patch tokens (CLS dropped) beside the SAM map's, one per cell of the map in raster order."""
+    adapter = AutoAdapter(str(tiny_checkpoint("unlimited_ocr")))
+    size = adapter.native_size[0]
+    assert adapter.token_grid(size, size) == (2, 2)  # 32 px, 4 px SAM patches, two stride-2 convolutions
+    features = adapter.encode_images(half_images(size, 3))  # right half bright, then left half bright
+    assert features.shape == (2, 4, 32 + 32)  # CLIP width + SAM width
+    change = (features - adapter.encode_images(torch.zeros(1, 3, size, size))).norm(dim=-1)
+    assert (change[0, [1, 3]].min() > change[0, [0, 2]].max()) and (change[1, [0, 2]].min() > change[1, [1, 3]].max())
+    check_raster_order(adapter, size)
+    with pytest.raises(AssertionError, match="not in raster order"):
+        check_raster_order(ColumnsMirrored(str(tiny_checkpoint("unlimited_ocr"))), size)
+
+
+def test_learned_query_tokens_are_refused_in_one_line_not_read_as_a_grid(tiny_checkpoint):
+    """DeepSeek-OCR 2's tower ends in 144 learned queries ("visual causal flow") that each read the whole image: no
+    raster order to read. Unlimited-OCR, its sibling without the queries, is the control (above)."""
+    adapter = AutoAdapter(str(tiny_checkpoint("deepseek_ocr2")))
+    assert adapter._learned_query_tables[(144, 32)] == "DeepseekOcr2VisionModel.query_768_resolution"
+    with pytest.raises(LayoutNotDerivable, match=r"^deepseek_ocr2: .* 144 learned query tokens .*not a patch grid"):
+        adapter.encode_images(torch.zeros(1, 3, 192, 192))
+    assert AutoAdapter(str(tiny_checkpoint("unlimited_ocr")))._learned_query_tables == {}
 
 
 @pytest.mark.slow
