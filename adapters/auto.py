@@ -349,7 +349,7 @@ class AutoAdapter(VLMAdapter):
 
         The tokens are matched to the patch layout the image processor gives images of this size
         (`vugen_adapters.token_layout`): padding slots and leading CLS / register tokens dropped, merge blocks and
-        flat-patch orders put back in raster order.
+        flat-patch orders put back in raster order. Learned query tokens are refused (`check_not_learned_queries`).
         """
         source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
         features = as_batch(source, batch)

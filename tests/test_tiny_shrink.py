@@ -62,7 +62,7 @@ def test_size_fields(arch, path, expected):
 
 def test_a_tower_initialised_to_be_loaded_gets_a_random_init_that_sees_its_input():
     """SAM sub-configs initialise at std 1e-10 (weights meant to be loaded): a tiny tower that small returns the same
-    tokens for every image. The shrink raises such ranges to 0.02 and leaves the usual ones alone."""
+    tokens for every image. The shrink raises such ranges to the usual 0.02 and leaves the usual ones alone."""
     sam = _shrunk("unlimited_ocr")["vision_config"]["sam_config"]
     assert CONFIG_MAPPING["unlimited_ocr"]().vision_config.sam_config.initializer_range < 1e-8  # the negative control
     assert sam["initializer_range"] == 0.02
