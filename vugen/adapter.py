@@ -90,8 +90,8 @@ class VLMAdapter(nn.Module, ABC):
     def bidirectional_latents(self) -> bool:
         """Whether the language model obeys the latent sampler's 4-D mask (latent tokens attending to each other both
         ways: `image_attention: bidirectional`). True by default; False for language models with layers that take no
-        attention mask (linear attention, state-space or convolution layers, chunked attention): the latent sampler
-        then runs causal (`image_attention: causal`)."""
+        attention mask (linear attention, state-space or convolution layers, chunked attention) or that take only a
+        `[B, S]` padding mask: the latent sampler then runs causal (`image_attention: causal`)."""
         return True
 
     @property
