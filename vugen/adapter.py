@@ -101,17 +101,17 @@ class VLMAdapter(nn.Module, ABC):
         Derived from `language_model` by default: the name of every `nn.Linear` in it (peft's `all-linear`, limited
         to the LM), which for a decoder LM are the attention and MLP projections (`q_proj`, ..., `down_proj`). Left
         out, since peft matches a name wherever it occurs: names also borne by a linear subclass with its own
-        `forward` (`LoRA` adds to a linear map's output; Llama 4's router returns top-k scores and logits), and names
+        `forward` (LoRA adds to a linear map's output; Llama 4's router returns top-k scores and logits), and names
         peft refuses for this language model (a Mamba mixer's `out_proj`, which fused kernels read by weight).
         Override it only to narrow the choice, or for a model whose LM has no `nn.Linear` layers.
         """
-        linear = {name.rsplit(".", 1)[-1]: m for name, m in self.language_model.named_modules() if _is_linear(m)}
-        not_linear = {name.rsplit(".", 1)[-1] for name, m in self.language_model.named_modules() if not _is_linear(m)}
+        kinds = [(name.rsplit(".", 1)[-1], _is_linear(m)) for name, m in self.language_model.named_modules()]
+        linear = {name for name, is_linear in kinds if is_linear} - {name for name, is_linear in kinds if not is_linear}
         config = getattr(self.language_model, "config", None)
-        targets = sorted(name for name in linear.keys() - not_linear if _peft_accepts(name, config))
+        targets = sorted(name for name in linear if _peft_accepts(name, config))
         if not targets:
             raise TypeError(
-                f"{type(self).__name__}: its language_model has no nn.Linear layer for LoRA to wrap; override "
+                f"{type(self).__name__}: its language_model has no nn.Linear layer LoRA can wrap; override "
                 "`lora_target_modules` with the peft `target_modules` of this model"
             )
         return targets
