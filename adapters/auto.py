@@ -29,8 +29,9 @@ from transformers import (
     BatchEncoding,
     PreTrainedModel,
 )
+from transformers.cache_utils import DynamicCache
 
-from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
+from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
 from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, as_batch, measure_patch_layout, to_raster
@@ -449,8 +450,22 @@ class AutoAdapter(VLMAdapter):
     def bidirectional_latents(self) -> bool:
         """True when every layer of the language model is an attention layer that reads the mask as given (full,
         sliding-window, indexed: see `vugen_adapters.attention_masks`); linear attention, Mamba, convolution or chunked
-        layers cannot let the latent tokens see each other both ways."""
-        return set(language_layer_kinds(self.vlm.config)) <= set(BIDIRECTIONAL_KINDS)
+        layers cannot let the latent tokens see each other both ways, nor can a language model that takes only a
+        `[B, S]` padding mask (Kosmos-2's)."""
+        return set(language_layer_kinds(self.vlm.config)) <= set(BIDIRECTIONAL_KINDS) and self._runs_on_4d_masks()
+
+    def _runs_on_4d_masks(self) -> bool:
+        """Whether the language model runs on a 4-D attention mask at all: some expand a `[B, S]` padding mask
+        themselves and fail on anything else. Measured on two tokens, `[prefix][latent]`."""
+        weight = next(self.language_model.parameters())
+        tokens = torch.zeros(1, 2, self.hidden_size, device=weight.device, dtype=weight.dtype)
+        mask = latent_attention_mask(torch.ones(1, 1, dtype=torch.long, device=weight.device), 1)
+        try:
+            with torch.no_grad():
+                self.run_language_model(tokens, mask, torch.arange(2, device=weight.device).unsqueeze(0))
+        except ValueError:  # Kosmos-2's text model unpacks the mask as `bsz, src_len = mask.size()`
+            return False
+        return True
 
     @property
     def block_classes(self) -> set[type[nn.Module]]:
@@ -509,10 +524,13 @@ class AutoAdapter(VLMAdapter):
             masks = fit_attention_mask(config, attention_mask, past_key_values, tokens, inputs_embeds.dtype)
         elif position_ids is None:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        if past_key_values is None and self.vlm._supports_default_dynamic_cache():
+            # The cache `generate` gives the first call: some LMs build none themselves (Granite 4 Vision's)
+            past_key_values = DynamicCache(config=self.vlm.config.get_text_config(decoder=True))
         output = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=masks,
-            position_ids=position_ids,
+            position_ids=position_ids.contiguous(),  # callers pass slices; some LMs `view` them (Kosmos-2's positions)
             use_cache=True,
             return_dict=True,
             is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix

@@ -18,12 +18,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch import nn
 
 from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
+from vugen.adapter import positions_from_mask
 from vugen.cli import run
-from vugen.commands.check import check_checkpoint
-from vugen.conformance import check_raster_order, half_images
+from vugen.commands.check import check_checkpoint, smallest_image_size
+from vugen.conformance import PROMPTS, check_kv_cache, check_lora_targets, check_raster_order, half_images
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.token_layout import LayoutNotDerivable
@@ -42,14 +44,21 @@ OUTSIDE = {
     "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
     "qwen3_5": "hybrid linear-attention (Gated DeltaNet) / attention LM: the latent sampler runs causal",
     "unlimited_ocr": "two towers in series: SAM's downsampled map fed to a CLIP encoder, both concatenated per patch",
+    "nemotron_h_omni": "hybrid Mamba / attention LM: LoRA leaves out the mixer layers peft refuses",
+    "llama4": "MoE LM whose router is an nn.Linear returning a tuple: no LoRA there",
+    "granite4_vision": "an LM that builds no KV cache itself (generate gives it one)",
+    "kosmos-2": "an LM that takes only a [B, S] padding mask: the latent sampler runs causal",
 }
 END_TO_END = ["glm4v", "llava_next"]
 
 
-@pytest.mark.parametrize(("arch", "bidirectional"), [("qwen3_5", False), ("lfm3_vl", False), ("gemma3", True)])
+@pytest.mark.parametrize(
+    ("arch", "bidirectional"), [("qwen3_5", False), ("lfm3_vl", False), ("kosmos-2", False), ("gemma3", True)]
+)
 def test_latent_attention_follows_the_kinds_of_language_model_layers(arch, bidirectional, tiny_checkpoint):
-    """Linear-attention and convolution layers take no mask: latent tokens there cannot see each other both ways, and
-    asking for it is one line; full and sliding-window attention layers can."""
+    """Linear-attention and convolution layers take no mask, nor does a language model that expands a `[B, S]`
+    padding mask itself (Kosmos-2's): latent tokens there cannot see each other both ways, and asking for it is one
+    line; full and sliding-window attention layers can."""
     adapter = AutoAdapter(str(tiny_checkpoint(arch)))
     assert adapter.bidirectional_latents is bidirectional
     if bidirectional:
@@ -92,6 +101,58 @@ def test_learned_query_tokens_are_refused_in_one_line_not_read_as_a_grid(tiny_ch
     with pytest.raises(LayoutNotDerivable, match=r"^deepseek_ocr2: .* 144 learned query tokens .*not a patch grid"):
         adapter.encode_images(torch.zeros(1, 3, 192, 192))
     assert AutoAdapter(str(tiny_checkpoint("unlimited_ocr")))._learned_query_tables == {}
+
+
+def linear_names(module: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_lora_leaves_out_the_mamba_layers_peft_refuses(tiny_checkpoint):
+    """peft refuses LoRA on a Mamba mixer's `out_proj` (fused kernels read its weight) in a Nemotron-H language model,
+    by name, wherever it occurs: the derived targets leave it out and keep every other linear layer."""
+    adapter = AutoAdapter(str(tiny_checkpoint("nemotron_h_omni")))
+    linear = linear_names(adapter.language_model)
+    assert "out_proj" in linear and "in_proj" in linear  # the LM has one: leaving it out is a choice
+    assert adapter.lora_target_modules == sorted(linear - {"out_proj"})
+    check_lora_targets(adapter, smallest_image_size(adapter))  # injected on the LM itself, where peft checks names
+
+
+def test_lora_leaves_out_linear_layers_with_their_own_forward(tiny_checkpoint):
+    """Llama 4's MoE router is an `nn.Linear` whose forward returns (scores, logits): LoRA cannot add to that."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llama4")))
+    router = next(m for name, m in adapter.language_model.named_modules() if name.endswith(".router"))
+    assert isinstance(router, nn.Linear) and isinstance(router(torch.ones(1, router.in_features)), tuple)
+    assert adapter.lora_target_modules == sorted(linear_names(adapter.language_model) - {"router"})
+    check_lora_targets(adapter, smallest_image_size(adapter))
+
+
+def test_a_language_model_that_builds_no_cache_is_given_one(tiny_checkpoint):
+    """Granite 4 Vision's language model leaves its KV cache to `generate`: asked for one and given none, it returns
+    none. `run_language_model` gives it the one `generate` would, so the prompt's cache comes back."""
+    adapter = AutoAdapter(str(tiny_checkpoint("granite4_vision")))
+    encoding = adapter.tokenize(PROMPTS)
+    embeds, mask = adapter.embed_tokens(encoding["input_ids"]), encoding["attention_mask"]
+    with torch.no_grad():
+        own = adapter.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+    assert own.get("cache") is None and own.get("past_key_values") is None
+    _, cache = adapter.run_language_model(embeds, mask)
+    assert cache.get_seq_length() == embeds.shape[1]
+    check_kv_cache(adapter, smallest_image_size(adapter))
+
+
+def test_position_ids_may_be_a_strided_view(tiny_checkpoint):
+    """Callers pass slices of positions (the latent block's, after the prompt's); Kosmos-2's text model `view`s them,
+    which a strided tensor cannot take: `run_language_model` gives the same hidden states as for contiguous ones."""
+    adapter = AutoAdapter(str(tiny_checkpoint("kosmos-2")))
+    encoding = adapter.tokenize(PROMPTS)
+    embeds, mask = adapter.embed_tokens(encoding["input_ids"]), encoding["attention_mask"]
+    positions = positions_from_mask(mask, mask.shape[1])
+    strided = torch.cat([positions, positions], dim=1)[:, -positions.shape[1] :]  # the tail of a longer run's
+    assert torch.equal(strided, positions) and not strided.is_contiguous()
+    with pytest.raises(RuntimeError, match="view size is not compatible"), torch.no_grad():
+        adapter.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=strided)
+    hidden, _ = adapter.run_language_model(embeds, mask, strided)
+    assert torch.equal(hidden, adapter.run_language_model(embeds, mask, positions)[0])
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from safetensors.torch import load_file
+from torch import nn
 
 import vugen.registry as registry
 from examples.custom_adapter.adapter import ToyVLMAdapter
@@ -114,6 +115,14 @@ def test_lora_targets_are_derived_from_the_language_model(toy_checkpoint, toy_ad
 
     with pytest.raises(TypeError, match="EmbeddingOnlyLM: its language_model has no nn.Linear.*override"):
         _ = EmbeddingOnlyLM(str(toy_checkpoint)).lora_target_modules
+
+    class SharedNameLM(ToyVLMAdapter):  # `q_proj` also names an embedding: peft, matching names, would wrap it too
+        language_model = property(
+            lambda self: nn.ModuleDict({"lm": self.vlm.language_model, "q_proj": nn.Embedding(2, 2)})
+        )
+
+    targets = SharedNameLM(str(toy_checkpoint)).lora_target_modules
+    assert targets == ["down_proj", "k_proj", "o_proj", "up_proj", "v_proj"]
 
 
 def test_images_of_other_sizes_are_resized(toy_adapter):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from transformers import BatchEncoding
 
@@ -89,8 +90,8 @@ class VLMAdapter(nn.Module, ABC):
     def bidirectional_latents(self) -> bool:
         """Whether the language model obeys the latent sampler's 4-D mask (latent tokens attending to each other both
         ways: `image_attention: bidirectional`). True by default; False for language models with layers that take no
-        attention mask (linear attention, state-space or convolution layers, chunked attention): the latent sampler
-        then runs causal (`image_attention: causal`)."""
+        attention mask (linear attention, state-space or convolution layers, chunked attention) or that take only a
+        `[B, S]` padding mask: the latent sampler then runs causal (`image_attention: causal`)."""
         return True
 
     @property
@@ -98,18 +99,22 @@ class VLMAdapter(nn.Module, ABC):
         """peft `target_modules`, relative to `language_model` (so never inside the vision tower).
 
         Derived from `language_model` by default: the name of every `nn.Linear` in it (peft's `all-linear`, limited
-        to the LM), which for a decoder LM are the attention and MLP projections (`q_proj`, ..., `down_proj`).
+        to the LM), which for a decoder LM are the attention and MLP projections (`q_proj`, ..., `down_proj`). Left
+        out, since peft matches a name wherever it occurs: names also borne by a linear subclass with its own
+        `forward` (LoRA adds to a linear map's output; Llama 4's router returns top-k scores and logits), and names
+        peft refuses for this language model (a Mamba mixer's `out_proj`, which fused kernels read by weight).
         Override it only to narrow the choice, or for a model whose LM has no `nn.Linear` layers.
         """
-        linear = {
-            name.rsplit(".", 1)[-1] for name, m in self.language_model.named_modules() if isinstance(m, nn.Linear)
-        }
-        if not linear:
+        kinds = [(name.rsplit(".", 1)[-1], _is_linear(m)) for name, m in self.language_model.named_modules()]
+        linear = {name for name, is_linear in kinds if is_linear} - {name for name, is_linear in kinds if not is_linear}
+        config = getattr(self.language_model, "config", None)
+        targets = sorted(name for name in linear if _peft_accepts(name, config))
+        if not targets:
             raise TypeError(
-                f"{type(self).__name__}: its language_model has no nn.Linear layer for LoRA to wrap; override "
+                f"{type(self).__name__}: its language_model has no nn.Linear layer LoRA can wrap; override "
                 "`lora_target_modules` with the peft `target_modules` of this model"
             )
-        return sorted(linear)
+        return targets
 
     @property
     @abstractmethod
@@ -193,6 +198,25 @@ class VLMAdapter(nn.Module, ABC):
     def dtype(self) -> torch.dtype:
         """Floating dtype of the adapter's weights."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` that computes the linear map itself: not a subclass with its own `forward`, whose output may be
+    more than the map (Llama 4's router returns top-k scores and logits), which LoRA cannot add to."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _peft_accepts(name: str, config: Any) -> bool:
+    """Whether peft injects LoRA into a linear layer called `name` of a model with this `config`: peft refuses some
+    names by the model's type (a Mamba mixer's `out_proj` and `conv1d`), which it says only by raising."""
+    probe = nn.Module()
+    probe.config = config
+    probe.add_module(name, nn.Linear(1, 1))
+    try:
+        inject_adapter_in_model(LoraConfig(r=1, target_modules=[name]), probe)
+    except ValueError:
+        return False
+    return True
 
 
 def positions_from_mask(attention_mask: Tensor, new_tokens: int) -> Tensor:

@@ -194,9 +194,10 @@ class LatentSampler(nn.Module):
         super().__init__()
         if config.image_attention == "bidirectional" and not adapter.bidirectional_latents:
             raise ValueError(
-                f"latent_sampler.image_attention: {type(adapter).__name__}'s language model has layers that take no "
-                "attention mask (linear attention, state-space, convolution or chunked attention), so latent tokens "
-                "cannot attend to each other both ways; set image_attention: causal"
+                f"latent_sampler.image_attention: {type(adapter).__name__}'s language model takes no bidirectional "
+                "mask (layers that take none: linear attention, state-space, convolution or chunked attention; or a "
+                "[B, S] padding mask only), so latent tokens cannot attend to each other both ways; set "
+                "image_attention: causal"
             )
         self.adapter, self.latent_dim, self.image_size, self.config = adapter, latent_dim, image_size, config
         grid = adapter.token_grid(image_size, image_size)
