@@ -194,9 +194,10 @@ class AutoAdapter(VLMAdapter):
     @property
     def merge_size(self) -> int:
         """Patches per side that the VLM merges into one token after the tower (`spatial_merge_size` of the vision
-        config, of the VLM's config (Mistral 3), or the image processor's `merge_size`), or 1."""
+        config, of the VLM's config (Mistral 3), the image processor's `merge_size`, or Gemma 4's pooling kernel,
+        whose processor resizes to whole kernels of patches), or 1."""
         for owner in (self.vision_config, self.vlm.config, self.image_processor):
-            for name in ("spatial_merge_size", "merge_size"):
+            for name in ("spatial_merge_size", "merge_size", "pooling_kernel_size"):
                 value = getattr(owner, name, None)
                 if isinstance(value, int) and value > 0:
                     return value

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -54,6 +55,18 @@ def test_latent_attention_follows_the_kinds_of_language_model_layers(arch, bidir
         with pytest.raises(ValueError, match="image_attention: .* set image_attention: causal"):
             LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="bidirectional"))
         LatentSampler(adapter, 8, 32, LatentSamplerConfig(image_attention="causal"))
+
+
+def test_a_pooling_kernel_sets_the_sides_images_are_encoded_at(tiny_checkpoint):
+    """Gemma 4 pools k x k patches into one token, and its processor resizes to whole kernels of patches: sides are
+    multiples of patch * k (4 px * 3), 48 px is 4x4 tokens. At 32 px (8 patches, not whole kernels) the processor
+    counts 7 tokens and the tower pools 4: refused, not encoded."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma4")))
+    assert adapter.size_multiple == 12
+    assert adapter.token_grid(48, 48) == (4, 4)
+    assert adapter.encode_images(torch.rand(2, 3, 48, 48)).shape[:2] == (2, 16)
+    with pytest.raises(ValueError, match="multiples of 12 px"):
+        adapter.encode_images(torch.rand(1, 3, 32, 32))
 
 
 @pytest.mark.slow
