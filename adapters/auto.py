@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     BatchEncoding,
     PreTrainedModel,
@@ -32,7 +33,7 @@ from transformers import (
 from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
-from vugen_adapters.token_layout import PatchLayout, as_batch, measure_patch_layout, to_raster
+from vugen_adapters.token_layout import PatchLayout, as_batch, measure_patch_layout, pixel_values, to_raster
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
@@ -44,6 +45,8 @@ _PROCESSOR_OVERRIDES = {
     "do_pan_and_scan": False,
     "crop_to_patches": False,
 }
+# What a vision path that reads the prompt too (InstructBLIP's Q-Former) is told when vugen encodes images alone.
+IMAGE_INSTRUCTION = "Describe the image."
 
 
 class AutoAdapter(VLMAdapter):
@@ -127,9 +130,25 @@ class AutoAdapter(VLMAdapter):
             tokenizer.pad_token = tokenizer.eos_token
         return image_processor, tokenizer
 
+    @cached_property
+    def prompt_processor(self) -> Any | None:
+        """The checkpoint's whole processor where `get_image_features` requires inputs that its image processor does
+        not name (InstructBLIP's Q-Former reads `qformer_input_ids`, which the processor's `qformer_tokenizer` makes),
+        else None: most checkpoints need only their image processor, and not every one has a loadable processor."""
+        made = getattr(self.image_processor, "model_input_names", ["pixel_values"])
+        if all(name in made for name in self._required_image_inputs):
+            return None
+        try:
+            return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError, TypeError):
+            return None  # `image_features` then names the inputs nothing makes
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write weights, config, image processor and tokenizer to `directory`."""
+        """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the
+        image features need it: `prompt_processor`)."""
         self.vlm.save_pretrained(directory)
+        if self.prompt_processor is not None:
+            self.prompt_processor.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
@@ -312,15 +331,36 @@ class AutoAdapter(VLMAdapter):
         return {k: v for k, v in inputs.items() if k in accepted}
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
-        """Call the VLM's `get_image_features` with the inputs its signature accepts."""
+        """Call the VLM's `get_image_features` with the inputs its signature accepts; the ones it requires from the
+        prompt side (InstructBLIP's `qformer_input_ids`) are the checkpoint's processor's for `IMAGE_INSTRUCTION`."""
         accepted = self.accepted_image_inputs(inputs)
         missing = [name for name in self._required_image_inputs if name not in accepted]
-        if missing:  # e.g. InstructBLIP's Q-Former reads the prompt too
-            raise TypeError(
-                f"{self.model_type}: its get_image_features needs {', '.join(missing)}, which its image processor "
-                "does not give; override `image_features` in an adapter"
-            )
+        if missing:
+            accepted |= self.prompt_side_inputs(missing, images=len(pixel_values(inputs, self.model_type)))
         return self._feature_model.get_image_features(**accepted)
+
+    def prompt_side_inputs(self, names: list[str], images: int) -> dict[str, Tensor]:
+        """The `names` inputs of `get_image_features` as `prompt_processor` makes them of `IMAGE_INSTRUCTION`, one
+        row per image, on the adapter's device.
+
+        Raises:
+            TypeError: the checkpoint has no processor that makes all of them.
+        """
+        unmade = [name for name in names if name not in self._prompt_encoding]
+        if unmade:
+            raise TypeError(
+                f"{self.model_type}: its get_image_features needs {', '.join(unmade)}, which neither its image "
+                "processor nor its processor (given a prompt) makes; override `image_features` in an adapter"
+            )
+        return {name: self._prompt_encoding[name].to(self.device).expand(images, -1) for name in names}
+
+    @cached_property
+    def _prompt_encoding(self) -> dict[str, Tensor]:
+        """What `prompt_processor` makes of `IMAGE_INSTRUCTION` alone: one row of each text-side input (read once)."""
+        if self.prompt_processor is None:
+            return {}
+        encoding = self.prompt_processor(text=[IMAGE_INSTRUCTION], return_tensors="pt")
+        return {name: value for name, value in encoding.items() if isinstance(value, Tensor)}
 
     @cached_property
     def _required_image_inputs(self) -> list[str]:

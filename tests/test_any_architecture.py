@@ -24,7 +24,7 @@ from tools.coverage_matrix import first_failure
 from vugen.cli import run
 from vugen.commands.check import check_checkpoint
 from vugen.generation import LatentSampler, LatentSamplerConfig
-from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
 OUTSIDE = {
@@ -35,6 +35,7 @@ OUTSIDE = {
     "qwen3_vl_moe": "MoE language model, deepstack vision features",
     "cosmos3_edge": "dynamic resolution, packed patches",
     "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
+    "instructblip": "Q-Former reads the prompt: qformer_input_ids from the processor's qformer_tokenizer",
     "kimi_k25": "DeepSeek-V3 LM: multi-head latent attention, MoE with fused experts",
     "lfm2_vl": "SigLIP2 NaFlex: flat patches padded per image, pixel-unshuffle projector; convolution/attention LM",
     "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
@@ -67,6 +68,36 @@ def test_a_pooling_kernel_sets_the_sides_images_are_encoded_at(tiny_checkpoint):
     assert adapter.encode_images(torch.rand(2, 3, 48, 48)).shape[:2] == (2, 16)
     with pytest.raises(ValueError, match="multiples of 12 px"):
         adapter.encode_images(torch.rand(1, 3, 32, 32))
+
+
+def test_a_vision_path_that_reads_the_prompt_gets_it_from_the_checkpoints_processor(tiny_checkpoint, tmp_path):
+    """InstructBLIP's `get_image_features` requires `qformer_input_ids` (its Q-Former reads the instruction), which
+    its image processor does not make: the checkpoint's processor makes them with its `qformer_tokenizer`, one row
+    per image, and save_pretrained keeps that tokenizer. The features are the ViT's patch tokens, CLS dropped (a
+    raster grid), not the Q-Former's query tokens."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblip")))
+    instruction = adapter.prompt_processor.qformer_tokenizer([IMAGE_INSTRUCTION], return_tensors="pt")["input_ids"]
+    made = adapter.prompt_side_inputs(["qformer_input_ids"], images=3)["qformer_input_ids"]
+    assert instruction.shape[1] > 0 and torch.equal(made, instruction.expand(3, -1))
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = adapter.encode_images(images)
+    patches = adapter.vlm.vision_model(normalized_pixels(images, adapter.image_processor, torch.float32))
+    assert torch.equal(features, patches.last_hidden_state[:, 1:])
+
+    adapter.save_pretrained(tmp_path / "saved")
+    reloaded = AutoAdapter(str(tmp_path / "saved"))
+    assert torch.equal(reloaded.prompt_side_inputs(["qformer_input_ids"], images=3)["qformer_input_ids"], made)
+
+
+def test_prompt_side_inputs_no_processor_makes_are_named_in_one_line(tiny_checkpoint):
+    """An input the processor does not make from a prompt is named, with the hook to override; a checkpoint whose
+    image processor makes every required input loads no processor at all."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblip")))
+    with pytest.raises(TypeError, match=r"^instructblip: its get_image_features needs image_sizes, which neither") as e:
+        adapter.prompt_side_inputs(["qformer_input_ids", "image_sizes"], images=1)
+    assert "\n" not in str(e.value) and "override `image_features`" in str(e.value)
+    assert AutoAdapter(str(tiny_checkpoint("llava"))).prompt_processor is None
 
 
 @pytest.mark.slow
