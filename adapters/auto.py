@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    AutoVideoProcessor,
     BatchEncoding,
     PreTrainedModel,
 )
@@ -34,6 +35,7 @@ from vugen.adapter import DType, FeatureSource, VLMAdapter, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
 from vugen_adapters.token_layout import PatchLayout, as_batch, measure_patch_layout, pixel_values, to_raster
+from vugen_adapters.video_frames import OneFrameVideos
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
@@ -119,7 +121,7 @@ class AutoAdapter(VLMAdapter):
 
     def _load_processors(self) -> tuple[Any, Any]:
         try:
-            image_processor = AutoImageProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+            image_processor = self._load_image_processor()
             tokenizer = AutoTokenizer.from_pretrained(self.pretrained, **self._hub_kwargs())
         except (OSError, ValueError) as error:
             raise OSError(
@@ -129,6 +131,25 @@ class AutoAdapter(VLMAdapter):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return image_processor, tokenizer
+
+    def _load_image_processor(self) -> Any:
+        """The checkpoint's image processor; for a VLM that reads images only as videos (`_video_only_model`), its
+        video processor, taking each image as a one-frame video."""
+        try:
+            return AutoImageProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError):
+            if self._video_only_model is None:
+                raise
+        return OneFrameVideos(AutoVideoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs()))
+
+    @cached_property
+    def _video_only_model(self) -> nn.Module | None:
+        """The module with `get_video_features` of a VLM that has no `get_image_features` (InstructBLIP-Video, whose
+        tower and Q-Former read every frame alone), else None."""
+        models = [model for model in (getattr(self.vlm, "model", None), self.vlm) if model is not None]
+        if any(hasattr(model, "get_image_features") for model in models):
+            return None
+        return next((model for model in models if hasattr(model, "get_video_features")), None)
 
     @cached_property
     def prompt_processor(self) -> Any | None:
@@ -327,7 +348,7 @@ class AutoAdapter(VLMAdapter):
 
     def accepted_image_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The entries of `inputs` that the VLM's `get_image_features` takes by name (not Gemma 3's `num_crops`)."""
-        accepted = inspect.signature(self._feature_model.get_image_features).parameters
+        accepted = inspect.signature(self._image_encoder).parameters
         return {k: v for k, v in inputs.items() if k in accepted}
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
@@ -337,7 +358,14 @@ class AutoAdapter(VLMAdapter):
         missing = [name for name in self._required_image_inputs if name not in accepted]
         if missing:
             accepted |= self.prompt_side_inputs(missing, images=len(pixel_values(inputs, self.model_type)))
-        return self._feature_model.get_image_features(**accepted)
+        return self._image_encoder(**accepted)
+
+    @cached_property
+    def _image_encoder(self) -> Any:
+        """`get_image_features` of `_feature_model`, or `get_video_features` of a VLM that reads images only as
+        one-frame videos (`_video_only_model`)."""
+        video = self._video_only_model
+        return video.get_video_features if video is not None else self._feature_model.get_image_features
 
     def prompt_side_inputs(self, names: list[str], images: int) -> dict[str, Tensor]:
         """The `names` inputs of `get_image_features` as `prompt_processor` makes them of `IMAGE_INSTRUCTION`, one
@@ -365,7 +393,7 @@ class AutoAdapter(VLMAdapter):
     @cached_property
     def _required_image_inputs(self) -> list[str]:
         """The parameters `get_image_features` cannot do without (read once: `image_features` runs every step)."""
-        parameters = inspect.signature(self._feature_model.get_image_features).parameters.values()
+        parameters = inspect.signature(self._image_encoder).parameters.values()
         return [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
 
     @cached_property

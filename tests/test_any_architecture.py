@@ -25,6 +25,7 @@ from vugen.cli import run
 from vugen.commands.check import check_checkpoint
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
+from vugen_adapters.video_frames import OneFrameVideos
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
 OUTSIDE = {
@@ -36,6 +37,7 @@ OUTSIDE = {
     "cosmos3_edge": "dynamic resolution, packed patches",
     "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
     "instructblip": "Q-Former reads the prompt: qformer_input_ids from the processor's qformer_tokenizer",
+    "instructblipvideo": "video processor and get_video_features only: images are one-frame videos",
     "kimi_k25": "DeepSeek-V3 LM: multi-head latent attention, MoE with fused experts",
     "lfm2_vl": "SigLIP2 NaFlex: flat patches padded per image, pixel-unshuffle projector; convolution/attention LM",
     "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
@@ -98,6 +100,26 @@ def test_prompt_side_inputs_no_processor_makes_are_named_in_one_line(tiny_checkp
         adapter.prompt_side_inputs(["qformer_input_ids", "image_sizes"], images=1)
     assert "\n" not in str(e.value) and "override `image_features`" in str(e.value)
     assert AutoAdapter(str(tiny_checkpoint("llava"))).prompt_processor is None
+
+
+def test_a_vlm_that_reads_images_only_as_videos_encodes_one_frame_videos(tiny_checkpoint):
+    """InstructBLIP-Video has a video processor and `get_video_features` only; its tower reads every frame alone, so
+    an image is a one-frame video: the features are the tower's patch tokens of each image, CLS dropped."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblipvideo")))
+    assert isinstance(adapter.image_processor, OneFrameVideos)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert adapter.processor_inputs(images)["pixel_values"].shape == (2, 1, 3, 32, 32)
+    patches = adapter.vlm.vision_model(normalized_pixels(images, adapter.image_processor, torch.float32))
+    assert torch.allclose(adapter.encode_images(images), patches.last_hidden_state[:, 1:], atol=1e-5)
+
+
+def test_a_vlm_that_reads_images_keeps_needing_its_image_processor(tiny_checkpoint, tmp_path):
+    """The video fallback is for VLMs without `get_image_features`: LLaVA without its image processor is refused."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llava")))
+    adapter.vlm.save_pretrained(tmp_path)
+    adapter.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="has weights but no usable image processor"):
+        AutoAdapter(str(tmp_path))
 
 
 @pytest.mark.slow
