@@ -23,6 +23,7 @@ from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
 from vugen.cli import run
 from vugen.commands.check import check_checkpoint
+from vugen.conformance import check_raster_order
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
 from vugen_adapters.video_frames import OneFrameVideos
@@ -120,6 +121,25 @@ def test_a_vlm_that_reads_images_keeps_needing_its_image_processor(tiny_checkpoi
     adapter.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(OSError, match="has weights but no usable image processor"):
         AutoAdapter(str(tmp_path))
+
+
+def test_raster_order_sees_an_encoder_that_normalises_each_raw_patch(tiny_checkpoint):
+    """Gemma 4 Unified's embedder LayerNorms each raw patch, so uniform gray patches of any brightness are one token:
+    the probe's bright half is coloured. Its tokens pass in raster order, and fail read column by column."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma4_unified")))
+    black, white = torch.zeros(1, 3, 48, 48), torch.ones(1, 3, 48, 48)
+    assert torch.equal(adapter.encode_images(black), adapter.encode_images(white))
+    check_raster_order(adapter, 48)
+
+    raster = adapter.select_features
+    adapter.select_features = _column_major(raster)
+    with pytest.raises(AssertionError, match="tokens are not in raster order"):
+        check_raster_order(adapter, 48)
+
+
+def _column_major(select_features):
+    """`select_features` with its 4x4 tokens read column by column."""
+    return lambda *args, **kwargs: select_features(*args, **kwargs).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2)
 
 
 @pytest.mark.slow
