@@ -156,8 +156,12 @@ class AutoAdapter(VLMAdapter):
         """The checkpoint's whole processor where `get_image_features` requires inputs that its image processor does
         not name (InstructBLIP's Q-Former reads `qformer_input_ids`, which the processor's `qformer_tokenizer` makes),
         else None: most checkpoints need only their image processor, and not every one has a loadable processor."""
+        try:
+            required = self._required_image_inputs
+        except TypeError:  # no `get_image_features`: an adapter that overrides `image_features` reads images its way
+            return None
         made = getattr(self.image_processor, "model_input_names", ["pixel_values"])
-        if all(name in made for name in self._required_image_inputs):
+        if all(name in made for name in required):
             return None
         try:
             return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())

@@ -103,6 +103,14 @@ def test_prompt_side_inputs_no_processor_makes_are_named_in_one_line(tiny_checkp
     assert AutoAdapter(str(tiny_checkpoint("llava"))).prompt_processor is None
 
 
+def test_a_vlm_without_get_image_features_still_saves(tiny_checkpoint, tmp_path):
+    """GIT has no `get_image_features` (an adapter would override `image_features`): saving needs no processor."""
+    adapter = AutoAdapter(str(tiny_checkpoint("git")))
+    assert adapter.prompt_processor is None
+    adapter.save_pretrained(tmp_path)
+    assert AutoAdapter(str(tmp_path)).tokenize(["a cat"])["input_ids"].shape[0] == 1
+
+
 def test_a_vlm_that_reads_images_only_as_videos_encodes_one_frame_videos(tiny_checkpoint):
     """InstructBLIP-Video has a video processor and `get_video_features` only; its tower reads every frame alone, so
     an image is a one-frame video: the features are the tower's patch tokens of each image, CLS dropped."""
