@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
+    AutoVideoProcessor,
     BatchEncoding,
     PreTrainedModel,
 )
@@ -34,7 +36,15 @@ from transformers.cache_utils import DynamicCache
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
-from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, as_batch, measure_patch_layout, to_raster
+from vugen_adapters.token_layout import (
+    LayoutNotDerivable,
+    PatchLayout,
+    as_batch,
+    measure_patch_layout,
+    pixel_values,
+    to_raster,
+)
+from vugen_adapters.video_frames import OneFrameVideos
 
 # What a vision tower's learned query tables are called (DeepSeek-OCR 2's `query_768_resolution`, Q-Former
 # `query_tokens`, Perceiver `latents`): tokens read out of one are in the order the model learnt, not a patch grid.
@@ -49,6 +59,8 @@ _PROCESSOR_OVERRIDES = {
     "do_pan_and_scan": False,
     "crop_to_patches": False,
 }
+# What a vision path that reads the prompt too (InstructBLIP's Q-Former) is told when vugen encodes images alone.
+IMAGE_INSTRUCTION = "Describe the image."
 
 
 class AutoAdapter(VLMAdapter):
@@ -121,7 +133,7 @@ class AutoAdapter(VLMAdapter):
 
     def _load_processors(self) -> tuple[Any, Any]:
         try:
-            image_processor = AutoImageProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+            image_processor = self._load_image_processor()
             tokenizer = AutoTokenizer.from_pretrained(self.pretrained, **self._hub_kwargs())
         except (OSError, ValueError) as error:
             raise OSError(
@@ -132,9 +144,48 @@ class AutoAdapter(VLMAdapter):
             tokenizer.pad_token = tokenizer.eos_token
         return image_processor, tokenizer
 
+    def _load_image_processor(self) -> Any:
+        """The checkpoint's image processor; for a VLM that reads images only as videos (`_video_only_model`), its
+        video processor, taking each image as a one-frame video."""
+        try:
+            return AutoImageProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError):
+            if self._video_only_model is None:
+                raise
+        return OneFrameVideos(AutoVideoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs()))
+
+    @cached_property
+    def _video_only_model(self) -> nn.Module | None:
+        """The module with `get_video_features` of a VLM that has no `get_image_features` (InstructBLIP-Video, whose
+        tower and Q-Former read every frame alone), else None."""
+        models = [model for model in (getattr(self.vlm, "model", None), self.vlm) if model is not None]
+        if any(hasattr(model, "get_image_features") for model in models):
+            return None
+        return next((model for model in models if hasattr(model, "get_video_features")), None)
+
+    @cached_property
+    def prompt_processor(self) -> Any | None:
+        """The checkpoint's whole processor where `get_image_features` requires inputs that its image processor does
+        not name (InstructBLIP's Q-Former reads `qformer_input_ids`, which the processor's `qformer_tokenizer` makes),
+        else None: most checkpoints need only their image processor, and not every one has a loadable processor."""
+        try:
+            required = self._required_image_inputs
+        except TypeError:  # no `get_image_features`: an adapter that overrides `image_features` reads images its way
+            return None
+        made = getattr(self.image_processor, "model_input_names", ["pixel_values"])
+        if all(name in made for name in required):
+            return None
+        try:
+            return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError, TypeError):
+            return None  # `image_features` then names the inputs nothing makes
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write weights, config, image processor and tokenizer to `directory`."""
+        """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the
+        image features need it: `prompt_processor`)."""
         self.vlm.save_pretrained(directory)
+        if self.prompt_processor is not None:
+            self.prompt_processor.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
@@ -199,9 +250,10 @@ class AutoAdapter(VLMAdapter):
     @property
     def merge_size(self) -> int:
         """Patches per side that the VLM merges into one token after the tower (`spatial_merge_size` of the vision
-        config, of the VLM's config (Mistral 3), or the image processor's `merge_size`), or 1."""
+        config, of the VLM's config (Mistral 3), the image processor's `merge_size`, or Gemma 4's pooling kernel,
+        whose processor resizes to whole kernels of patches), or 1."""
         for owner in (self.vision_config, self.vlm.config, self.image_processor):
-            for name in ("spatial_merge_size", "merge_size"):
+            for name in ("spatial_merge_size", "merge_size", "pooling_kernel_size"):
                 value = getattr(owner, name, None)
                 if isinstance(value, int) and value > 0:
                     return value
@@ -312,24 +364,52 @@ class AutoAdapter(VLMAdapter):
 
     def accepted_image_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The entries of `inputs` that the VLM's `get_image_features` takes by name (not Gemma 3's `num_crops`)."""
-        accepted = inspect.signature(self._feature_model.get_image_features).parameters
+        accepted = inspect.signature(self._image_encoder).parameters
         return {k: v for k, v in inputs.items() if k in accepted}
 
     def image_features(self, inputs: dict[str, Tensor]) -> Any:
-        """Call the VLM's `get_image_features` with the inputs its signature accepts."""
+        """Call the VLM's `get_image_features` with the inputs its signature accepts; the ones it requires from the
+        prompt side (InstructBLIP's `qformer_input_ids`) are the checkpoint's processor's for `IMAGE_INSTRUCTION`."""
         accepted = self.accepted_image_inputs(inputs)
         missing = [name for name in self._required_image_inputs if name not in accepted]
-        if missing:  # e.g. InstructBLIP's Q-Former reads the prompt too
+        if missing:
+            accepted |= self.prompt_side_inputs(missing, images=len(pixel_values(inputs, self.model_type)))
+        return self._image_encoder(**accepted)
+
+    @cached_property
+    def _image_encoder(self) -> Any:
+        """`get_image_features` of `_feature_model`, or `get_video_features` of a VLM that reads images only as
+        one-frame videos (`_video_only_model`)."""
+        video = self._video_only_model
+        return video.get_video_features if video is not None else self._feature_model.get_image_features
+
+    def prompt_side_inputs(self, names: list[str], images: int) -> dict[str, Tensor]:
+        """The `names` inputs of `get_image_features` as `prompt_processor` makes them of `IMAGE_INSTRUCTION`, one
+        row per image, on the adapter's device.
+
+        Raises:
+            TypeError: the checkpoint has no processor that makes all of them.
+        """
+        unmade = [name for name in names if name not in self._prompt_encoding]
+        if unmade:
             raise TypeError(
-                f"{self.model_type}: its get_image_features needs {', '.join(missing)}, which its image processor "
-                "does not give; override `image_features` in an adapter"
+                f"{self.model_type}: its get_image_features needs {', '.join(unmade)}, which neither its image "
+                "processor nor its processor (given a prompt) makes; override `image_features` in an adapter"
             )
-        return self._feature_model.get_image_features(**accepted)
+        return {name: self._prompt_encoding[name].to(self.device).expand(images, -1) for name in names}
+
+    @cached_property
+    def _prompt_encoding(self) -> dict[str, Tensor]:
+        """What `prompt_processor` makes of `IMAGE_INSTRUCTION` alone: one row of each text-side input (read once)."""
+        if self.prompt_processor is None:
+            return {}
+        encoding = self.prompt_processor(text=[IMAGE_INSTRUCTION], return_tensors="pt")
+        return {name: value for name, value in encoding.items() if isinstance(value, Tensor)}
 
     @cached_property
     def _required_image_inputs(self) -> list[str]:
         """The parameters `get_image_features` cannot do without (read once: `image_features` runs every step)."""
-        parameters = inspect.signature(self._feature_model.get_image_features).parameters.values()
+        parameters = inspect.signature(self._image_encoder).parameters.values()
         return [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
 
     @cached_property

@@ -27,8 +27,9 @@ from vugen.cli import run
 from vugen.commands.check import check_checkpoint, smallest_image_size
 from vugen.conformance import PROMPTS, check_kv_cache, check_lora_targets, check_raster_order, half_images
 from vugen.generation import LatentSampler, LatentSamplerConfig
-from vugen_adapters.auto import AutoAdapter
+from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
 from vugen_adapters.token_layout import LayoutNotDerivable
+from vugen_adapters.video_frames import OneFrameVideos
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl", "gemma3"]
 OUTSIDE = {
@@ -39,6 +40,8 @@ OUTSIDE = {
     "qwen3_vl_moe": "MoE language model, deepstack vision features",
     "cosmos3_edge": "dynamic resolution, packed patches",
     "deepseek_vl": "hybrid SigLIP + SAM towers, LLaMA LM",
+    "instructblip": "Q-Former reads the prompt: qformer_input_ids from the processor's qformer_tokenizer",
+    "instructblipvideo": "video processor and get_video_features only: images are one-frame videos",
     "kimi_k25": "DeepSeek-V3 LM: multi-head latent attention, MoE with fused experts",
     "lfm2_vl": "SigLIP2 NaFlex: flat patches padded per image, pixel-unshuffle projector; convolution/attention LM",
     "lfm3_vl": "hybrid convolution / sliding-window attention LM: the latent sampler runs causal",
@@ -153,6 +156,95 @@ def test_position_ids_may_be_a_strided_view(tiny_checkpoint):
         adapter.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=strided)
     hidden, _ = adapter.run_language_model(embeds, mask, strided)
     assert torch.equal(hidden, adapter.run_language_model(embeds, mask, positions)[0])
+
+
+def test_a_pooling_kernel_sets_the_sides_images_are_encoded_at(tiny_checkpoint):
+    """Gemma 4 pools k x k patches into one token, and its processor resizes to whole kernels of patches: sides are
+    multiples of patch * k (4 px * 3), 48 px is 4x4 tokens. At 32 px (8 patches, not whole kernels) the processor
+    counts 7 tokens and the tower pools 4: refused, not encoded."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma4")))
+    assert adapter.size_multiple == 12
+    assert adapter.token_grid(48, 48) == (4, 4)
+    assert adapter.encode_images(torch.rand(2, 3, 48, 48)).shape[:2] == (2, 16)
+    with pytest.raises(ValueError, match="multiples of 12 px"):
+        adapter.encode_images(torch.rand(1, 3, 32, 32))
+
+
+def test_a_vision_path_that_reads_the_prompt_gets_it_from_the_checkpoints_processor(tiny_checkpoint, tmp_path):
+    """InstructBLIP's `get_image_features` requires `qformer_input_ids` (its Q-Former reads the instruction), which
+    its image processor does not make: the checkpoint's processor makes them with its `qformer_tokenizer`, one row
+    per image, and save_pretrained keeps that tokenizer. The features are the ViT's patch tokens, CLS dropped (a
+    raster grid), not the Q-Former's query tokens."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblip")))
+    instruction = adapter.prompt_processor.qformer_tokenizer([IMAGE_INSTRUCTION], return_tensors="pt")["input_ids"]
+    made = adapter.prompt_side_inputs(["qformer_input_ids"], images=3)["qformer_input_ids"]
+    assert instruction.shape[1] > 0 and torch.equal(made, instruction.expand(3, -1))
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = adapter.encode_images(images)
+    patches = adapter.vlm.vision_model(normalized_pixels(images, adapter.image_processor, torch.float32))
+    assert torch.equal(features, patches.last_hidden_state[:, 1:])
+
+    adapter.save_pretrained(tmp_path / "saved")
+    reloaded = AutoAdapter(str(tmp_path / "saved"))
+    assert torch.equal(reloaded.prompt_side_inputs(["qformer_input_ids"], images=3)["qformer_input_ids"], made)
+
+
+def test_prompt_side_inputs_no_processor_makes_are_named_in_one_line(tiny_checkpoint):
+    """An input the processor does not make from a prompt is named, with the hook to override; a checkpoint whose
+    image processor makes every required input loads no processor at all."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblip")))
+    with pytest.raises(TypeError, match=r"^instructblip: its get_image_features needs image_sizes, which neither") as e:
+        adapter.prompt_side_inputs(["qformer_input_ids", "image_sizes"], images=1)
+    assert "\n" not in str(e.value) and "override `image_features`" in str(e.value)
+    assert AutoAdapter(str(tiny_checkpoint("llava"))).prompt_processor is None
+
+
+def test_a_vlm_without_get_image_features_still_saves(tiny_checkpoint, tmp_path):
+    """GIT has no `get_image_features` (an adapter would override `image_features`): saving needs no processor."""
+    adapter = AutoAdapter(str(tiny_checkpoint("git")))
+    assert adapter.prompt_processor is None
+    adapter.save_pretrained(tmp_path)
+    assert AutoAdapter(str(tmp_path)).tokenize(["a cat"])["input_ids"].shape[0] == 1
+
+
+def test_a_vlm_that_reads_images_only_as_videos_encodes_one_frame_videos(tiny_checkpoint):
+    """InstructBLIP-Video has a video processor and `get_video_features` only; its tower reads every frame alone, so
+    an image is a one-frame video: the features are the tower's patch tokens of each image, CLS dropped."""
+    adapter = AutoAdapter(str(tiny_checkpoint("instructblipvideo")))
+    assert isinstance(adapter.image_processor, OneFrameVideos)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert adapter.processor_inputs(images)["pixel_values"].shape == (2, 1, 3, 32, 32)
+    patches = adapter.vlm.vision_model(normalized_pixels(images, adapter.image_processor, torch.float32))
+    assert torch.allclose(adapter.encode_images(images), patches.last_hidden_state[:, 1:], atol=1e-5)
+
+
+def test_a_vlm_that_reads_images_keeps_needing_its_image_processor(tiny_checkpoint, tmp_path):
+    """The video fallback is for VLMs without `get_image_features`: LLaVA without its image processor is refused."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llava")))
+    adapter.vlm.save_pretrained(tmp_path)
+    adapter.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(OSError, match="has weights but no usable image processor"):
+        AutoAdapter(str(tmp_path))
+
+
+def test_raster_order_sees_an_encoder_that_normalises_each_raw_patch(tiny_checkpoint):
+    """Gemma 4 Unified's embedder LayerNorms each raw patch, so uniform gray patches of any brightness are one token:
+    the probe's bright half is coloured. Its tokens pass in raster order, and fail read column by column."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma4_unified")))
+    black, white = torch.zeros(1, 3, 48, 48), torch.ones(1, 3, 48, 48)
+    assert torch.equal(adapter.encode_images(black), adapter.encode_images(white))
+    check_raster_order(adapter, 48)
+
+    raster = adapter.select_features
+    adapter.select_features = _column_major(raster)
+    with pytest.raises(AssertionError, match="tokens are not in raster order"):
+        check_raster_order(adapter, 48)
+
+
+def _column_major(select_features):
+    """`select_features` with its 4x4 tokens read column by column."""
+    return lambda *args, **kwargs: select_features(*args, **kwargs).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2)
 
 
 @pytest.mark.slow

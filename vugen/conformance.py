@@ -59,10 +59,16 @@ def random_images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+# The bright half's colour: not gray, since an encoder that normalises each raw patch over its pixels and channels
+# (Gemma 4 Unified's encoder-free embedder) makes every uniform gray patch, black or white, the same token.
+BRIGHT = (1.0, 0.75, 0.5)
+
+
 def half_images(size: int, axis: int) -> torch.Tensor:
-    """Two images: dark then bright along `axis` (3: left|right, 2: top|bottom), and the mirror image."""
+    """Two images: dark then bright (`BRIGHT`) along `axis` (3: left|right, 2: top|bottom), and the mirror image."""
     image = torch.zeros(1, 3, size, size)
-    image.narrow(axis, size // 2, size - size // 2).fill_(1.0)
+    half = image.narrow(axis, size // 2, size - size // 2)
+    half.copy_(torch.tensor(BRIGHT).view(1, 3, 1, 1).expand_as(half))
     return torch.cat([image, image.flip(axis)])
 
 

@@ -26,10 +26,11 @@ from vugen_adapters.tiny.verify import verify_tiny_checkpoint
 __all__ = ["NOT_DECODER_LM", "SurveyRow", "survey", "survey_architecture"]
 
 # No decoder-only language model reading image tokens: an encoder-decoder, or images through cross-attention.
+# (Not InstructBLIP-Video: its Q-Former cross-attends to the frames, its language model reads the query tokens.)
 NOT_DECODER_LM = frozenset(
     {
         "florence2", "pix2struct", "pp_formulanet", "t5gemma2", "udop", "vision-encoder-decoder",
-        "blip", "idefics", "mllama", "instructblipvideo",
+        "blip", "idefics", "mllama",
     }
 )  # fmt: skip
 
