@@ -49,6 +49,8 @@ from vugen_adapters.video_frames import OneFrameVideos
 # What a vision tower's learned query tables are called (DeepSeek-OCR 2's `query_768_resolution`, Q-Former
 # `query_tokens`, Perceiver `latents`): tokens read out of one are in the order the model learnt, not a patch grid.
 _QUERY_TABLE_NAME = re.compile(r"quer|latent")
+# Side of the blank image whose processed size tells what a tower that names no patch size reads (a common photo side).
+_PROCESSOR_PROBE_SIDE = 224
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 # Image-processor switches that would change the pixel grid behind our back: we resize ourselves.
 _PROCESSOR_OVERRIDES = {
@@ -229,6 +231,10 @@ class AutoAdapter(VLMAdapter):
         if self.image_size is not None:
             return (self.image_size, self.image_size)
         processor = self.image_processor
+        if getattr(processor, "do_resize", None) is None:
+            # No resize step to switch off: the processor sizes images its own way, and what it does says the size
+            # (its `size` may be a tile it cuts, Inkling 2's, not an image size).
+            return self._size_processor_gives
         tile = getattr(processor, "max_image_size", None)
         if tile and hasattr(processor, "do_image_splitting"):  # Idefics3-style: one whole-image tile
             return (tile["longest_edge"], tile["longest_edge"])
@@ -242,10 +248,36 @@ class AutoAdapter(VLMAdapter):
             return (size["shortest_edge"], size["shortest_edge"])
         return None
 
+    @cached_property
+    def _size_processor_gives(self) -> tuple[int, int] | None:
+        """The one size the image processor makes of any image (Aria pads every image to its `max_image_size`), or None
+        where the size follows the image (Inkling 2 cuts tiles, Qwen-style processors patches): read off the pixel
+        tensors it makes of two blank images of different sizes."""
+        block = self._patch_block
+        sides = (block * math.ceil(64 / block), block * (math.ceil(64 / block) + 1))  # whole merged patches, 64 px up
+        shapes = {self._pixel_shape(side) for side in sides}
+        shape = shapes.pop()
+        if shapes or len(shape) < 4 or shape[-3] != 3:  # sizes that follow the input, or no [.., 3, H, W] images
+            return None
+        return (shape[-2], shape[-1])
+
+    def _pixel_shape(self, side: int) -> tuple[int, ...]:
+        """Shape of the pixel tensor the image processor makes of one blank `side` x `side` image (() if none)."""
+        try:
+            return tuple(pixel_values(self._process(self.image_processor, torch.zeros(1, 3, side, side)), "").shape)
+        except LayoutNotDerivable:  # no single pixel tensor: the patch layout says why, where it is needed
+            return ()
+
+    @property
+    def _patch_block(self) -> int:
+        """Pixels per side of one merged patch, as the configs name it (1 for towers that name no patch size)."""
+        return self.vit_patch_size * self.merge_size
+
     @property
     def size_multiple(self) -> int:
-        """Dynamic-resolution inputs must be a multiple of this many pixels per side."""
-        return self.vit_patch_size * self.merge_size
+        """Dynamic-resolution inputs must be a multiple of this many pixels per side: a merged patch, or for a tower
+        that names no patch size (a convolutional one) its measured stride, so that images hold whole tokens."""
+        return self._patch_block if self.vit_patch_size > 1 else self.patch_stride
 
     @property
     def merge_size(self) -> int:
@@ -273,14 +305,28 @@ class AutoAdapter(VLMAdapter):
 
     @property
     def _probe_size(self) -> tuple[int, int]:
-        """Size of the images the adapter measures itself on: the native one, or a small one that fits one window."""
-        return self.native_size or (2 * self.size_multiple, 2 * self.size_multiple)
+        """Size of the images the adapter measures itself on: the native one, or a small one that fits one window;
+        for a tower that names no patch size, the size its image processor would itself make of an image (a stride
+        that is not known cannot size a small probe: a 2 px image is no input for a convolution stack)."""
+        if self.native_size is not None:
+            return self.native_size
+        if self.vit_patch_size == 1:
+            return self._processor_chosen_size
+        return (2 * self.size_multiple, 2 * self.size_multiple)
+
+    @cached_property
+    def _processor_chosen_size(self) -> tuple[int, int]:
+        """The size the image processor, its own resizing on, gives a blank square image: one its encoder reads."""
+        blank = torch.zeros(3, _PROCESSOR_PROBE_SIDE, _PROCESSOR_PROBE_SIDE)
+        inputs = self.image_processor(images=[blank], return_tensors="pt")
+        height, width = pixel_values(inputs, self.model_type).shape[-2:]
+        return (int(height), int(width))
 
     @cached_property
     def _probe(self) -> tuple[int, int]:
         """(D, stride) measured by encoding one blank image: exact for any family, paid once."""
         side = self._probe_size
-        features = self.encode_images(torch.zeros(1, 3, *side, device=self.device))
+        features = self._encode(torch.zeros(1, 3, *side, device=self.device))  # at its size: no multiple to check
         rows = math.isqrt(features.shape[1] * side[0] // side[1])
         return features.shape[-1], side[0] // rows
 
@@ -308,9 +354,13 @@ class AutoAdapter(VLMAdapter):
         size = self.input_size(*images.shape[-2:])
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True).clamp(0, 1)
-        inputs = self.pixel_inputs(images)
-        output = self.image_features(inputs)
-        return self.select_features(output, size, batch=images.shape[0])
+        return self._encode(images)
+
+    @torch.no_grad()
+    def _encode(self, images: Tensor) -> Tensor:
+        """Images already at the encoder's input size -> raster `[B, N, D]` tokens."""
+        output = self.image_features(self.pixel_inputs(images))
+        return self.select_features(output, tuple(images.shape[-2:]), batch=images.shape[0])
 
     def pixel_inputs(self, images: Tensor) -> dict[str, Tensor]:
         """The model's pixel inputs: normalised on the adapter's device when the encoder reads plain pixels
@@ -503,6 +553,11 @@ class AutoAdapter(VLMAdapter):
         layer = getattr(self.vlm.config, "vision_feature_layer", None)
         hidden_states = getattr(output, "hidden_states", None)
         if layer is None or hidden_states is None:
+            if getattr(output, "last_hidden_state", None) is None:
+                raise ValueError(
+                    f"{self.model_type}: its get_image_features returns no encoder tokens (no last_hidden_state: "
+                    "an image tokenizer that gives discrete codes); use feature_source='projector' (their embeddings)"
+                )
             return output.last_hidden_state
         layers = [layer] if isinstance(layer, int) else list(layer)
         tokens = [hidden_states[i] for i in layers]

@@ -247,6 +247,57 @@ def _column_major(select_features):
     return lambda *args, **kwargs: select_features(*args, **kwargs).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2)
 
 
+# --------------------------------------------------------------------------------------- geometry from the checkpoint
+def test_a_processor_that_sizes_every_image_itself_says_the_native_size(tiny_checkpoint):
+    """Aria's processor has no resize step to switch off: it pads every image to its `max_image_size` (490 px), which
+    is then the encoder's input size, whatever the images' size. A processor with a resize step (LLaVA's) keeps the
+    size its attributes name."""
+    adapter = AutoAdapter(str(tiny_checkpoint("aria")))
+    assert adapter.native_size == (490, 490)
+    assert adapter.token_grid(32, 32) == adapter.token_grid(64, 48) == (35, 35)
+    assert adapter.encode_images(torch.rand(1, 3, 32, 32)).shape[:2] == (1, 35 * 35)
+    assert AutoAdapter(str(tiny_checkpoint("llava"))).native_size == (32, 32)
+
+
+def test_a_processor_that_cuts_tiles_of_its_size_keeps_the_images_size(tiny_checkpoint):
+    """Inkling 2's processor `size` (8 px in the tiny) is the tile it cuts images into, not a size it resizes to:
+    images keep their own size, in multiples of a merged patch (patch 4 x merge 2)."""
+    adapter = AutoAdapter(str(tiny_checkpoint("inkling2")))
+    assert adapter.native_size is None and adapter.size_multiple == 8
+    assert adapter.input_size(32, 48) == (32, 48)
+    with pytest.raises(ValueError, match="multiples of 8 px"):
+        adapter.input_size(36, 36)
+
+
+def test_a_tower_that_names_no_patch_size_is_measured_at_a_size_its_processor_makes(tiny_checkpoint):
+    """Apertus 1.5's VQ tokenizer names no patch size: its stride (16 px) is measured on the size its own processor
+    makes of an image (a 2 px probe is no input for its convolutions), and images must hold whole tokens."""
+    adapter = AutoAdapter(str(tiny_checkpoint("apertus1p5")), feature_source="projector")
+    assert adapter.patch_stride == 16 and adapter.size_multiple == 16
+    assert adapter.token_grid(48, 64) == (3, 4)
+    assert adapter.encode_images(torch.rand(2, 3, 48, 64)).shape[:2] == (2, 12)
+    with pytest.raises(ValueError, match="multiples of 16 px"):
+        adapter.input_size(40, 40)
+
+
+def test_an_image_tokenizer_without_encoder_tokens_says_to_read_the_projector(tiny_checkpoint):
+    """Discrete codes leave no encoder tokens for `feature_source='vision'`: one line that names the way out."""
+    adapter = AutoAdapter(str(tiny_checkpoint("apertus1p5")))
+    with pytest.raises(ValueError, match="apertus1p5: .*no encoder tokens.*feature_source='projector'"):
+        adapter.encode_images(torch.rand(1, 3, 64, 64))
+
+
+def test_a_batch_norm_tower_encodes_in_eval_mode_inside_a_training_module(tiny_checkpoint):
+    """FastVLM's timm tower has BatchNorm: inside a module put in training mode (what Lightning does) it keeps its
+    running statistics, so an image encodes the same alone as in a batch."""
+    adapter = AutoAdapter(str(tiny_checkpoint("fast_vlm")))
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in adapter.modules())
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    nn.ModuleDict({"adapter": adapter}).train()
+    assert not [name for name, m in adapter.named_modules() if m.training]
+    torch.testing.assert_close(adapter.encode_images(images[:1]), adapter.encode_images(images)[:1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES + sorted(OUTSIDE))
 def test_the_coverage_sample_passes_every_check_through_auto(arch, tmp_path):

@@ -152,6 +152,14 @@ def test_understanding_stays_intact_on_moe_mla_and_flattening_language_models(ar
     _recipe_checks.check_understanding_preserved(adapter, smallest_image_size(adapter))
 
 
+def test_the_check_side_is_the_smallest_the_adapter_encodes_into_enough_tokens(tiny_checkpoint):
+    """Apertus 1.5 (projector tokens) takes multiples of its 16 px stride: 32 px gives 2x2 tokens, too few, and 40 px
+    is no multiple, so the checks run at 48 px (3x3). A fixed-size encoder (LLaVA's) encodes the first side."""
+    tokenizer = AutoAdapter(str(tiny_checkpoint("apertus1p5")), feature_source="projector")
+    assert smallest_image_size(tokenizer) == 48
+    assert smallest_image_size(AutoAdapter(str(tiny_checkpoint("llava")))) == 32
+
+
 # ---------------------------------------------------------------------------------------------------- bad inputs
 def encoder_decoder_folder(directory) -> str:
     """A tiny VisionEncoderDecoderModel (ViT + GPT-2), saved with save_pretrained."""
