@@ -107,7 +107,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "evolla": {"unavailable": "EvollaForProteinText2Text reads protein sequences, not images"},
     # Not in the processor mapping; the converted checkpoints (KamilaMila/FastVLM-*) ship a LlavaProcessor. The tower
     # is timm's FastViT-HD, shrunk through timm's own arguments: five one-block stages, the attention ones 32 wide
-    # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 128 px image.
+    # (timm's attention head), features 32 * cls_ratio 2 = 64; they downsample 64x: 64 px patches of a 768 px image
+    # (the released 1024 px, near enough): on a 2 x 2 grid its attention stages mix the whole image into every token.
     "fast_vlm": {
         "processor_class": "LlavaProcessor",
         "config": {
@@ -115,18 +116,21 @@ OVERRIDES: dict[str, dict[str, Any]] = {
             "vision_config.hidden_size": 64,
         },
         "processor": {"patch_size": 64},
-        "image_processor": {"size": {"shortest_edge": 128}, "crop_size": {"height": 128, "width": 128}},
+        "image_processor": {"size": {"shortest_edge": 768}, "crop_size": {"height": 768, "width": 768}},
     },
     # The processor looks its image and row-break tokens up by name in the vocabulary, and puts the image token in
     # front of every prompt itself: the chat template writes none.
     "fuyu": {"tokens": ["|SPEAKER|", "|NEWLINE|"], "placeholder": ""},
     # Its tower is timm's MobileNet-V5 encoder, which fixes its output: 2048 wide (the fusion adapter), 16 x 16 soft
-    # tokens. What shrinks is the channels of its ~80 blocks (timm's channel_multiplier).
+    # tokens. What shrinks is the channels of its ~80 blocks (timm's channel_multiplier). Its fusion reads the 16x and
+    # 32x downsampled stages: 128 px images (the released 768 px); at the generic 32 px those 2 x 2 and 1 x 1 maps
+    # would be stretched over all 16 x 16 tokens.
     "gemma3n": {
         "config": {
             "vision_config.hidden_size": 2048,
             "vision_config.model_args": {"channel_multiplier": 0.0625},
-        }
+        },
+        "image_processor": {"size": {"height": 128, "width": 128}},
     },
     # Not in the processor mapping; zai-org/GLM-OCR ships GLM-4.6V's processor.
     "glm_ocr": {"processor_class": "Glm46VProcessor"},
