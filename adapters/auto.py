@@ -227,7 +227,8 @@ class AutoAdapter(VLMAdapter):
 
     @property
     def native_size(self) -> tuple[int, int] | None:
-        """The fixed input size of the encoder, or None for dynamic-resolution encoders."""
+        """The fixed input size of the encoder, or None for dynamic-resolution encoders: `image_size`, else the size the
+        image processor resizes to, or for a processor with no resize step the one size it makes of every image."""
         if self.image_size is not None:
             return (self.image_size, self.image_size)
         processor = self.image_processor
