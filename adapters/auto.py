@@ -537,8 +537,9 @@ class AutoAdapter(VLMAdapter):
         """`(rows, width)` -> name of each learned query table of the vision tower (`get_encoder(modality="image")`):
         an `nn.Embedding` or a bare parameter named like one (`_QUERY_TABLE_NAME`), not a projection's weight. Tables
         of the connector (Idefics2's Perceiver, BLIP-2's Q-Former) read tokens after the ones `vision_tokens` picks."""
-        tower = self._feature_model.get_encoder(modality="image")
-        if not isinstance(tower, nn.Module) or tower is self._feature_model:  # none, or none apart from the connector
+        owner = self._image_encoder.__self__  # the module whose get_image_features (or get_video_features) we call
+        tower = owner.get_encoder(modality="image")
+        if not isinstance(tower, nn.Module) or tower is owner:  # none, or none apart from the connector
             return {}
         tables = {}
         for module_name, module in tower.named_modules():
