@@ -18,7 +18,7 @@ from vugen.applicability import NotApplicableError, check_recipe_applies
 from vugen.cli import main
 from vugen.commands import _recipe_checks
 from vugen.commands.check import check_checkpoint, smallest_image_size
-from vugen.conformance import ADAPTER_CHECKS
+from vugen.conformance import ADAPTER_CHECKS, check_save_and_reload
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
@@ -158,6 +158,16 @@ def test_the_check_side_is_the_smallest_the_adapter_encodes_into_enough_tokens(t
     tokenizer = AutoAdapter(str(tiny_checkpoint("apertus1p5")), feature_source="projector")
     assert smallest_image_size(tokenizer) == 48
     assert smallest_image_size(AutoAdapter(str(tiny_checkpoint("llava")))) == 32
+
+
+def test_save_and_reload_keeps_the_adapters_options(tiny_checkpoint, tmp_path):
+    """The reloaded adapter reads the same feature source: projector tokens (the LM's width) stay projector tokens, so
+    the check passes where rebuilding from `pretrained` alone would compare them with vision tokens."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llava")), feature_source="projector")
+    vision = AutoAdapter(str(tiny_checkpoint("llava")))
+    assert adapter.feature_dim != vision.feature_dim  # control: the two sources differ, so a lost option would show
+    check_save_and_reload(adapter, 32, tmp_path)
+    assert AutoAdapter(str(tmp_path), feature_source="projector").feature_dim == adapter.feature_dim
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs

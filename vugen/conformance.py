@@ -294,7 +294,8 @@ def check_block_classes(adapter: VLMAdapter, image_size: int) -> None:
 
 
 def check_save_and_reload(adapter: VLMAdapter, image_size: int, directory: str | Path | None = None) -> None:
-    """`save_pretrained` then `type(adapter)(pretrained=...)` gives identical features and tokens.
+    """`save_pretrained`, then the adapter rebuilt from the saved folder with its other options as they were, gives
+    identical features and tokens.
 
     Args:
         adapter: The adapter.
@@ -305,7 +306,8 @@ def check_save_and_reload(adapter: VLMAdapter, image_size: int, directory: str |
         with tempfile.TemporaryDirectory(prefix="vugen-check-") as folder:
             return check_save_and_reload(adapter, image_size, folder)
     adapter.save_pretrained(directory)
-    reloaded = type(adapter)(pretrained=str(directory)).to(adapter.device)
+    options = adapter.init_config()["init_args"] | {"pretrained": str(directory)}  # same feature source, size, ...
+    reloaded = type(adapter)(**options).to(adapter.device)
     images = _images_for(adapter, image_size)
     expect(
         torch.equal(reloaded.encode_images(images), adapter.encode_images(images)),
