@@ -250,10 +250,15 @@ def test_frames_that_differ_are_not_one_slot():
         measure_patch_layout(None, two_frames, 16, 24, PATCH, "toy_vlm")
 
 
-@pytest.mark.parametrize("arch", ["minicpmv4_6", "kosmos-2.5", "molmo2", "inkling_mm_model"])
-def test_changing_one_patch_moves_its_own_token(arch, tiny_checkpoint):
-    """The real tiny architectures, end to end: the token indexed at a place is the one its pixels move."""
+@pytest.mark.parametrize(
+    ("arch", "native"),
+    [("minicpmv4_6", (32, 32)), ("kosmos-2.5", (32, 32)), ("molmo2", (32, 32)), ("inkling_mm_model", None)],
+)
+def test_changing_one_patch_moves_its_own_token(arch, native, tiny_checkpoint):
+    """The real tiny architectures, end to end: the token indexed at a place is the one its pixels move. MiniCPM-V
+    and Kosmos-2.5 resize whatever they are told: the adapter feeds them the size they keep."""
     adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    assert adapter.native_size == native
     rows, cols = adapter.token_grid(32, 32)
     stride = adapter.patch_stride
     base = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25
