@@ -42,6 +42,7 @@ from vugen_adapters.token_layout import (
     as_batch,
     measure_patch_layout,
     pixel_values,
+    size_kept,
     to_raster,
 )
 from vugen_adapters.video_frames import OneFrameVideos
@@ -235,7 +236,7 @@ class AutoAdapter(VLMAdapter):
         if getattr(processor, "do_resize", None) is None:
             # No resize step to switch off: the processor sizes images its own way, and what it does says the size
             # (its `size` may be a tile it cuts, Inkling 2's, not an image size).
-            return self._size_processor_gives
+            return self._size_processor_gives or self._size_processor_keeps
         tile = getattr(processor, "max_image_size", None)
         if tile and hasattr(processor, "do_image_splitting"):  # Idefics3-style: one whole-image tile
             return (tile["longest_edge"], tile["longest_edge"])
@@ -247,7 +248,16 @@ class AutoAdapter(VLMAdapter):
             return (size["height"], size["width"])
         if set(size) == {"shortest_edge"}:
             return (size["shortest_edge"], size["shortest_edge"])
-        return None
+        return self._size_processor_keeps
+
+    @cached_property
+    def _size_processor_keeps(self) -> tuple[int, int] | None:
+        """The size a processor that resizes whatever it is told keeps (MiniCPM-V's `scale_resolution`, Pix2Struct's
+        `max_patches`), measured once; None for processors that keep any size (`token_layout.size_kept`)."""
+        side = size_kept(
+            self.image_processor, self._process, 2 * self._patch_block, self.vit_patch_size, self.model_type
+        )
+        return None if side is None else (side, side)
 
     @cached_property
     def _size_processor_gives(self) -> tuple[int, int] | None:

@@ -9,7 +9,10 @@ than a list of known shapes, the layout is measured from what the checkpoint its
    index (normalisation off, so the values come back as they went in) and reads, for every patch slot of
    `pixel_values`, which pixels it holds. That gives the encoder's patch grid for this image size and the raster
    position of every slot (raster for image tensors; merge-block order for Qwen-style patches; padding slots for
-   NaFlex; for tiling processors, which of the views is the whole image), whatever the tensor layout.
+   NaFlex; for tiling processors, which of the views is the whole image), whatever the tensor layout: image tensors,
+   flat patches (with Pix2Struct's leading (row, col) id columns, checked), per-patch images (a still patch repeated
+   over frames is one slot), patches side by side in a strip (MiniCPM-V's `[C, p, N * p]`). A processor that resizes
+   whatever it is told is measured at the size it keeps (`size_kept`).
 2. `to_raster` matches the tokens of one image to that layout: one token per patch slot (vision tokens, padding
    dropped), or one token per `f x f` block of patches after a merge / pixel shuffle / pooling (`f` solved from the
    token count), after any leading CLS / register tokens.
@@ -23,6 +26,7 @@ that is neither is reported with the checkpoint's model type and the hook to ove
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -110,25 +114,89 @@ def measure_patch_layout(
         patch_size: the vision encoder's patch side, for image-tensor layouts.
         model_type: the checkpoint's model type, for error messages.
     """
+    pixels = _processed_patches(image_processor, process, height, width, model_type)
+    if pixels.ndim >= 4:  # image tensors ([B, 3, H, W] or tiles [B, T, 3, H, W]): the encoder patchifies them
+        return _image_tensor_layout(pixels, height, width, patch_size, model_type)
+    return _flat_views_layout(pixels, height, width, model_type)
+
+
+def size_kept(image_processor: Any, process: Any, side: int, patch_size: int, model_type: str) -> int | None:
+    """The side of the square images a processor that resizes on its own keeps unmoved, or None when it keeps
+    `side` x `side` images (or its size cannot be read).
+
+    Some processors resize whatever they are told (MiniCPM-V's to `scale_resolution`, Pix2Struct-style ones to fill
+    `max_patches`): the patches they make of a `side`-px image give the area they resize to, and an image of that
+    side must then come back unmoved.
+    """
+    try:
+        measure_patch_layout(image_processor, process, side, side, patch_size, model_type)
+        return None
+    except LayoutNotDerivable:
+        pixels = _processed_patches(image_processor, process, side, side, model_type)
+    if pixels.ndim >= 4:
+        area = pixels.shape[-2] * pixels.shape[-1]
+    else:
+        area = int((~_holds_no_pixel(pixels.reshape(-1, pixels.shape[-1]))).sum()) * patch_size**2
+    kept = math.isqrt(area)
+    if kept * kept != area or kept in (0, side):
+        return None
+    try:
+        measure_patch_layout(image_processor, process, kept, kept, patch_size, model_type)
+    except LayoutNotDerivable:
+        return None
+    return kept
+
+
+def _processed_patches(image_processor: Any, process: Any, height: int, width: int, model_type: str) -> Tensor:
+    """The pixel tensor the processor makes of a position-coded image (normalisation off), as image tensors
+    (`ndim >= 4`) or flat patches (`[slots, values]`, or `[views, slots, values]`)."""
     plain = copy.deepcopy(image_processor)
     if hasattr(plain, "do_normalize"):
         plain.do_normalize = False
     pixels = pixel_values(process(plain, position_coded_image(height, width)[None]), model_type)
     if pixels.ndim >= 4 and pixels.shape[-2] * pixels.shape[-1] < height * width:  # one small image per patch
-        pixels = pixels.reshape(-1, pixels[0].numel() if pixels.ndim == 4 else pixels.shape[-3:].numel())
-    if pixels.ndim >= 4:  # image tensors ([B, 3, H, W] or tiles [B, T, 3, H, W]): the encoder patchifies them
-        return _image_tensor_layout(pixels, height, width, patch_size, model_type)
-    return _flat_patch_layout(pixels.reshape(-1, pixels.shape[-1]), height, width, model_type)
+        pixels = _without_repeated_frames(pixels)
+        return pixels.reshape(-1, pixels[0].numel() if pixels.ndim == 4 else pixels.shape[-3:].numel())
+    if pixels.ndim >= 4 and _is_patch_strip(pixels, height):
+        return _strip_patches(pixels)
+    return pixels
 
 
 def pixel_values(inputs: dict[str, Tensor], model_type: str) -> Tensor:
-    """The image processor's pixel tensor: `pixel_values`, or the one entry named like it (`pixel_values_images`)."""
+    """The image processor's pixel tensor: `pixel_values`, or the one entry named like it (`pixel_values_images`),
+    else its one floating tensor of 3 or more dims (Pix2Struct's `flattened_patches`)."""
     if "pixel_values" in inputs:
         return inputs["pixel_values"]
     named = [key for key in inputs if key.startswith("pixel_values")]
+    named = named or [key for key, value in inputs.items() if value.is_floating_point() and value.ndim >= 3]
     if len(named) != 1:
         raise LayoutNotDerivable(f"{model_type}: its image processor returns no single pixel tensor ({sorted(inputs)})")
     return inputs[named[0]]
+
+
+def _without_repeated_frames(pixels: Tensor) -> Tensor:
+    """Per-patch pixels with every frame axis kept once: a still patch repeated to fill a temporal patch (Inkling's
+    `[N, T, p, p, C]`) is one patch slot, which the encoder folds into one token (identical tiles of image tensors
+    are not frames: the encoder makes tokens of each)."""
+    for axis in range(1, pixels.ndim - 3):
+        first = pixels.narrow(axis, 0, 1)
+        if pixels.shape[axis] > 1 and torch.equal(pixels, first.expand_as(pixels)):
+            pixels = first
+    return pixels
+
+
+def _is_patch_strip(pixels: Tensor, height: int) -> bool:
+    """Whether `[..., C, p, N * p]` pixels are patches side by side (NaViT packing, MiniCPM-V's): views lower than the
+    image, as wide as a whole number of square `p x p` patches. `_flat_patch_layout` then checks that they are."""
+    side, length = pixels.shape[-2:]
+    return side < height and length % side == 0
+
+
+def _strip_patches(pixels: Tensor) -> Tensor:
+    """`[..., C, p, N * p]` strips -> `[N, C * p * p]` flat patches, one per `p`-wide column block, in strip order."""
+    channels, side = pixels.shape[-3:-1]
+    blocks = pixels.reshape(-1, channels, side, pixels.shape[-1] // side, side)
+    return blocks.permute(0, 3, 1, 2, 4).reshape(-1, channels * side * side)
 
 
 def _image_tensor_layout(pixels: Tensor, height: int, width: int, patch_size: int, model_type: str) -> PatchLayout:
@@ -153,15 +221,44 @@ def _is_whole_image(channel: Tensor, height: int, width: int) -> bool:
     return torch.allclose(index, torch.arange(height * width, dtype=torch.float64).reshape(height, width), atol=0.05)
 
 
+def _flat_views_layout(pixels: Tensor, height: int, width: int, model_type: str) -> PatchLayout:
+    """Layout of flat patches `[slots, values]`, or else of views of them `[views, slots, values]` (Molmo's crops,
+    each of which may hold the whole image): the first view that holds every patch of the image once."""
+    try:
+        return _flat_patch_layout(pixels.reshape(-1, pixels.shape[-1]), height, width, model_type)
+    except LayoutNotDerivable:
+        if pixels.ndim < 3 or pixels.shape[-3] == 1:
+            raise
+    views = pixels.reshape(-1, *pixels.shape[-2:])
+    for index, view in enumerate(views):
+        try:
+            layout = _flat_patch_layout(view, height, width, model_type)
+        except LayoutNotDerivable:
+            continue
+        return dataclasses.replace(layout, crops=len(views), crop=index)
+    raise LayoutNotDerivable(
+        f"{model_type}: neither its flat patches nor any of the {len(views)} views of them its image processor makes "
+        f"of a {height}x{width} image hold every patch of it once; override `pixel_inputs`"
+    )
+
+
 def _flat_patch_layout(rows_of_values: Tensor, height: int, width: int, model_type: str) -> PatchLayout:
-    """Layout of flat patches `[slots, values]`: each slot's top-left pixel says which patch it is."""
-    is_padding = rows_of_values.abs().amax(-1) == 0
-    decoded = decode_pixels(rows_of_values[~is_padding], height, width, model_type)
+    """Layout of flat patches `[slots, values]`: each slot's top-left pixel says which patch it is. Slots that hold
+    no pixel are padding (zeros, Inkling's -1); leading whole-number columns are the processor's own (row, col) ids
+    of each patch (Pix2Struct's), checked against its pixels."""
+    is_padding = _holds_no_pixel(rows_of_values)
+    ids, pixels = _split_patch_ids(rows_of_values[~is_padding])
+    decoded = decode_pixels(pixels, height, width, model_type)
     top_left = decoded.amin(-1)
     ys, xs = top_left // width, top_left % width
     patch = int(math.isqrt(decoded.unique(dim=None).numel() // max(len(decoded), 1)))
     if patch == 0 or height % patch or width % patch:
         raise LayoutNotDerivable(f"{model_type}: cannot tell the patch size of its flat pixel patches")
+    if not _is_own_patch(decoded, ys, xs, patch, width):
+        raise LayoutNotDerivable(
+            f"{model_type}: its flat pixel slots are not {patch}x{patch} patches of the image (a slot holds pixels "
+            "from outside one patch); override `pixel_inputs`"
+        )
     rows, cols = height // patch, width // patch
     raster = (ys // patch) * cols + xs // patch
     if raster.numel() != rows * cols or raster.unique().numel() != rows * cols:
@@ -169,8 +266,40 @@ def _flat_patch_layout(rows_of_values: Tensor, height: int, width: int, model_ty
             f"{model_type}: its {raster.numel()} flat patches do not cover a {rows}x{cols} grid of {patch}-px "
             "patches once each; override `pixel_inputs`"
         )
+    _check_patch_ids(ids, torch.stack([ys // patch, xs // patch], dim=-1), model_type)
     slot_index = torch.nonzero(~is_padding).squeeze(-1)
     return PatchLayout(rows, cols, len(rows_of_values), raster, slot_index)
+
+
+def _is_own_patch(decoded: Tensor, ys: Tensor, xs: Tensor, patch: int, width: int) -> bool:
+    """Whether each slot's pixels all lie in the `patch`-px patch whose grid-aligned top-left is `(ys, xs)`."""
+    dy, dx = decoded // width - ys[:, None], decoded % width - xs[:, None]
+    inside = (dy >= 0) & (dy < patch) & (dx >= 0) & (dx < patch)
+    return bool(inside.all() and (ys % patch == 0).all() and (xs % patch == 0).all())
+
+
+def _holds_no_pixel(rows_of_values: Tensor) -> Tensor:
+    """`[slots]`: slots with no value inside `(0, 1)`, where every position-coded pixel lies: padding."""
+    return ((rows_of_values <= 0) | (rows_of_values >= 1)).all(-1)
+
+
+def _split_patch_ids(rows_of_values: Tensor) -> tuple[Tensor, Tensor]:
+    """`(ids, pixels)`: the leading columns that hold whole numbers (no pixel value does), and the rest."""
+    whole = (rows_of_values == rows_of_values.round()).all(0)
+    leading = int(whole.long().cumprod(0).sum())
+    return rows_of_values[:, :leading], rows_of_values[:, leading:]
+
+
+def _check_patch_ids(ids: Tensor, positions: Tensor, model_type: str) -> None:
+    """Leading id columns must be each patch's (row, col), counted from any start (Pix2Struct counts from 1)."""
+    if ids.shape[-1] == 0:
+        return
+    offsets = ids.long() - positions
+    if ids.shape[-1] != 2 or not (offsets == offsets[:1]).all():
+        raise LayoutNotDerivable(
+            f"{model_type}: the {ids.shape[-1]} leading whole-number column(s) of its flat patches are not each "
+            "patch's (row, col); override `pixel_inputs`"
+        )
 
 
 def reduction(tokens: int, layout: PatchLayout, model_type: str, hook: str) -> tuple[int, int]:

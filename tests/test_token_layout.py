@@ -7,10 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2VLImageProcessor, SiglipImageProcessor
+from transformers.models.inkling.image_processing_inkling import InklingImageProcessor
+from transformers.models.kosmos2_5.image_processing_kosmos2_5 import Kosmos2_5ImageProcessor
+from transformers.models.minicpmv4_6.image_processing_minicpmv4_6 import MiniCPMV4_6ImageProcessor
+from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
 
 from vugen_adapters.auto import AutoAdapter
-from vugen_adapters.token_layout import LayoutNotDerivable, PatchLayout, as_batch, measure_patch_layout, to_raster
+from vugen_adapters.token_layout import (
+    LayoutNotDerivable,
+    PatchLayout,
+    as_batch,
+    measure_patch_layout,
+    size_kept,
+    to_raster,
+)
 
 PATCH = 4
 PROCESSORS = {
@@ -20,6 +31,16 @@ PROCESSORS = {
     "siglip2": Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=256),
     # an image tensor the tower patchifies itself
     "siglip": SiglipImageProcessor(size={"height": 32, "width": 32}),
+    # patches side by side in a [C, p, N*p] strip, the image always resized to an area of 32x32
+    "minicpmv4_6": MiniCPMV4_6ImageProcessor(patch_size=PATCH, scale_resolution=32),
+    # Pix2Struct flat patches [N, 2 + p*p*C]: (row, col) ids from 1, then the pixels; resized to fill 64 patches
+    "kosmos2_5": Kosmos2_5ImageProcessor(patch_size={"height": PATCH, "width": PATCH}, max_patches=64),
+    # two crops of flat patches [2, N, p*p*C] for a 32x32 image: the global view and the one crop, both whole
+    "molmo2": Molmo2ImageProcessor(
+        patch_size=PATCH, size={"height": 32, "width": 32}, max_crops=2, overlap_margins=[1, 1], pooling_size=[2, 2]
+    ),
+    # one [T, p, p, C] slot per patch, the still image repeated over T = 2 frames, each row ending in a -1 slot
+    "inkling": InklingImageProcessor(size={"height": PATCH, "width": PATCH}),
 }
 
 
@@ -114,3 +135,136 @@ def test_a_processor_that_changes_pixel_values_is_refused():
 def test_every_output_form_reads_as_batch_tokens(shape_of):
     tokens = torch.randn(3, 24, 8)
     assert torch.equal(as_batch(shape_of(tokens), batch=3), tokens)
+
+
+def strip_of(patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`[N, 3, p, p]` patches side by side as MiniCPM-V lays them out: `[1, 3, p, N * p]`."""
+    return {"pixel_values": patches.permute(1, 2, 0, 3).reshape(1, 3, PATCH, -1)}
+
+
+def test_a_strip_of_patches_reads_as_its_grid():
+    grid = layout("minicpmv4_6", 32, 32)
+    assert (grid.rows, grid.cols, grid.slots) == (8, 8, 64) and grid.is_raster
+
+
+def test_a_strip_in_column_order_is_put_back_in_raster_order():
+    image = torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(2))
+
+    def column_major_strip(processor, images):
+        patches = raster_patches(images[0]).reshape(4, 6, 3, PATCH, PATCH)
+        return strip_of(patches.transpose(0, 1).reshape(-1, 3, PATCH, PATCH))
+
+    grid = measure_patch_layout(None, column_major_strip, 16, 24, PATCH, "toy_vlm")
+    assert (grid.rows, grid.cols) == (4, 6) and not grid.is_raster
+    strip = column_major_strip(None, image[None])["pixel_values"]
+    tokens = strip.reshape(3, PATCH, 24, PATCH).permute(2, 0, 1, 3).reshape(1, 24, -1)  # one token per block
+    assert torch.equal(to_raster(tokens, grid, "toy_vlm"), raster_patches(image))
+
+
+def test_image_rows_side_by_side_are_not_a_strip_of_patches():
+    """Negative control: `[3, 4, 256]` cut from a 32x32 image row-wise has the strip's shape, not its patches."""
+
+    def rows_reshaped(processor, images):
+        return {"pixel_values": images.reshape(1, 3, PATCH, -1)}
+
+    with pytest.raises(LayoutNotDerivable, match="toy_vlm: its flat pixel slots are not 4x4 patches"):
+        measure_patch_layout(None, rows_reshaped, 32, 32, PATCH, "toy_vlm")
+
+
+@pytest.mark.parametrize("name", ["minicpmv4_6", "kosmos2_5"])
+def test_a_processor_that_resizes_on_its_own_is_measured_at_the_size_it_keeps(name):
+    with pytest.raises(LayoutNotDerivable, match="changes the pixels of a 8x8 image"):
+        layout(name, 8, 8)
+    assert size_kept(PROCESSORS[name], AutoAdapter._process, 8, PATCH, name) == 32
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "siglip2"])
+def test_a_processor_that_keeps_any_size_has_no_size_of_its_own(name):
+    """Negative control: dynamic-resolution processors keep the probe, so the adapter keeps the input's size."""
+    assert size_kept(PROCESSORS[name], AutoAdapter._process, 8, PATCH, name) is None
+
+
+def test_pix2struct_patches_are_read_by_their_pixels_and_their_ids_checked():
+    grid = layout("kosmos2_5", 32, 32)
+    assert (grid.rows, grid.cols, grid.slots) == (8, 8, 64) and grid.is_raster
+
+    def ids_swapped(processor, images):
+        patches = AutoAdapter._process(processor, images)["flattened_patches"].clone()
+        patches[..., :2] = patches[..., :2].flip(-1)  # (col, row): not where the pixels came from
+        return {"flattened_patches": patches}
+
+    with pytest.raises(LayoutNotDerivable, match="leading whole-number column.* not each patch's \\(row, col\\)"):
+        measure_patch_layout(PROCESSORS["kosmos2_5"], ids_swapped, 32, 32, PATCH, "toy_vlm")
+
+
+def test_the_whole_image_view_among_crops_of_flat_patches_is_kept():
+    grid = layout("molmo2", 32, 32)
+    assert (grid.crops, grid.crop, grid.rows, grid.cols) == (2, 0, 8, 8) and grid.is_raster
+
+    def crop_then_whole(processor, images):
+        whole = raster_patches(images[0])[0]
+        top_rows_twice = torch.cat([whole[:12], whole[:12]])  # an overlapping crop: patches 0-11, twice
+        return {"pixel_values": torch.stack([top_rows_twice, whole])}
+
+    grid = measure_patch_layout(None, crop_then_whole, 16, 24, PATCH, "toy_vlm")
+    assert (grid.crops, grid.crop) == (2, 1)
+    patches = torch.randn(2, 24, 8)
+    assert torch.equal(to_raster(torch.cat([torch.randn(2, 24, 8), patches], dim=1), grid, "toy_vlm"), patches)
+
+
+def test_crops_none_of_which_is_the_whole_image_are_refused():
+    """Negative control: two overlapping crops together hold every patch, yet no one view is the image."""
+
+    def two_halves_overlapping(processor, images):
+        whole = raster_patches(images[0])[0]
+        return {"pixel_values": torch.stack([whole[:16], whole[8:]])}
+
+    with pytest.raises(LayoutNotDerivable, match="toy_vlm: neither its flat patches nor any of the 2 views"):
+        measure_patch_layout(None, two_halves_overlapping, 16, 24, PATCH, "toy_vlm")
+
+
+def test_repeated_frames_are_one_slot_and_slots_of_no_pixel_are_padding():
+    """Inkling: `[N, 2, p, p, C]`, each row of patches ending in a slot of -1: 2 rows of 3 patches in 8 slots."""
+    image = torch.rand(3, 8, 12, generator=torch.Generator().manual_seed(3))
+    grid = layout("inkling", 8, 12)
+    assert (grid.rows, grid.cols, grid.slots) == (2, 3, 8)
+    assert grid.slot_index.tolist() == [0, 1, 2, 4, 5, 6]
+    processor = PROCESSORS["inkling"]
+    processor.do_normalize = False
+    try:
+        pixels = AutoAdapter._process(processor, image[None])["pixel_values"]
+    finally:
+        processor.do_normalize = True
+    tokens = pixels[:, 0].permute(0, 3, 1, 2).reshape(1, 8, -1)  # frame 0 of each slot, channel-major
+    assert torch.equal(to_raster(tokens, grid, "inkling"), raster_patches(image))
+
+
+def test_frames_that_differ_are_not_one_slot():
+    """Negative control: a frame axis holding two different images is not a repeated still image."""
+
+    def two_frames(processor, images):
+        patches = raster_patches(images[0])[0].reshape(-1, 3, PATCH, PATCH)
+        return {"pixel_values": torch.stack([patches, patches.roll(1, dims=0)], dim=1)}  # [N, 2, 3, p, p]
+
+    with pytest.raises(LayoutNotDerivable, match="toy_vlm: its flat pixel slots are not"):
+        measure_patch_layout(None, two_frames, 16, 24, PATCH, "toy_vlm")
+
+
+@pytest.mark.parametrize(
+    ("arch", "native"),
+    [("minicpmv4_6", (32, 32)), ("kosmos-2.5", (32, 32)), ("molmo2", (32, 32)), ("inkling_mm_model", None)],
+)
+def test_changing_one_patch_moves_its_own_token(arch, native, tiny_checkpoint):
+    """The real tiny architectures, end to end: the token indexed at a place is the one its pixels move. MiniCPM-V
+    and Kosmos-2.5 resize whatever they are told: the adapter feeds them the size they keep."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    assert adapter.native_size == native
+    rows, cols = adapter.token_grid(32, 32)
+    stride = adapter.patch_stride
+    base = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25
+    before = adapter.encode_images(base)
+    for row, col in [(0, cols - 1), (rows - 1, 0), (rows // 2, cols // 2)]:
+        image = base.clone()
+        image[..., row * stride : (row + 1) * stride, col * stride : (col + 1) * stride] = 1.0
+        change = (adapter.encode_images(image) - before).norm(dim=-1)[0]
+        assert change.argmax().item() == row * cols + col
