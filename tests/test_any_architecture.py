@@ -321,18 +321,21 @@ def test_an_architecture_outside_the_families_runs_every_stage_through_the_cli(a
 
 # ------------------------------------------------------------------------------------------------ per-layer inputs
 def test_token_ids_come_back_only_from_rows_that_are_a_tokens_embedding_bit_for_bit():
-    """Across chunks of the table (5000 > 4096 tokens); tokens sharing one embedding give the lowest id; a row one
+    """Tokens sharing one embedding give the lowest id, tokens sharing the first coordinates each their own; a row one
     float step away from a token's embedding, or none at all, gives the placeholder."""
-    embedding = nn.Embedding(5000, 16)
+    embedding = nn.Embedding(40000, 16)  # more than one chunk of the table
     with torch.no_grad():
         embedding.weight[4500] = embedding.weight[7]  # two tokens, one embedding
-    ids = torch.tensor([[3, 4999, 4500, 4096]])
+        embedding.weight[9, :4] = embedding.weight[3, :4]  # the same first 4 coordinates, then others
+    ids = torch.tensor([[3, 39999, 4500, 9, 20000]])
     rows = embedding(ids).detach() * 2.0  # the model's own embedding scales its table
     nudged = rows[0, 0].clone()
     nudged[-1] = torch.nextafter(nudged[-1], torch.tensor(float("inf")))
     embeds = torch.cat([rows, nudged.view(1, 1, -1), torch.randn(1, 1, 16)], dim=1)
-    found = embedded_token_ids(embeds, lambda t: embedding(t) * 2.0, 5000, missing=-1)
-    assert found.tolist() == [[3, 4999, 7, 4096, -1, -1]]
+    found = embedded_token_ids(embeds, lambda t: embedding(t) * 2.0, 40000, missing=-1)
+    assert found.tolist() == [[3, 39999, 7, 9, 20000, -1, -1]]
+    half = embedded_token_ids(embeds.bfloat16(), lambda t: (embedding(t) * 2.0).bfloat16(), 40000, missing=-1)
+    assert half[0, :5].tolist() == [3, 39999, 7, 9, 20000]
 
 
 @pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])
