@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicCache
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
+from vugen_adapters.per_layer_inputs import embedded_token_ids
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
 from vugen_adapters.token_layout import (
     LayoutNotDerivable,
@@ -682,9 +683,34 @@ class AutoAdapter(VLMAdapter):
             return_dict=True,
             is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
             **{self._cache_argument: past_key_values},
+            **self._per_layer_inputs(inputs_embeds),
         )
         cache = output.get("cache")  # reading `past_key_values` first would warn of its deprecation
         return output.last_hidden_state, cache if cache is not None else output.get("past_key_values")
+
+    def _per_layer_inputs(self, inputs_embeds: Tensor) -> dict[str, Tensor]:
+        """`per_layer_inputs` for a language model that embeds each token once more per layer (Gemma 3n, Gemma 4:
+        see `vugen_adapters.per_layer_inputs`), from the ids of the rows that are token embeddings and the pad id
+        elsewhere, as the VLM's own forward gives its image and audio soft tokens. Empty for other models."""
+        if not self._takes_per_layer_inputs:
+            return {}
+        pad = self.vlm.config.get_text_config(decoder=True).pad_token_id
+        if pad is None:
+            raise ValueError("the language model takes per_layer_inputs, but no pad_token_id to give latents")
+        vocab = self.vlm.get_input_embeddings().num_embeddings
+        ids = embedded_token_ids(inputs_embeds, self.embed_tokens, vocab, missing=pad)
+        return {"per_layer_inputs": self.language_model.get_per_layer_inputs(ids)}
+
+    @cached_property
+    def _takes_per_layer_inputs(self) -> bool:
+        """Whether the language model adds per-layer token embeddings (`hidden_size_per_layer_input`), takes them as
+        `per_layer_inputs` and can look them up (`get_per_layer_inputs`)."""
+        model = self.language_model
+        return (
+            bool(getattr(model.config, "hidden_size_per_layer_input", None))
+            and "per_layer_inputs" in inspect.signature(model.forward).parameters
+            and callable(getattr(model, "get_per_layer_inputs", None))
+        )
 
     @cached_property
     def _cache_argument(self) -> str:

@@ -24,10 +24,19 @@ from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
 from vugen.adapter import positions_from_mask
 from vugen.cli import run
+from vugen.commands._recipe_checks import check_understanding_preserved
 from vugen.commands.check import check_checkpoint, smallest_image_size
-from vugen.conformance import PROMPTS, check_kv_cache, check_lora_targets, check_raster_order, half_images
+from vugen.conformance import (
+    PROMPTS,
+    check_kv_cache,
+    check_latent_attention,
+    check_lora_targets,
+    check_raster_order,
+    half_images,
+)
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
+from vugen_adapters.per_layer_inputs import embedded_token_ids
 from vugen_adapters.token_layout import LayoutNotDerivable
 from vugen_adapters.video_frames import OneFrameVideos
 
@@ -126,6 +135,14 @@ def test_lora_leaves_out_linear_layers_with_their_own_forward(tiny_checkpoint):
     router = next(m for name, m in adapter.language_model.named_modules() if name.endswith(".router"))
     assert isinstance(router, nn.Linear) and isinstance(router(torch.ones(1, router.in_features)), tuple)
     assert adapter.lora_target_modules == sorted(linear_names(adapter.language_model) - {"router"})
+    check_lora_targets(adapter, smallest_image_size(adapter))
+
+
+def test_lora_targets_compare_the_copy_of_the_vlm_with_itself(tiny_checkpoint):
+    """Gemma 3n's vision tower as loaded (weights at the offsets safetensors left them) and a copy of it (weights
+    realigned) can round differently on CPU, where kernels pick their path by alignment: LoRA's copy is compared with
+    its own features before LoRA, not with the adapter's."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma3n")))
     check_lora_targets(adapter, smallest_image_size(adapter))
 
 
@@ -359,3 +376,61 @@ def test_an_architecture_outside_the_families_runs_every_stage_through_the_cli(a
         assert image.size == (32, 32) and image.mode == "RGB"
     bundle = json.loads((tmp_path / "outputs/demo/bundle/vugen.json").read_text())
     assert "AutoAdapter" in json.dumps(bundle)
+
+
+# ------------------------------------------------------------------------------------------------ per-layer inputs
+def test_token_ids_come_back_only_from_rows_that_are_a_tokens_embedding_bit_for_bit():
+    """Tokens sharing one embedding give the lowest id, tokens sharing the first coordinates each their own; a row one
+    float step away from a token's embedding, or none at all, gives the placeholder."""
+    embedding = nn.Embedding(40000, 16)  # more than one chunk of the table
+    with torch.no_grad():
+        embedding.weight[4500] = embedding.weight[7]  # two tokens, one embedding
+        embedding.weight[9, :4] = embedding.weight[3, :4]  # the same first 4 coordinates, then others
+    ids = torch.tensor([[3, 39999, 4500, 9, 20000]])
+    rows = embedding(ids).detach() * 2.0  # the model's own embedding scales its table
+    nudged = rows[0, 0].clone()
+    nudged[-1] = torch.nextafter(nudged[-1], torch.tensor(float("inf")))
+    embeds = torch.cat([rows, nudged.view(1, 1, -1), torch.randn(1, 1, 16)], dim=1)
+    found = embedded_token_ids(embeds, lambda t: embedding(t) * 2.0, 40000, missing=-1)
+    assert found.tolist() == [[3, 39999, 7, 9, 20000, -1, -1]]
+    half = embedded_token_ids(embeds.bfloat16(), lambda t: (embedding(t) * 2.0).bfloat16(), 40000, missing=-1)
+    assert half[0, :5].tolist() == [3, 39999, 7, 9, 20000]
+
+
+@pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])
+def test_prompt_tokens_get_the_per_layer_inputs_of_their_ids_and_latents_the_pad_tokens(arch, tiny_checkpoint):
+    """Gemma 3n / 4 add a per-layer embedding of each token id to every layer. From embeddings alone, the prompt's
+    rows get those of their ids (the language model's hidden states are its own from the ids, bit for bit) and
+    latent rows those of the pad id, as the VLM's own forward gives image tokens."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    model, pad = adapter.language_model, adapter.vlm.config.get_text_config().pad_token_id
+    for module in model.modules():  # a fresh Gemma 3n scales AltUp's corrected output by 0, silencing per-layer inputs
+        if hasattr(module, "correct_output_scale"):
+            nn.init.ones_(module.correct_output_scale)
+    encoding = adapter.tokenize(PROMPTS[1:])  # one prompt: no padding, positions from 0 as the model's own
+    ids, mask = encoding["input_ids"], encoding["attention_mask"]
+    prompt = adapter.embed_tokens(ids)
+    latents = torch.randn(1, 3, adapter.hidden_size, generator=torch.Generator().manual_seed(0)).to(prompt.dtype)
+    given = adapter._per_layer_inputs(torch.cat([prompt, latents], dim=1))["per_layer_inputs"]
+    placeholder = torch.full((1, 3), pad, dtype=torch.long)
+    assert torch.equal(given, model.get_per_layer_inputs(torch.cat([ids, placeholder], dim=1)))
+    assert not torch.equal(given[:, -3:], model.get_per_layer_inputs(ids[:, -3:]))  # latents: not the prompt's
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pad_only = model.get_per_layer_inputs(torch.full_like(ids, pad))
+        pads = model(inputs_embeds=prompt, attention_mask=mask, per_layer_inputs=pad_only)
+    assert not torch.equal(pads.last_hidden_state, own)  # per-layer inputs matter here: equal states are no accident
+    assert torch.equal(adapter.run_language_model(prompt, mask)[0], own)
+
+
+def test_latent_tokens_run_through_a_language_model_with_per_layer_inputs(tiny_checkpoint):
+    """Gemma 4's language model, left to recover the token ids from embeddings itself, fails on latent tokens: through
+    `run_language_model` they attend both ways and the sampler's LoRA leaves the prompt's hidden states untouched."""
+    adapter = AutoAdapter(str(tiny_checkpoint("gemma4")))
+    embeds = torch.randn(1, 4, adapter.hidden_size)
+    with pytest.raises(RuntimeError, match="needs to reverse the embedding"), torch.no_grad():
+        adapter.language_model(inputs_embeds=embeds)
+    size = smallest_image_size(adapter)
+    check_latent_attention(adapter, size)
+    check_understanding_preserved(adapter, size)
+    assert not AutoAdapter(str(tiny_checkpoint("gemma3")))._takes_per_layer_inputs  # no per-layer inputs: none given

@@ -259,8 +259,10 @@ def check_lora_targets(adapter: VLMAdapter, image_size: int) -> None:
     Runs on a copy: the adapter itself is left without LoRA.
     """
     images = _images_for(adapter, image_size)
-    before_features, before_text = adapter.encode_images(images), _run_text(adapter, PROMPTS)
     clone = copy.deepcopy(adapter)
+    # The copy's own outputs, not the adapter's: a copy's weights sit at other addresses, and CPU kernels that pick
+    # their path by alignment round differently (Gemma 3n's 1x1 convolutions, as loaded from safetensors)
+    before_features, before_text = clone.encode_images(images), _run_text(clone, PROMPTS)
     targets = clone.lora_target_modules
     config = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)  # random lora_B: not a no-op
     inject_adapter_in_model(config, clone.language_model)
