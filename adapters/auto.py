@@ -206,11 +206,21 @@ class AutoAdapter(VLMAdapter):
     # ------------------------------------------------------------------ geometry
     @property
     def vision_config(self) -> Any:
-        """The checkpoint's vision sub-config."""
-        config = getattr(self.vlm.config, "vision_config", None)
-        if config is None:  # not an AttributeError: raised inside properties, it would read as their absence
-            raise TypeError(f"{self.model_type}: its config has no `vision_config`; override `vision_config`")
-        return config
+        """The config of what turns pixels into image tokens: the feature model's `vision_config` (found on the inner
+        VLM of a wrapper such as pi0's), else its one sub-config that is not the language model's (the VQ tokenizer's
+        `vq_config` of Chameleon and Emu3), else the config itself where it holds the patch size (Fuyu)."""
+        config = self._feature_model.config
+        if getattr(config, "vision_config", None) is not None:
+            return config.vision_config
+        text = config.get_text_config()
+        others = [getattr(config, name) for name in getattr(config, "sub_configs", {})]
+        others = [c for c in others if c is not None and c is not text]
+        if len(others) == 1:
+            return others[0]
+        if getattr(config, "patch_size", None):
+            return config
+        # Not an AttributeError: raised inside properties, it would read as their absence.
+        raise TypeError(f"{self.model_type}: its config has no `vision_config`; override `vision_config`")
 
     @cached_property
     def vit_patch_size(self) -> int:
@@ -476,16 +486,19 @@ class AutoAdapter(VLMAdapter):
 
     @cached_property
     def _feature_model(self) -> nn.Module:
-        """The module whose `get_image_features` returns the tower's tokens with the projector's: the base model of a
-        `*ForConditionalGeneration` (`vlm.model`), or the VLM itself where it has no such split (BLIP-2)."""
-        for candidate in (getattr(self.vlm, "model", None), self.vlm):
-            if hasattr(candidate, "get_image_features"):
-                return candidate
-        # Not an AttributeError: raised inside a property, that would read as the property missing.
-        raise TypeError(
-            f"{self.model_type}: the model has no `get_image_features` to read image tokens from; override "
-            "`image_features` in an adapter (see examples/custom_adapter)"
-        )
+        """The module whose `get_image_features` returns the tower's tokens with the projector's: the shallowest one in
+        the VLM (the base model of a `*ForConditionalGeneration`, the VLM itself where it has no such split (BLIP-2),
+        the multimodal encoder of an encoder-decoder LM (DiffusionGemma), the inner VLM of a wrapper (pi0))."""
+        by_depth = sorted(self.vlm.named_modules(), key=lambda named: len(named[0].split(".")) if named[0] else 0)
+        candidates = [getattr(self.vlm, "model", None), *(module for _, module in by_depth)]
+        found = next((module for module in candidates if hasattr(module, "get_image_features")), None)
+        if found is None:
+            # Not an AttributeError: raised inside a property, that would read as the property missing.
+            raise TypeError(
+                f"{self.model_type}: the model has no `get_image_features` to read image tokens from; override "
+                "`image_features` in an adapter (see examples/custom_adapter)"
+            )
+        return found
 
     def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
         """Pick the configured feature source out of `output` (for `batch` images of `size`) as raster `[B, N, D]`.
