@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
@@ -210,13 +211,9 @@ class AutoAdapter(VLMAdapter):
         VLM of a wrapper such as pi0's), else its one sub-config that is not the language model's (the VQ tokenizer's
         `vq_config` of Chameleon and Emu3), else the config itself where it holds the patch size (Fuyu)."""
         config = self._feature_model.config
-        if getattr(config, "vision_config", None) is not None:
-            return config.vision_config
-        text = config.get_text_config()
-        others = [getattr(config, name) for name in getattr(config, "sub_configs", {})]
-        others = [c for c in others if c is not None and c is not text]
-        if len(others) == 1:
-            return others[0]
+        found = image_sub_config(config)
+        if found is not None:
+            return found
         if getattr(config, "patch_size", None):
             return config
         # Not an AttributeError: raised inside properties, it would read as their absence.
@@ -492,6 +489,7 @@ class AutoAdapter(VLMAdapter):
         by_depth = sorted(self.vlm.named_modules(), key=lambda named: len(named[0].split(".")) if named[0] else 0)
         candidates = [getattr(self.vlm, "model", None), *(module for _, module in by_depth)]
         found = next((module for module in candidates if hasattr(module, "get_image_features")), None)
+        found = found or self._tower_features()
         if found is None:
             # Not an AttributeError: raised inside a property, that would read as the property missing.
             raise TypeError(
@@ -499,6 +497,20 @@ class AutoAdapter(VLMAdapter):
                 "`image_features` in an adapter (see examples/custom_adapter)"
             )
         return found
+
+    def _tower_features(self) -> TowerFeatures | None:
+        """`get_image_features` for VLMs that have none (GIT): the shallowest module configured by the vision
+        sub-config is the tower; a module beside it whose linear layers go from the tower's width to the language
+        model's is the projector. None where no module is configured so."""
+        vision = image_sub_config(self.vlm.config)
+        towers = [m for m in self.vlm.modules() if isinstance(m, PreTrainedModel) and type(m.config) is type(vision)]
+        if vision is None or not towers:
+            return None
+        tower = towers[0]
+        parent = next(m for m in self.vlm.modules() if any(child is tower for child in m.children()))
+        width, text_width = getattr(vision, "hidden_size", None), self.vlm.config.get_text_config().hidden_size
+        projectors = [m for m in parent.children() if m is not tower and _maps_width(m, width, text_width)]
+        return TowerFeatures(self.vlm.config, tower, projectors[0] if len(projectors) == 1 else None)
 
     def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
         """Pick the configured feature source out of `output` (for `batch` images of `size`) as raster `[B, N, D]`.
@@ -508,6 +520,11 @@ class AutoAdapter(VLMAdapter):
         flat-patch orders put back in raster order. Learned query tokens are refused (`check_not_learned_queries`).
         """
         source = output.pooler_output if self.feature_source == "projector" else self.vision_tokens(output)
+        if source is None:
+            raise TypeError(
+                f"{self.model_type}: no projector could be identified beside its vision tower; use "
+                "feature_source='vision' or override `image_features`"
+            )
         features = as_batch(source, batch)
         if self.feature_source == "vision":
             self.check_not_learned_queries(features)
@@ -730,6 +747,43 @@ class AutoAdapter(VLMAdapter):
         """The name the language model takes its cache under: `cache` since transformers 5.24 (`past_key_values`
         warns and goes away in 5.40), `past_key_values` in models written before."""
         return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
+
+
+def image_sub_config(config: Any) -> Any:
+    """The sub-config of what turns pixels into image tokens: `vision_config`, else the one sub-config that is not the
+    language model's (a VQ tokenizer's `vq_config`), else None."""
+    if getattr(config, "vision_config", None) is not None:
+        return config.vision_config
+    text = config.get_text_config()
+    others = [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
+    others = [other for other in others if other is not None and other is not text]
+    return others[0] if len(others) == 1 else None
+
+
+def _maps_width(module: nn.Module, width: int | None, text_width: int) -> bool:
+    """Whether `module`'s first linear layer reads `width` channels and its last one writes `text_width`."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and linears[0].in_features == width and linears[-1].out_features == text_width
+
+
+class TowerFeatures(nn.Module):
+    """`get_image_features` for a VLM that only has a vision tower and a projector called inside its `forward` (GIT):
+    the tower's `last_hidden_state` and `hidden_states`, and the projector's output as `pooler_output` (None where no
+    projector was identified), as transformers' `get_image_features` return them."""
+
+    def __init__(self, config: Any, tower: nn.Module, projector: nn.Module | None) -> None:
+        super().__init__()
+        self.config, self.tower, self.projector = config, tower, projector
+
+    def get_image_features(self, pixel_values: Tensor) -> BaseModelOutputWithPooling:
+        """Encode `pixel_values` with the tower (and the projector)."""
+        output = self.tower(**{self.tower.main_input_name: pixel_values}, return_dict=True)
+        projected = None if self.projector is None else self.projector(output.last_hidden_state)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state,
+            hidden_states=getattr(output, "hidden_states", None),
+            pooler_output=projected,
+        )
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:
