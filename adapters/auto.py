@@ -147,6 +147,9 @@ class AutoAdapter(VLMAdapter):
             ) from error
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        lacking = set(self._required_image_inputs) - set(image_processor.model_input_names)
+        if lacking and hasattr(image_processor, "patchify_image"):  # images the model reads as patches (Fuyu)
+            image_processor = PatchedImages(image_processor)
         return image_processor, tokenizer
 
     def _load_image_processor(self) -> Any:
@@ -784,6 +787,36 @@ class TowerFeatures(nn.Module):
             hidden_states=getattr(output, "hidden_states", None),
             pooler_output=projected,
         )
+
+
+class PatchedImages:
+    """An image processor whose images the model reads as the flat patches the processor's own `patchify_image` cuts
+    (Fuyu's, whose full processor does that on the way to the prompt): called like an image processor, returning those
+    patches as `pixel_values`, its attributes read and set on the image processor inside (so normalisation can be
+    switched off to measure the patch layout).
+
+    Args:
+        image_processor: the checkpoint's image processor, with a `patchify_image(images [B, C, H, W])` method.
+    """
+
+    def __init__(self, image_processor: Any) -> None:
+        object.__setattr__(self, "image_processor", image_processor)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "image_processor":  # looked up while copying, before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.image_processor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.image_processor, name, value)
+
+    def __call__(self, images: list[Tensor], return_tensors: str = "pt", **kwargs: Any) -> dict[str, Tensor]:
+        """`{"pixel_values": [B, N, values]}`: the patches of the image processor's pixel tensor (its largest floating
+        one, `images` for Fuyu, one view per image)."""
+        batch = self.image_processor(images=images, return_tensors=return_tensors, **kwargs)
+        floating = [v for v in batch.values() if isinstance(v, Tensor) and v.is_floating_point()]
+        pixels = max(floating, key=Tensor.numel)
+        return {"pixel_values": self.image_processor.patchify_image(pixels.reshape(-1, *pixels.shape[-3:]))}
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:
