@@ -404,14 +404,14 @@ class AutoAdapter(VLMAdapter):
         overrides = {k: v for k, v in _PROCESSOR_OVERRIDES.items() if hasattr(image_processor, k)}
         images = list(images.float().cpu())
         try:
-            batch = image_processor(images=images, return_tensors="pt", **overrides)
+            batch = _call_image_processor(image_processor, images, overrides)
         except (ValueError, RuntimeError, UnboundLocalError):
             if "do_resize" not in overrides:
                 raise
             # Some processors refuse (Llama 4, MiniCPM) or break on do_resize=False; at the size they expect,
             # their own resize keeps the pixels (the patch layout probe checks that it did).
             overrides.pop("do_resize")
-            batch = image_processor(images=images, return_tensors="pt", **overrides)
+            batch = _call_image_processor(image_processor, images, overrides)
         return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
 
     @cached_property
@@ -604,7 +604,9 @@ class AutoAdapter(VLMAdapter):
                     f"{self.model_type}: its get_image_features returns no encoder tokens (no last_hidden_state: "
                     "an image tokenizer that gives discrete codes); use feature_source='projector' (their embeddings)"
                 )
-            return output.last_hidden_state
+            tokens = output.last_hidden_state
+            # A video tokenizer's latent of a still image (Emu3's VQ encoder): [B, 1 frame, C, h, w].
+            return tokens[:, 0] if tokens.ndim == 5 and tokens.shape[1] == 1 else tokens
         layers = [layer] if isinstance(layer, int) else list(layer)
         tokens = [hidden_states[i] for i in layers]
         if getattr(self.vlm.config, "vision_feature_select_strategy", "full") == "default":
@@ -750,6 +752,14 @@ class AutoAdapter(VLMAdapter):
         """The name the language model takes its cache under: `cache` since transformers 5.24 (`past_key_values`
         warns and goes away in 5.40), `past_key_values` in models written before."""
         return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
+
+
+def _call_image_processor(image_processor: Any, images: list[Tensor], overrides: dict[str, Any]) -> Any:
+    """`image_processor(images)`, as NumPy arrays where it takes no tensors (Emu3's reads only PIL or NumPy)."""
+    try:
+        return image_processor(images=images, return_tensors="pt", **overrides)
+    except ValueError:
+        return image_processor(images=[image.numpy() for image in images], return_tensors="pt", **overrides)
 
 
 def image_sub_config(config: Any) -> Any:
