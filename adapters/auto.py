@@ -5,9 +5,12 @@ patches or 5-D tiles, come from the checkpoint), calls `get_image_features`, and
 (a `[B, N, D]` tensor, one `[N_i, D]` tensor per image, all images packed into one sequence, a conv feature map) into
 raster `[B, N, D]` tokens, by the patch layout the image processor gives (`vugen_adapters.token_layout`): padding
 slots, CLS / register tokens, merge-block orders and merge / pixel-shuffle / pooling factors are derived, not listed.
-Where the processor would only normalise plain `[B, 3, H, W]` pixels (measured once, see
-`reads_plain_pixels`), the adapter does that on the device instead. Family adapters subclass it and override only
-the hooks introspection gets wrong.
+`get_image_features` is read on the shallowest module that has one (an inner VLM, a multimodal encoder); a VLM with
+none (GIT) is read through its vision tower and the projector beside it (`TowerFeatures`); a VQ image tokenizer
+(`vq_config`: Chameleon, Emu3) stands for the vision tower, its continuous latent grid for the tower's tokens.
+Where the processor would only normalise plain `[B, 3, H, W]` pixels (measured once, see `reads_plain_pixels`), the
+adapter does that on the device instead. Family adapters subclass it and override only the hooks introspection gets
+wrong.
 """
 
 from __future__ import annotations
@@ -78,8 +81,10 @@ class AutoAdapter(VLMAdapter):
         dtype: Weight dtype of the frozen VLM. Use `bfloat16` on GPUs; `float32` on CPU.
         trust_remote_code: Allow code shipped inside the checkpoint to run. Off by default.
         feature_source: `vision` (default): the vision-encoder tokens that the VLM's projector reads
-            (for LLaVA-style models the `vision_feature_layer` hidden state). `projector`: the tokens
-            after the projector / merger, in the language model's width.
+            (for LLaVA-style models the `vision_feature_layer` hidden state; for a VQ image tokenizer,
+            Chameleon's or Emu3's, the encoder's continuous latent grid before quantisation). `projector`:
+            the tokens after the projector / merger, in the language model's width (for a VQ tokenizer, the
+            language model's input embeddings of the image's codes). Both are token grids in raster order.
         image_size: Side in pixels that images are resized to before encoding. None: the checkpoint's
             native size for fixed-size encoders, or the input's own size for dynamic-resolution ones.
         attn_implementation: transformers attention backend (`sdpa`, `eager`, `flash_attention_2`, ...).
@@ -147,9 +152,8 @@ class AutoAdapter(VLMAdapter):
             ) from error
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        lacking = set(self._required_image_inputs) - set(image_processor.model_input_names)
-        if lacking and hasattr(image_processor, "patchify_image"):  # images the model reads as patches (Fuyu)
-            image_processor = PatchedImages(image_processor)
+        if hasattr(image_processor, "patchify_image") and not self._reads_image_processor_outputs(image_processor):
+            image_processor = PatchedImages(image_processor)  # images out, patches in (Fuyu)
         return image_processor, tokenizer
 
     def _load_image_processor(self) -> Any:
@@ -187,6 +191,10 @@ class AutoAdapter(VLMAdapter):
             return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
         except (OSError, ValueError, TypeError):
             return None  # `image_features` then names the inputs nothing makes
+
+    def _reads_image_processor_outputs(self, image_processor: Any) -> bool:
+        """Whether the image processor names every input `get_image_features` requires."""
+        return set(self._required_image_inputs) <= set(image_processor.model_input_names)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the
@@ -506,8 +514,10 @@ class AutoAdapter(VLMAdapter):
         sub-config is the tower; a module beside it whose linear layers go from the tower's width to the language
         model's is the projector. None where no module is configured so."""
         vision = image_sub_config(self.vlm.config)
+        if vision is None:
+            return None
         towers = [m for m in self.vlm.modules() if isinstance(m, PreTrainedModel) and type(m.config) is type(vision)]
-        if vision is None or not towers:
+        if not towers:
             return None
         tower = towers[0]
         parent = next(m for m in self.vlm.modules() if any(child is tower for child in m.children()))

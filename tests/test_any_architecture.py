@@ -434,3 +434,94 @@ def test_latent_tokens_run_through_a_language_model_with_per_layer_inputs(tiny_c
     check_latent_attention(adapter, size)
     check_understanding_preserved(adapter, size)
     assert not AutoAdapter(str(tiny_checkpoint("gemma3")))._takes_per_layer_inputs  # no per-layer inputs: none given
+
+
+# ------------------------------------------------------------------------ towers without a plain get_image_features
+def _pixels(adapter: AutoAdapter, images):
+    return adapter.pixel_inputs(images)["pixel_values"]
+
+
+def test_a_vlm_without_get_image_features_reads_its_tower_and_the_projector_beside_it(tiny_checkpoint):
+    """GIT calls its CLIP tower and projection inside `forward`: the adapter finds the tower by its config and the
+    projector by its widths, and returns exactly what `forward` feeds the language model, CLS dropped."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    vision, projector = (AutoAdapter(str(tiny_checkpoint("git")), feature_source=s) for s in ("vision", "projector"))
+    git = vision.vlm.git
+    tower = git.image_encoder(_pixels(vision, images)).last_hidden_state
+    assert vision._feature_model.tower is git.image_encoder and vision._feature_model.projector is git.visual_projection
+    assert torch.allclose(vision.encode_images(images), tower[:, 1:], atol=1e-6)
+    assert torch.allclose(projector.encode_images(images), git.visual_projection(tower)[:, 1:], atol=1e-6)
+    assert projector.feature_dim == vision.hidden_size != vision.feature_dim
+
+
+@pytest.mark.parametrize(
+    ("arch", "inner", "size"), [("pi0", "model.vlm", 32), ("diffusion_gemma", "model.encoder", 24)]
+)
+def test_get_image_features_is_found_on_the_inner_module_that_has_it(arch, inner, size, tiny_checkpoint):
+    """pi0 wraps a PaliGemma, DiffusionGemma's encoder holds the tower: their `get_image_features` and vision config
+    are read there, and the features are that module's own."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)), image_size=size)
+    module = adapter.vlm.get_submodule(inner)
+    assert adapter._feature_model is module and adapter.vision_config is module.config.vision_config
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    inputs = adapter.accepted_image_inputs(adapter.pixel_inputs(images))
+    expected = module.get_image_features(**inputs).last_hidden_state.reshape(1, -1, adapter.feature_dim)
+    assert torch.equal(adapter.encode_images(images), expected)
+
+
+def _quadrant_change(adapter: AutoAdapter, size: int, corner: str) -> tuple[float, float]:
+    """Mean feature change of the top-left and bottom-right token quadrants when one corner block turns white."""
+    image, block = torch.zeros(1, 3, size, size), size // 4
+    rows = slice(0, block) if corner == "top-left" else slice(size - block, size)
+    image[..., rows, rows] = 1
+    change = (adapter.encode_images(image) - adapter.encode_images(torch.zeros_like(image))).norm(dim=-1)
+    grid = change.reshape(*adapter.token_grid(size, size))
+    half = grid.shape[0] // 2
+    return grid[:half, :half].mean().item(), grid[half:, half:].mean().item()
+
+
+@pytest.mark.parametrize(("arch", "size"), [("chameleon", 128), ("emu3", 64)])
+def test_a_vq_tokenizer_gives_its_continuous_latent_grid(arch, size, tiny_checkpoint):
+    """Chameleon and Emu3 have a VQ tokenizer (`vq_config`), no vision tower: `vision` is the encoder's latent map
+    before quantisation, one token per latent cell, raster (a white corner moves its own quadrant's tokens most, in
+    both corners; the half-image check cannot tell: GroupNorm turns the dark half as far from black as the bright)."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)), image_size=size)
+    vq = adapter.vlm.model.vqmodel
+    assert adapter.vision_config is vq.config
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    inputs = adapter.accepted_image_inputs(adapter.pixel_inputs(images))
+    latent = vq.encode(**inputs).last_hidden_state  # [B, C, h, w], or [B, 1 frame, C, h, w] (Emu3)
+    latent = latent.reshape(2, -1, *latent.shape[-3:])[:, 0]
+    assert torch.equal(adapter.encode_images(images), latent.flatten(2).transpose(1, 2))
+    assert adapter.patch_stride == size // latent.shape[-1] and adapter.patch_stride > 1
+    top_left, bottom_right = _quadrant_change(adapter, size, "top-left")
+    assert top_left > 1.2 * bottom_right
+    top_left, bottom_right = _quadrant_change(adapter, size, "bottom-right")
+    assert bottom_right > 1.2 * top_left
+
+
+def test_a_vq_tokenizers_projector_tokens_are_the_embeddings_of_its_image_tokens(tiny_checkpoint):
+    """Chameleon's `projector` features are what its language model reads for an image: the input embeddings of the
+    image's VQ codes, mapped to its vocabulary, in raster order."""
+    adapter = AutoAdapter(str(tiny_checkpoint("chameleon")), feature_source="projector", image_size=64)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model = adapter.vlm.model
+    codes = model.vqmodel.encode(_pixels(adapter, images)).image_tokens.reshape(2, -1)
+    embeddings = model.get_input_embeddings()(model.vocabulary_mapping.convert_img2bpe(codes))
+    assert codes.unique().numel() > 1  # a grid of one code would be raster in any order
+    assert torch.equal(adapter.encode_images(images), embeddings)
+
+
+def test_images_a_model_reads_as_patches_are_cut_by_the_processors_own_patchify(tiny_checkpoint):
+    """Fuyu's image processor gives whole images and its model reads flat patches (one linear layer): the adapter
+    cuts them with the processor's `patchify_image`, and token k is raster patch k (one white patch moves one token)."""
+    adapter = AutoAdapter(str(tiny_checkpoint("fuyu")))
+    size, patch = adapter.native_size[0], adapter.vit_patch_size
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixels = _pixels(adapter, images)
+    assert pixels.shape == (2, (size // patch) ** 2, 3 * patch * patch)
+    assert torch.equal(adapter.encode_images(images), adapter.vlm.model.vision_embed_tokens(pixels))
+    image, (row, col) = torch.zeros(1, 3, size, size), (1, 2)  # off the diagonal: a transposed order would miss
+    image[..., row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = 1
+    change = (adapter.encode_images(image) - adapter.encode_images(torch.zeros_like(image))).norm(dim=-1)[0]
+    assert torch.nonzero(change).flatten().tolist() == [row * (size // patch) + col]
