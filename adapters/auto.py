@@ -496,7 +496,8 @@ class AutoAdapter(VLMAdapter):
     def _feature_model(self) -> nn.Module:
         """The module whose `get_image_features` returns the tower's tokens with the projector's: the shallowest one in
         the VLM (the base model of a `*ForConditionalGeneration`, the VLM itself where it has no such split (BLIP-2),
-        the multimodal encoder of an encoder-decoder LM (DiffusionGemma), the inner VLM of a wrapper (pi0))."""
+        the multimodal encoder of an encoder-decoder LM (DiffusionGemma), the inner VLM of a wrapper (pi0)), else
+        the vision tower and projector of a VLM that has none (`TowerFeatures`, GIT)."""
         by_depth = sorted(self.vlm.named_modules(), key=lambda named: len(named[0].split(".")) if named[0] else 0)
         candidates = [getattr(self.vlm, "model", None), *(module for _, module in by_depth)]
         found = next((module for module in candidates if hasattr(module, "get_image_features")), None)
@@ -800,7 +801,7 @@ class TowerFeatures(nn.Module):
 
     def get_image_features(self, pixel_values: Tensor) -> BaseModelOutputWithPooling:
         """Encode `pixel_values` with the tower (and the projector)."""
-        output = self.tower(**{self.tower.main_input_name: pixel_values}, return_dict=True)
+        output = self.tower(**{self.tower.main_input_name: pixel_values})
         projected = None if self.projector is None else self.projector(output.last_hidden_state)
         return BaseModelOutputWithPooling(
             last_hidden_state=output.last_hidden_state,
