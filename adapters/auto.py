@@ -799,6 +799,10 @@ class TowerFeatures(nn.Module):
         super().__init__()
         self.config, self.tower, self.projector = config, tower, projector
 
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """The vision tower, as transformers' `get_encoder(modality="image")` names it."""
+        return self.tower
+
     def get_image_features(self, pixel_values: Tensor) -> BaseModelOutputWithPooling:
         """Encode `pixel_values` with the tower (and the projector)."""
         output = self.tower(**{self.tower.main_input_name: pixel_values})
@@ -819,6 +823,8 @@ class PatchedImages:
     Args:
         image_processor: the checkpoint's image processor, with a `patchify_image(images [B, C, H, W])` method.
     """
+
+    model_input_names = ["pixel_values"]  # what `__call__` gives: no whole processor needed for prompt-side inputs
 
     def __init__(self, image_processor: Any) -> None:
         object.__setattr__(self, "image_processor", image_processor)
