@@ -348,7 +348,7 @@ class AutoAdapter(VLMAdapter):
     def _processor_chosen_size(self) -> tuple[int, int]:
         """The size the image processor, its own resizing on, gives a blank square image: one its encoder reads."""
         blank = torch.zeros(3, _PROCESSOR_PROBE_SIDE, _PROCESSOR_PROBE_SIDE)
-        inputs = self.image_processor(images=[blank], return_tensors="pt")
+        inputs = _call_image_processor(self.image_processor, [blank], {})
         height, width = pixel_values(inputs, self.model_type).shape[-2:]
         return (int(height), int(width))
 
