@@ -181,11 +181,9 @@ class AutoAdapter(VLMAdapter):
         not name (InstructBLIP's Q-Former reads `qformer_input_ids`, which the processor's `qformer_tokenizer` makes),
         else None: most checkpoints need only their image processor, and not every one has a loadable processor."""
         try:
-            required = self._required_image_inputs
+            if self._reads_image_processor_outputs(self.image_processor):
+                return None
         except TypeError:  # no `get_image_features`: an adapter that overrides `image_features` reads images its way
-            return None
-        made = getattr(self.image_processor, "model_input_names", ["pixel_values"])
-        if all(name in made for name in required):
             return None
         try:
             return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
@@ -194,7 +192,8 @@ class AutoAdapter(VLMAdapter):
 
     def _reads_image_processor_outputs(self, image_processor: Any) -> bool:
         """Whether the image processor names every input `get_image_features` requires."""
-        return set(self._required_image_inputs) <= set(image_processor.model_input_names)
+        made = getattr(image_processor, "model_input_names", ["pixel_values"])
+        return set(self._required_image_inputs) <= set(made)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the
