@@ -319,19 +319,20 @@ def test_tiles_that_are_no_whole_number_of_smaller_patches_stay_slots(patch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "native"),
+    ("arch", "source", "native"),
     [
-        ("minicpmv4_6", (32, 32)),
-        ("kosmos-2.5", (32, 32)),
-        ("molmo2", (32, 32)),
-        ("inkling_mm_model", None),
-        ("inkling2", None),
+        ("minicpmv4_6", "vision", (32, 32)),
+        ("kosmos-2.5", "vision", (32, 32)),
+        ("molmo2", "vision", (32, 32)),
+        ("inkling_mm_model", "vision", None),
+        ("inkling2", "vision", None),  # a 4-px patch of an 8-px tile
+        ("inkling2", "projector", None),  # a tile of 2x2 patches, merged
     ],
 )
-def test_changing_one_patch_moves_its_own_token(arch, native, tiny_checkpoint):
+def test_changing_one_patch_moves_its_own_token(arch, source, native, tiny_checkpoint):
     """The real tiny architectures, end to end: the token indexed at a place is the one its pixels move. MiniCPM-V
     and Kosmos-2.5 resize whatever they are told: the adapter feeds them the size they keep."""
-    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)), feature_source=source)
     assert adapter.native_size == native
     rows, cols = adapter.token_grid(32, 32)
     stride = adapter.patch_stride
