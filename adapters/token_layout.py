@@ -11,8 +11,9 @@ than a list of known shapes, the layout is measured from what the checkpoint its
    position of every slot (raster for image tensors; merge-block order for Qwen-style patches; padding slots for
    NaFlex; for tiling processors, which of the views is the whole image), whatever the tensor layout: image tensors,
    flat patches (with Pix2Struct's leading (row, col) id columns, checked), per-patch images (a still patch repeated
-   over frames is one slot), patches side by side in a strip (MiniCPM-V's `[C, p, N * p]`). A processor that resizes
-   whatever it is told is measured at the size it keeps (`size_kept`).
+   over frames is one slot), patches side by side in a strip (MiniCPM-V's `[C, p, N * p]`). Flat slots of several
+   encoder patches (Inkling 2's tiles, one per merged token) are counted in the patches the tower cuts them into. A
+   processor that resizes whatever it is told is measured at the size it keeps (`size_kept`).
 2. `to_raster` matches the tokens of one image to that layout: one token per patch slot (vision tokens, padding
    dropped), or one token per `f x f` block of patches after a merge / pixel shuffle / pooling (`f` solved from the
    token count), after any leading CLS / register tokens.
@@ -56,6 +57,8 @@ class PatchLayout:
         slot_index: `[rows * cols]` slot of each real patch, in slot order (padding slots skipped).
         crops: views the processor makes of one image (tiled processors: the whole image and its tiles).
         crop: the view that is the whole image, as it went in; its tokens are the image's.
+        split: patches along each side of one of the processor's slots: 1, or more for tiles that the tower cuts into
+            patches (Inkling 2's), where `slots` and `slot_index` count patches, `split**2` per tile.
     """
 
     rows: int
@@ -65,6 +68,7 @@ class PatchLayout:
     slot_index: Tensor
     crops: int = 1
     crop: int = 0
+    split: int = 1
 
     @classmethod
     def raster_grid(cls, rows: int, cols: int, crops: int = 1, crop: int = 0) -> PatchLayout:
@@ -111,13 +115,41 @@ def measure_patch_layout(
             rescaling, cropping and tiling off).
         height: image height in pixels, as the adapter feeds it.
         width: image width in pixels.
-        patch_size: the vision encoder's patch side, for image-tensor layouts.
+        patch_size: the vision encoder's patch side, for image-tensor layouts and flat slots of several patches.
         model_type: the checkpoint's model type, for error messages.
     """
     pixels = _processed_patches(image_processor, process, height, width, model_type)
     if pixels.ndim >= 4:  # image tensors ([B, 3, H, W] or tiles [B, T, 3, H, W]): the encoder patchifies them
         return _image_tensor_layout(pixels, height, width, patch_size, model_type)
-    return _flat_views_layout(pixels, height, width, model_type)
+    return _in_encoder_patches(_flat_views_layout(pixels, height, width, model_type), height, patch_size)
+
+
+def _in_encoder_patches(layout: PatchLayout, height: int, patch_size: int) -> PatchLayout:
+    """A layout of flat `t x t`-px slots at the encoder's `p`-px patch resolution, for `p < t` dividing `t`.
+
+    A processor may hand the tower one slot per merged token (Inkling 2's tile of `merge x merge` patches) that the
+    tower cuts into `(t / p)^2` patches, raster within the slot, and returns a token for each, slot after slot (the
+    order `raster_order` in `vugen check` confirms). A merge of each slot's patches (Inkling 2's projector), or a tower
+    that takes each slot as one patch (Gemma 4 Unified's merged patches), gives one token per slot instead, which
+    `reduction` reads off this layout as a merge of `t / p`. A tower that names no patch size (`p == 1`) is left at
+    the processor's slots.
+    """
+    side = height // layout.rows
+    if patch_size <= 1 or side <= patch_size or side % patch_size:
+        return layout
+    split = side // patch_size
+    within = torch.arange(split**2)  # the slot's patches, raster within it
+    rows = (layout.raster // layout.cols)[:, None] * split + within // split
+    cols = (layout.raster % layout.cols)[:, None] * split + within % split
+    return dataclasses.replace(
+        layout,
+        rows=layout.rows * split,
+        cols=layout.cols * split,
+        slots=layout.slots * split**2,
+        raster=(rows * layout.cols * split + cols).reshape(-1),
+        slot_index=(layout.slot_index[:, None] * split**2 + within).reshape(-1),
+        split=split,
+    )
 
 
 def size_kept(image_processor: Any, process: Any, side: int, patch_size: int, model_type: str) -> int | None:
@@ -305,9 +337,11 @@ def _check_patch_ids(ids: Tensor, positions: Tensor, model_type: str) -> None:
 def reduction(tokens: int, layout: PatchLayout, model_type: str, hook: str) -> tuple[int, int]:
     """`(factor, prefix)` with `tokens == prefix + (rows / factor) * (cols / factor)`: how many patches per side one
     token covers (merge, pixel shuffle, pooling) and how many leading non-patch tokens (CLS, registers) come first.
-    Tokens one-to-one with the processor's padded slots read as factor 1 (see `to_raster`)."""
-    if tokens == layout.slots:
-        return 1, 0
+    Tokens one-to-one with the processor's padded slots read as factor 1, or `layout.split` where a slot holds several
+    patches (see `to_raster`)."""
+    for factor in (1, layout.split):
+        if tokens * factor**2 == layout.slots:
+            return factor, 0
     for factor in range(1, min(layout.rows, layout.cols) + 1):
         if layout.rows % factor or layout.cols % factor:
             continue
@@ -326,8 +360,9 @@ def to_raster(tokens: Tensor, layout: PatchLayout, model_type: str, hook: str = 
     if layout.crops > 1:  # the tokens of every view of each image: keep the whole image's
         tokens = _whole_image_tokens(tokens, layout, model_type, hook)
     factor, prefix = reduction(tokens.shape[1], layout, model_type, hook)
-    if tokens.shape[1] == layout.slots and layout.slots != layout.rows * layout.cols:  # padded slots
-        tokens = tokens[:, layout.slot_index]
+    padded = layout.slots != layout.rows * layout.cols
+    if padded and not prefix and tokens.shape[1] * factor**2 == layout.slots:  # one per slot or patch, padding too
+        tokens = tokens[:, layout.slot_index[:: factor**2] // factor**2]
     tokens = tokens[:, prefix:]
     if factor == 1:
         order = layout.raster

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2VLImageProcessor, SiglipImageProcessor
 from transformers.models.inkling.image_processing_inkling import InklingImageProcessor
+from transformers.models.inkling2.image_processing_inkling2 import Inkling2ImageProcessor
 from transformers.models.kosmos2_5.image_processing_kosmos2_5 import Kosmos2_5ImageProcessor
 from transformers.models.minicpmv4_6.image_processing_minicpmv4_6 import MiniCPMV4_6ImageProcessor
 from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 from transformers.models.siglip2.image_processing_siglip2 import Siglip2ImageProcessor
 
+from vugen.conformance import check_raster_order
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.token_layout import (
     LayoutNotDerivable,
@@ -41,6 +43,8 @@ PROCESSORS = {
     ),
     # one [T, p, p, C] slot per patch, the still image repeated over T = 2 frames, each row ending in a -1 slot
     "inkling": InklingImageProcessor(size={"height": PATCH, "width": PATCH}),
+    # one [t, t, C] tile per merged token, t = 2 encoder patches: the tower cuts each tile into its patches
+    "inkling2": Inkling2ImageProcessor(size={"height": 2 * PATCH, "width": 2 * PATCH}),
 }
 
 
@@ -250,14 +254,85 @@ def test_frames_that_differ_are_not_one_slot():
         measure_patch_layout(None, two_frames, 16, 24, PATCH, "toy_vlm")
 
 
+def tower_cut_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """`[T, t, t, C]` tiles -> `[1, T * (t/p)^2, C*p*p]` patches (channel-major) as Inkling 2's tower cuts them
+    (`Inkling2VisionEmbeddings`: `reshape(-1, merge, p, merge, p, C).transpose(2, 3)`): tile after tile, raster
+    within each tile."""
+    merge = tiles.shape[1] // PATCH
+    patches = tiles.reshape(-1, merge, PATCH, merge, PATCH, 3).transpose(2, 3)
+    return patches.permute(0, 1, 2, 5, 3, 4).reshape(1, -1, 3 * PATCH * PATCH)
+
+
+def inkling2_tiles(image: torch.Tensor, padding: int = 0) -> dict[str, torch.Tensor]:
+    """The Inkling 2 processor's `[6, 8, 8, C]` tiles of a 16x24 image (normalisation off), then `padding` slots of -1
+    (as Gemma 4 Unified pads its merged patches)."""
+    processor = PROCESSORS["inkling2"]
+    processor.do_normalize = False
+    try:
+        tiles = AutoAdapter._process(processor, image[None])["pixel_values"]
+    finally:
+        processor.do_normalize = True
+    return {"pixel_values": torch.cat([tiles, torch.full((padding, *tiles.shape[1:]), -1.0)])}
+
+
+def raster_tiles(image: torch.Tensor) -> torch.Tensor:
+    """`[1, 6, 4 * 3*p*p]` the 8-px tiles of a 16x24 image in raster order, each its 4 raster patches concatenated."""
+    return raster_patches(image).reshape(1, 2, 2, 3, 2, -1).permute(0, 1, 3, 2, 4, 5).reshape(1, 6, -1)
+
+
+def test_tiles_of_several_patches_are_read_at_the_encoder_patch_resolution():
+    """Inkling 2: six 8-px tiles of a 16x24 image are a 4x6 grid of 4-px patches, tile after tile: one CLS token plus
+    one per patch read back in raster order, one token per tile (the merger's) in raster order over tiles."""
+    image = torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(5))
+    grid = layout("inkling2")
+    assert (grid.rows, grid.cols, grid.slots, grid.split) == (4, 6, 24, 2) and not grid.is_raster
+    assert grid.raster[:8].tolist() == [0, 1, 6, 7, 2, 3, 8, 9]  # the first two tiles, raster within each
+    patches = tower_cut_tiles(inkling2_tiles(image)["pixel_values"])
+    cls = torch.full((1, 1, patches.shape[-1]), 99.0)
+    assert torch.equal(to_raster(torch.cat([cls, patches], dim=1), grid, "inkling2"), raster_patches(image))
+    merged = patches.reshape(1, 6, -1)  # the merger concatenates each tile's 4 patches
+    assert torch.equal(to_raster(merged, grid, "inkling2"), raster_tiles(image))
+
+
+def test_padded_tiles_give_their_real_tokens_one_per_tile_or_one_per_patch():
+    """Two padding slots after six tiles: tokens one per slot or one per patch of every slot, padding included, read
+    back as the real tiles' or patches' (a tower that takes each tile as one patch, Gemma 4 Unified's, gives the
+    former)."""
+    image = torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(6))
+    grid = measure_patch_layout(
+        PROCESSORS["inkling2"], lambda _, images: inkling2_tiles(images[0], 2), 16, 24, PATCH, "toy"
+    )
+    assert (grid.rows, grid.cols, grid.slots, grid.split) == (4, 6, 32, 2)
+    patches = tower_cut_tiles(inkling2_tiles(image)["pixel_values"])
+    per_patch = torch.cat([patches, torch.full((1, 8, patches.shape[-1]), 99.0)], dim=1)
+    assert torch.equal(to_raster(per_patch, grid, "toy"), raster_patches(image))
+    per_tile = per_patch.reshape(1, 8, -1)
+    assert torch.equal(to_raster(per_tile, grid, "toy"), raster_tiles(image))
+
+
+@pytest.mark.parametrize("patch", [1, 3, 8])
+def test_tiles_that_are_no_whole_number_of_smaller_patches_stay_slots(patch):
+    """Negative control: a tower that names no patch size (1), a patch that does not divide the tile (3), or one the
+    size of the tile (8) leaves the processor's 8-px slots as they are."""
+    grid = measure_patch_layout(PROCESSORS["inkling2"], AutoAdapter._process, 16, 24, patch, "inkling2")
+    assert (grid.rows, grid.cols, grid.slots, grid.split) == (2, 3, 6, 1) and grid.is_raster
+
+
 @pytest.mark.parametrize(
-    ("arch", "native"),
-    [("minicpmv4_6", (32, 32)), ("kosmos-2.5", (32, 32)), ("molmo2", (32, 32)), ("inkling_mm_model", None)],
+    ("arch", "source", "native"),
+    [
+        ("minicpmv4_6", "vision", (32, 32)),
+        ("kosmos-2.5", "vision", (32, 32)),
+        ("molmo2", "vision", (32, 32)),
+        ("inkling_mm_model", "vision", None),
+        ("inkling2", "vision", None),  # a 4-px patch of an 8-px tile
+        ("inkling2", "projector", None),  # a tile of 2x2 patches, merged
+    ],
 )
-def test_changing_one_patch_moves_its_own_token(arch, native, tiny_checkpoint):
+def test_changing_one_patch_moves_its_own_token(arch, source, native, tiny_checkpoint):
     """The real tiny architectures, end to end: the token indexed at a place is the one its pixels move. MiniCPM-V
     and Kosmos-2.5 resize whatever they are told: the adapter feeds them the size they keep."""
-    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)), feature_source=source)
     assert adapter.native_size == native
     rows, cols = adapter.token_grid(32, 32)
     stride = adapter.patch_stride
@@ -268,3 +343,27 @@ def test_changing_one_patch_moves_its_own_token(arch, native, tiny_checkpoint):
         image[..., row * stride : (row + 1) * stride, col * stride : (col + 1) * stride] = 1.0
         change = (adapter.encode_images(image) - before).norm(dim=-1)[0]
         assert change.argmax().item() == row * cols + col
+
+
+class TilesReadAsRaster(AutoAdapter):
+    """The tile-major patches of Inkling 2 read as if they were raster: the layout the split of tiles replaces."""
+
+    def patch_layout(self, height: int, width: int) -> PatchLayout:
+        grid = super().patch_layout(height, width)
+        return PatchLayout.raster_grid(grid.rows, grid.cols)
+
+
+def test_tile_major_patches_read_as_raster_are_caught(tiny_checkpoint):
+    """Negative control: Inkling 2's patches, tile after tile, read as raster fail `raster_order` and move the wrong
+    token, where the measured layout passes both."""
+    path = str(tiny_checkpoint("inkling2"))
+    check_raster_order(AutoAdapter(path), 32)
+    adapter = TilesReadAsRaster(path)
+    assert adapter.token_grid(32, 32) == (8, 8)
+    with pytest.raises(AssertionError, match="not in raster order"):
+        check_raster_order(adapter, 32)
+    base = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25
+    image = base.clone()
+    image[..., 0:4, 28:32] = 1.0  # raster patch 7, (0, 7): the tower's token 13 (tile 3, within it (0, 1))
+    change = (adapter.encode_images(image) - adapter.encode_images(base)).norm(dim=-1)[0]
+    assert change.argmax().item() == 13
