@@ -170,6 +170,17 @@ def test_save_and_reload_keeps_the_adapters_options(tiny_checkpoint, tmp_path):
     assert AutoAdapter(str(tmp_path), feature_source="projector").feature_dim == adapter.feature_dim
 
 
+def test_the_stage_smoke_reduces_features_narrower_than_its_latent(tiny_checkpoint, tmp_path):
+    """Emu3's VQ encoder gives 4-channel latents: the smoke's reducer maps them to 2 channels (a reducer must reduce),
+    and the decoder stage and the latent cache run; LLaVA's wide features keep the usual 8."""
+    adapter = AutoAdapter(str(tiny_checkpoint("emu3")))
+    assert adapter.feature_dim == 4 and _recipe_checks.smoke_latent_dim(adapter) == 2
+    smoke = _recipe_checks.RecipeSmoke(tmp_path, accelerator="cpu")
+    smoke.decoder_stage(adapter, 32)
+    smoke.cache_latents(adapter, 32)
+    assert _recipe_checks.smoke_latent_dim(AutoAdapter(str(tiny_checkpoint("llava")))) == _recipe_checks.LATENT_DIM
+
+
 # ---------------------------------------------------------------------------------------------------- bad inputs
 def encoder_decoder_folder(directory) -> str:
     """A tiny VisionEncoderDecoderModel (ViT + GPT-2), saved with save_pretrained."""

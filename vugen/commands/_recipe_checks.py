@@ -39,6 +39,14 @@ from vugen.stages.sampler import SamplerStage
 __all__ = ["UNDERSTANDING", "RecipeSmoke", "check_understanding_preserved"]
 
 LATENT_DIM = 8
+
+
+def smoke_latent_dim(adapter: VLMAdapter) -> int:
+    """The smoke's latent channels: `LATENT_DIM`, or half the features' where they are that narrow (a VQ tokenizer's
+    4-channel latent grid: the reducer must reduce)."""
+    return max(1, min(LATENT_DIM, adapter.feature_dim // 2))
+
+
 TINY_LORA = LatentSamplerConfig(lora_rank=4, lora_alpha=4.0, head_width=32, head_depth=1)
 
 
@@ -172,9 +180,10 @@ class RecipeSmoke:
 
     def decoder_stage(self, adapter: VLMAdapter, image_size: int) -> None:
         """A few steps of the decoder stage (a fresh reducer trained jointly with a tiny pixel decoder), exported."""
-        reducer = DimensionReducer(adapter.feature_dim, LATENT_DIM, hidden_dim=32, num_blocks=1)
+        latent_dim = smoke_latent_dim(adapter)
+        reducer = DimensionReducer(adapter.feature_dim, latent_dim, hidden_dim=32, num_blocks=1)
         decoder = PixelDecoder(
-            LATENT_DIM, patch_size=_patch_size(image_size), width=32, depth=1, num_heads=2, image_size=image_size
+            latent_dim, patch_size=_patch_size(image_size), width=32, depth=1, num_heads=2, image_size=image_size
         )
         rows, cols = adapter.token_grid(image_size, image_size)
         stage = DecoderStage(
@@ -182,7 +191,7 @@ class RecipeSmoke:
             decoder,
             reducer=reducer,
             # PCA of the first batch (2 images) needs more tokens than latent channels: a fixed 2x2 grid has 8
-            pca_init=2 * rows * cols > LATENT_DIM,
+            pca_init=2 * rows * cols > latent_dim,
             sampling=SamplingConfig(steps=2),
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
             export_dir=str(self.decoder_export),
@@ -205,7 +214,7 @@ class RecipeSmoke:
         cached = LatentCacheDataset(folder)
         rows, cols = adapter.token_grid(image_size, image_size)
         latents = torch.stack([cached[i]["latents"] for i in range(len(cached))])
-        expected = (len(data.dataset("train")), rows * cols, LATENT_DIM)
+        expected = (len(data.dataset("train")), rows * cols, smoke_latent_dim(adapter))
         expect(tuple(latents.shape) == expected, f"cached latents {tuple(latents.shape)}, expected {expected}")
         expect(torch.isfinite(latents).all(), "cached latents hold NaN or Inf")
         expect(not torch.equal(latents[0], latents[1]), "two different images have the same cached latents")
