@@ -25,7 +25,15 @@ from tools.coverage_matrix import first_failure
 from vugen.adapter import positions_from_mask
 from vugen.cli import run
 from vugen.commands.check import check_checkpoint, smallest_image_size
-from vugen.conformance import PROMPTS, check_kv_cache, check_lora_targets, check_raster_order, half_images
+from vugen.conformance import (
+    PROMPTS,
+    CheckSkipped,
+    check_kv_cache,
+    check_lora_targets,
+    check_positions,
+    check_raster_order,
+    half_images,
+)
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import AutoAdapter
 from vugen_adapters.token_layout import LayoutNotDerivable
@@ -153,6 +161,59 @@ def test_position_ids_may_be_a_strided_view(tiny_checkpoint):
         adapter.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=strided)
     hidden, _ = adapter.run_language_model(embeds, mask, strided)
     assert torch.equal(hidden, adapter.run_language_model(embeds, mask, positions)[0])
+
+
+class FromZero(AutoAdapter):
+    """Positions counted from 0 whatever the language model counts from (what `run_language_model` did before)."""
+
+    position_offset = 0
+
+
+class NeedsPositions(nn.Module):
+    """A language model that must be told its positions: it numbers no token itself."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, position_ids=None, cache=None, **kwargs):
+        if position_ids is None:
+            raise ValueError("position_ids are required")
+        return self.inner(position_ids=position_ids, cache=cache, **kwargs)
+
+
+class TellsPositions(AutoAdapter):
+    @property
+    def language_model(self) -> nn.Module:
+        return NeedsPositions(super().language_model)
+
+
+def test_positions_count_from_where_the_language_model_counts(tiny_checkpoint):
+    """Kosmos-2's text model numbers the tokens from `padding_idx + 1` (its table's row at `padding_idx` is zero):
+    the offset is measured, and an unpadded prompt gets the hidden states of the model's own pass. Negative control:
+    counted from 0, the same prompt reads differently, and `check_positions` says so."""
+    path = str(tiny_checkpoint("kosmos-2"))
+    adapter = AutoAdapter(path)
+    padding_idx = adapter.language_model.embed_positions.padding_idx
+    assert adapter.position_offset == padding_idx + 1 == adapter.vlm.config.text_config.pad_token_id + 1
+    check_positions(adapter, smallest_image_size(adapter))
+    with pytest.raises(AssertionError, match="positions differ from the language model's own"):
+        check_positions(FromZero(path), smallest_image_size(adapter))
+
+
+def test_a_rotary_language_model_counts_from_zero(tiny_checkpoint):
+    """RoPE depends on relative positions only, so every offset reproduces the own pass: the first, 0, is taken."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llava")))
+    assert adapter.position_offset == 0
+    check_positions(adapter, smallest_image_size(adapter))
+
+
+def test_a_language_model_that_numbers_no_token_itself_is_skipped(tiny_checkpoint):
+    """Without an own numbering there is nothing to compare with: offset 0, and the check skips saying why."""
+    adapter = TellsPositions(str(tiny_checkpoint("llava")))
+    assert adapter.position_offset == 0
+    with pytest.raises(CheckSkipped, match="does not run without position_ids"):
+        check_positions(adapter, smallest_image_size(adapter))
 
 
 @pytest.mark.slow
