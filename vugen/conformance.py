@@ -212,10 +212,11 @@ def check_positions(adapter: VLMAdapter, image_size: int) -> None:
     encoding = adapter.tokenize(PROMPTS[:1])
     embeds, mask = adapter.embed_tokens(encoding["input_ids"]), encoding["attention_mask"]
     expect(mask.all(), "tokenize padded a single prompt")
-    ours, _ = adapter.run_language_model(embeds, mask)
+    # each pass on its own copy: some language models add their positions to the embeddings in place (GIT)
+    ours, _ = adapter.run_language_model(embeds.clone(), mask)
     language_model = adapter.language_model
     try:
-        own = language_model(inputs_embeds=embeds, attention_mask=mask, **_causal(language_model))
+        own = language_model(inputs_embeds=embeds.clone(), attention_mask=mask, **_causal(language_model))
     except Exception as error:  # noqa: BLE001  a model that must be told its positions has no own numbering
         raise CheckSkipped(f"the language model does not run without position_ids ({failure_reason(error)})") from None
     # own[0]: a transformers model's last_hidden_state, or the first of a plain module's outputs
