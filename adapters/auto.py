@@ -118,6 +118,7 @@ class AutoAdapter(VLMAdapter):
         self.vlm = self._load_model(attn_implementation)
         self.image_processor, self.tokenizer = self._load_processors()
         self._freeze()
+        self.position_offset  # noqa: B018  measured now, before LoRA hooks or sharding wrap the language model
 
     # ------------------------------------------------------------------ loading
     def _hub_kwargs(self) -> dict[str, Any]:
@@ -717,6 +718,7 @@ class AutoAdapter(VLMAdapter):
             masks = fit_attention_mask(config, attention_mask, past_key_values, tokens, inputs_embeds.dtype)
         elif position_ids is None:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
+        position_ids = position_ids + self.position_offset  # vugen counts from 0, the language model from its offset
         if past_key_values is None and self.vlm._supports_default_dynamic_cache():
             # The cache `generate` gives the first call: some LMs build none themselves (Granite 4 Vision's)
             past_key_values = DynamicCache(config=self.vlm.config.get_text_config(decoder=True))
@@ -756,6 +758,49 @@ class AutoAdapter(VLMAdapter):
             and "per_layer_inputs" in inspect.signature(model.forward).parameters
             and callable(getattr(model, "get_per_layer_inputs", None))
         )
+
+    @cached_property
+    def position_offset(self) -> int:
+        """What the language model adds to 0-based positions when it numbers the tokens itself (measured at load).
+
+        Most count from 0; Kosmos-2's sinusoidal table starts at `padding_idx + 1` (its row at `padding_idx` is
+        zero). The offset is read from the model, not named: its own pass (no `position_ids`) on a few unpadded tokens
+        against passes at `arange + k`, for k in 0, 1, 2 and the text config's `pad_token_id + 1`. The first k that
+        reproduces the own pass wins, 0 first: relative encodings (RoPE) match at every k. 0 when none does or the
+        language model does not run without `position_ids`; the `positions` check of `vugen check` then says so.
+        """
+        own = self._own_pass()
+        if own is None:
+            return 0
+        # Within a thousandth of the scale, not bit for bit: the model may build its positions in another dtype or
+        # shape (M-RoPE's three sections) than the ones passed.
+        tolerance = 1e-3 * own.abs().max().item()
+        pad = getattr(self.vlm.config.get_text_config(decoder=True), "pad_token_id", None)
+        for offset in dict.fromkeys([0, 1, 2, *([pad + 1] if isinstance(pad, int) else [])]):
+            shifted = self._own_pass(offset)
+            if shifted is not None and (shifted - own).abs().max().item() <= tolerance:
+                return offset
+        return 0
+
+    def _own_pass(self, offset: int | None = None) -> Tensor | None:
+        """The language model's last hidden states on 4 unpadded random tokens (the same each call), numbering them
+        itself (offset None) or from `offset`, the call otherwise the same. None when it does not run so: a model that
+        cannot (positions required, past its table) or a checkpoint the adapter cannot read, which the conformance
+        checks report where it matters instead of failing the load."""
+        try:
+            weight = next(self.language_model.parameters())
+            scale = self.embed_tokens(torch.arange(4, device=weight.device)).float().std().item()
+            generator = torch.Generator().manual_seed(0)
+            embeds = (torch.randn(1, 4, self.hidden_size, generator=generator) * scale).to(weight.device, weight.dtype)
+            positions = None if offset is None else torch.arange(4, device=weight.device)[None] + offset
+            mask = torch.ones(1, 4, dtype=torch.long, device=weight.device)
+            with torch.no_grad():
+                output = self.language_model(
+                    inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, return_dict=True
+                )
+            return output.last_hidden_state
+        except Exception:  # noqa: BLE001  whatever stops it, it cannot say where the model counts from
+            return None
 
     @cached_property
     def _cache_argument(self) -> str:

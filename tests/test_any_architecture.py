@@ -28,9 +28,11 @@ from vugen.commands._recipe_checks import check_understanding_preserved
 from vugen.commands.check import check_checkpoint, smallest_image_size
 from vugen.conformance import (
     PROMPTS,
+    CheckSkipped,
     check_kv_cache,
     check_latent_attention,
     check_lora_targets,
+    check_positions,
     check_raster_order,
     half_images,
 )
@@ -313,6 +315,59 @@ def test_a_batch_norm_tower_encodes_in_eval_mode_inside_a_training_module(tiny_c
     nn.ModuleDict({"adapter": adapter}).train()
     assert not [name for name, m in adapter.named_modules() if m.training]
     torch.testing.assert_close(adapter.encode_images(images[:1]), adapter.encode_images(images)[:1])
+
+
+class FromZero(AutoAdapter):
+    """Positions counted from 0 whatever the language model counts from (what `run_language_model` did before)."""
+
+    position_offset = 0
+
+
+class NeedsPositions(nn.Module):
+    """A language model that must be told its positions: it numbers no token itself."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, position_ids=None, cache=None, **kwargs):
+        if position_ids is None:
+            raise ValueError("position_ids are required")
+        return self.inner(position_ids=position_ids, cache=cache, **kwargs)
+
+
+class TellsPositions(AutoAdapter):
+    @property
+    def language_model(self) -> nn.Module:
+        return NeedsPositions(super().language_model)
+
+
+def test_positions_count_from_where_the_language_model_counts(tiny_checkpoint):
+    """Kosmos-2's text model numbers the tokens from `padding_idx + 1` (its table's row at `padding_idx` is zero):
+    the offset is measured, and an unpadded prompt gets the hidden states of the model's own pass. Negative control:
+    counted from 0, the same prompt reads differently, and `check_positions` says so."""
+    path = str(tiny_checkpoint("kosmos-2"))
+    adapter = AutoAdapter(path)
+    padding_idx = adapter.language_model.embed_positions.padding_idx
+    assert adapter.position_offset == padding_idx + 1 == adapter.vlm.config.text_config.pad_token_id + 1
+    check_positions(adapter, smallest_image_size(adapter))
+    with pytest.raises(AssertionError, match="positions differ from the language model's own"):
+        check_positions(FromZero(path), smallest_image_size(adapter))
+
+
+def test_a_rotary_language_model_counts_from_zero(tiny_checkpoint):
+    """RoPE depends on relative positions only, so every offset reproduces the own pass: the first, 0, is taken."""
+    adapter = AutoAdapter(str(tiny_checkpoint("llava")))
+    assert adapter.position_offset == 0
+    check_positions(adapter, smallest_image_size(adapter))
+
+
+def test_a_language_model_that_numbers_no_token_itself_is_skipped(tiny_checkpoint):
+    """Without an own numbering there is nothing to compare with: offset 0, and the check skips saying why."""
+    adapter = TellsPositions(str(tiny_checkpoint("llava")))
+    assert adapter.position_offset == 0
+    with pytest.raises(CheckSkipped, match="does not run without position_ids"):
+        check_positions(adapter, smallest_image_size(adapter))
 
 
 @pytest.mark.slow

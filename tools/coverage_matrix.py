@@ -29,7 +29,7 @@ from typing import Any
 
 ARCH_SECONDS = 150  # per architecture: build + one or two checks; tiny checks take ~5-30 s
 STAGE_CHECKS = ("decoder_stage", "cache_latents", "sampler_stage", "export")
-LANGUAGE_CHECKS = ("tokenize", "embeddings", "gradients", "kv_cache", "padding")
+LANGUAGE_CHECKS = ("tokenize", "embeddings", "gradients", "kv_cache", "padding", "positions")
 
 
 def architectures() -> list[str]:

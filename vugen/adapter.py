@@ -156,7 +156,9 @@ class VLMAdapter(nn.Module, ABC):
                   keeps.
 
                 The conformance check `latent_mask` (`vugen check`) runs exactly what the sampler passes.
-            position_ids: `[B, T]` positions of the new tokens; derived from the mask when None (2-D masks only).
+            position_ids: `[B, T]` positions of the new tokens, counted from 0 (the adapter shifts them to where the
+                language model counts from when it numbers tokens itself: the conformance check `positions`);
+                derived from the mask when None (2-D masks only).
             past_key_values: a cache returned by an earlier call, or None.
 
         Returns:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import tempfile
 import time
 import traceback
@@ -210,6 +211,24 @@ def check_padding(adapter: VLMAdapter, image_size: int) -> None:
     _expect_close(batch[1, -1], alone[0, -1], "a left-padded prompt's last hidden state differs from the prompt alone")
 
 
+def check_positions(adapter: VLMAdapter, image_size: int) -> None:
+    """An unpadded prompt gets the hidden states of the language model's own pass, where it numbers the tokens itself
+    (no `position_ids`): run_language_model's positions count from where the model counts (Kosmos-2: past its padding
+    row), not from 0 by habit."""
+    encoding = adapter.tokenize(PROMPTS[:1])
+    embeds, mask = adapter.embed_tokens(encoding["input_ids"]), encoding["attention_mask"]
+    expect(mask.all(), "tokenize padded a single prompt")
+    # each pass on its own copy: some language models add their positions to the embeddings in place (GIT)
+    ours, _ = adapter.run_language_model(embeds.clone(), mask)
+    language_model = adapter.language_model
+    try:
+        own = language_model(inputs_embeds=embeds.clone(), attention_mask=mask, **_causal(language_model))
+    except Exception as error:  # noqa: BLE001  a model that must be told its positions has no own numbering
+        raise CheckSkipped(f"the language model does not run without position_ids ({failure_reason(error)})") from None
+    # own[0]: a transformers model's last_hidden_state, or the first of a plain module's outputs
+    _expect_close(ours, own[0], "run_language_model's positions differ from the language model's own")
+
+
 def check_latent_attention(adapter: VLMAdapter, image_size: int) -> None:
     """The latent sampler's 4-D mask is obeyed, with and without the prompt's KV cache (what training and generation
     pass: `latent_attention_mask` over `[prompt][latent block]`, the block as long as `token_grid(image_size)`).
@@ -342,6 +361,14 @@ def _expect_close(actual: torch.Tensor, expected: torch.Tensor, reason: str) -> 
         raise AssertionError(f"{reason}{': ' + detail if detail else ''}") from None
 
 
+def _causal(language_model: torch.nn.Module) -> dict[str, bool]:
+    """`is_causal=True` where the forward takes it: vugen runs language models causal, and some VLMs mark theirs
+    bidirectional for the image prefix (PaliGemma)."""
+    parameters = inspect.signature(language_model.forward).parameters.values()
+    takes = any(p.name == "is_causal" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return {"is_causal": True} if takes else {}
+
+
 def _modules_run(modules: dict[str, torch.nn.Module], action: Callable[[], Any]) -> list[str]:
     """The names among ``modules`` whose forward runs during ``action()``."""
     ran: list[str] = []
@@ -423,6 +450,7 @@ ADAPTER_CHECKS: tuple[Check, ...] = (
     Check("gradients", check_gradients, "run_language_model", needs=("embeddings",)),
     Check("kv_cache", check_kv_cache, "run_language_model", needs=("embeddings",)),
     Check("padding", check_padding, "run_language_model / tokenize", needs=("embeddings",)),
+    Check("positions", check_positions, "run_language_model (position_ids)", needs=("embeddings",)),
     Check(
         "latent_mask",
         check_latent_attention,

@@ -51,6 +51,9 @@ class AdapterConformance:
     def test_padding_does_not_change_a_prompt(self, adapter, image_size):
         conformance.check_padding(adapter, image_size)
 
+    def test_positions_are_the_language_models_own(self, adapter, image_size):
+        conformance.check_positions(adapter, image_size)
+
     def test_latent_attention_mask_is_obeyed_with_and_without_cache(self, adapter, image_size):
         conformance.check_latent_attention(adapter, image_size)
 
