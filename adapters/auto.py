@@ -754,7 +754,7 @@ class AutoAdapter(VLMAdapter):
         `per_layer_inputs` and can look them up (`get_per_layer_inputs`)."""
         model = self.language_model
         return (
-            bool(getattr(model.config, "hidden_size_per_layer_input", None))
+            bool(getattr(getattr(model, "config", None), "hidden_size_per_layer_input", None))
             and "per_layer_inputs" in inspect.signature(model.forward).parameters
             and callable(getattr(model, "get_per_layer_inputs", None))
         )
