@@ -64,18 +64,20 @@ def random_images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
 BRIGHT = (1.0, 0.75, 0.5)
 
 
-def striped_images(size: int, axis: int, stripes: int) -> torch.Tensor:
-    """Three images of dark and `BRIGHT` stripes, the last two with the colours of one half swapped.
+def striped_images(size: int, axis: int, lines: int) -> torch.Tensor:
+    """Three images of a dark and a `BRIGHT` stripe, the last two with the colours of one half swapped.
 
-    The stripes run along `axis`, one after the other across the other side. Swapping the colours of a half keeps each
-    channel's pixel values (up to one stripe when there are an odd number), so a processor that standardises each
-    image by its own mean and std (Kosmos-2.5's) leaves the unchanged half as it was. Brightening a half instead
-    shifts the mean: after standardisation both halves move by the same amount, one up and one down.
+    The two stripes run along `axis` and follow each other across it, each of whole lines of tokens (`lines` of them
+    across `axis`), so that every token of a swapped half changes colour; wide stripes, as a dark and a bright half
+    would be, move the tokens of an encoder whose receptive fields are large more than thin ones. Swapping the colours
+    of a half keeps each channel's pixel values (up to one line of tokens when `lines` is odd), so a processor that
+    standardises each image by its own mean and std (Kosmos-2.5's) leaves the other half as it was; brightening a half
+    instead would shift the mean, and after standardisation both halves would move alike, one up and one down.
 
     Args:
         size: The side of the square images in pixels.
         axis: The axis split into halves: 3 splits left | right, 2 splits top / bottom.
-        stripes: How many stripes: one per line of tokens across `axis`, so that every token of a half changes.
+        lines: How many lines of tokens there are across `axis` (rows for 3, columns for 2).
 
     Returns:
         ``[3, 3, size, size]`` images in ``[0, 1]``: the reference, then its second half (right or bottom) swapped,
@@ -83,7 +85,8 @@ def striped_images(size: int, axis: int, stripes: int) -> torch.Tensor:
     """
     shape = [1, 1, 1, 1]
     shape[5 - axis] = size  # 2 <-> 3: the stripes follow each other across the split axis
-    reference = (torch.arange(size) * stripes // size % 2).float().view(shape).expand(1, 1, size, size)
+    line = torch.arange(size) * lines // size  # the line of tokens each line of pixels falls in
+    reference = (line * 2 >= lines).float().view(shape).expand(1, 1, size, size)
     second, first = reference.clone(), reference.clone()
     second.narrow(axis, size // 2, size - size // 2).neg_().add_(1)
     first.narrow(axis, 0, size // 2).neg_().add_(1)
@@ -125,9 +128,9 @@ def check_feature_shape(adapter: VLMAdapter, image_size: int) -> None:
 def check_raster_order(adapter: VLMAdapter, image_size: int, axes: Iterable[int] = (3, 2)) -> None:
     """Tokens come row by row: changing the colours of one half of an image changes the tokens of that half most.
 
-    From a striped image (:func:`striped_images`), the tokens we index as the right half must change more when the
-    right half's colours swap than when the left half's do: if the order were not raster, they would be a mix of both
-    halves.
+    From an image of two stripes (:func:`striped_images`), the tokens we index as the right half must change more
+    when the right half's colours swap than when the left half's do: if the order were not raster, they would be a mix
+    of both halves.
     """
     rows, cols = adapter.token_grid(image_size, image_size)
     for axis in axes:
@@ -144,8 +147,8 @@ def check_raster_order(adapter: VLMAdapter, image_size: int, axes: Iterable[int]
         half = "right" if axis == 3 else "bottom"
         expect(
             auc >= RASTER_AUC,
-            f"tokens are not in raster order: brightening the {half} half moves the tokens indexed as the {half} "
-            f"half only {auc:.0%} of the time (expected >= {RASTER_AUC:.0%} on a {rows}x{cols} grid)",
+            f"tokens are not in raster order: swapping the colours of the {half} half moves the tokens indexed as "
+            f"the {half} half most only {auc:.0%} of the time (expected >= {RASTER_AUC:.0%} on a {rows}x{cols} grid)",
         )
 
 
