@@ -27,6 +27,7 @@ from vugen.cli import run
 from vugen.commands._recipe_checks import check_understanding_preserved
 from vugen.commands.check import check_checkpoint, smallest_image_size
 from vugen.conformance import (
+    BRIGHT,
     PROMPTS,
     CheckSkipped,
     check_kv_cache,
@@ -34,7 +35,7 @@ from vugen.conformance import (
     check_lora_targets,
     check_positions,
     check_raster_order,
-    half_images,
+    striped_images,
 )
 from vugen.generation import LatentSampler, LatentSamplerConfig
 from vugen_adapters.auto import IMAGE_INSTRUCTION, AutoAdapter, normalized_pixels
@@ -98,9 +99,9 @@ def test_two_towers_in_series_give_their_patch_grid_in_raster_order(tiny_checkpo
     adapter = AutoAdapter(str(tiny_checkpoint("unlimited_ocr")))
     size = adapter.native_size[0]
     assert adapter.token_grid(size, size) == (2, 2)  # 32 px, 4 px SAM patches, two stride-2 convolutions
-    features = adapter.encode_images(half_images(size, 3))  # right half bright, then left half bright
-    assert features.shape == (2, 4, 32 + 32)  # CLIP width + SAM width
-    change = (features - adapter.encode_images(torch.zeros(1, 3, size, size))).norm(dim=-1)
+    features = adapter.encode_images(striped_images(size, 3, 2))  # top dark, bottom bright; right, then left swapped
+    assert features.shape == (3, 4, 32 + 32)  # CLIP width + SAM width
+    change = (features[1:] - features[:1]).norm(dim=-1)
     assert (change[0, [1, 3]].min() > change[0, [0, 2]].max()) and (change[1, [0, 2]].min() > change[1, [1, 3]].max())
     check_raster_order(adapter, size)
     with pytest.raises(AssertionError, match="not in raster order"):
@@ -262,8 +263,47 @@ def test_raster_order_sees_an_encoder_that_normalises_each_raw_patch(tiny_checkp
 
 
 def _column_major(select_features):
-    """`select_features` with its 4x4 tokens read column by column."""
-    return lambda *args, **kwargs: select_features(*args, **kwargs).unflatten(1, (4, 4)).transpose(1, 2).flatten(1, 2)
+    """`select_features` with its square grid of tokens read column by column."""
+
+    def read_by_columns(*args, **kwargs):
+        features = select_features(*args, **kwargs)
+        side = math.isqrt(features.shape[1])
+        return features.unflatten(1, (side, side)).transpose(1, 2).flatten(1, 2)
+
+    return read_by_columns
+
+
+def test_raster_order_sees_a_processor_that_standardises_each_image(tiny_checkpoint):
+    """Kosmos-2.5's processor standardises each image by its own mean and std, so brightening one half of a blank
+    image moves both halves alike; the probe swaps the colours of a half of two stripes, which keeps those statistics.
+    Its tokens pass in raster order, and fail read column by column."""
+    adapter = AutoAdapter(str(tiny_checkpoint("kosmos-2.5")))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(adapter.encode_images(images), adapter.encode_images(images * 0.5 + 0.25), atol=1e-4)
+    check_raster_order(adapter, 32)
+
+    adapter.select_features = _column_major(adapter.select_features)
+    with pytest.raises(AssertionError, match="tokens are not in raster order"):
+        check_raster_order(adapter, 32)
+
+
+@pytest.mark.parametrize("lines", [4, 5])
+@pytest.mark.parametrize("axis", [3, 2])
+def test_raster_probe_swaps_one_half_and_keeps_each_channels_pixel_values(axis, lines):
+    """The probe's images differ from the reference exactly on the named half, and each channel keeps its count of
+    bright pixels (for an odd number of lines of tokens, up to the extra dark line of the swapped half)."""
+    size = 40  # lines of tokens of 10 or 8 px
+    reference, second, first = striped_images(size, axis, lines)
+    assert set(reference.unique().tolist()) == {0.0, *BRIGHT}
+    across = torch.arange(size) * lines // size >= (lines + 1) // 2  # the bright stripe: whole lines of tokens
+    assert torch.equal(reference[0].any(axis - 2), across)
+    half = torch.arange(size) >= size // 2
+    changed = (half.view(1, -1) if axis == 3 else half.view(-1, 1)).expand(size, size)
+    assert torch.equal((second != reference).any(0), changed)
+    assert torch.equal((first != reference).any(0), ~changed)
+    extra = 0 if lines % 2 == 0 else size // lines * size // 2  # 5 lines: 3 dark, 2 bright
+    for image in (second, first):
+        assert ((image > 0).sum((1, 2)) - (reference > 0).sum((1, 2))).tolist() == [extra] * 3
 
 
 # --------------------------------------------------------------------------------------- geometry from the checkpoint

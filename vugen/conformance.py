@@ -60,17 +60,38 @@ def random_images(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-# The bright half's colour: not gray, since an encoder that normalises each raw patch over its pixels and channels
+# The probe's bright colour: not gray, since an encoder that normalises each raw patch over its pixels and channels
 # (Gemma 4 Unified's encoder-free embedder) makes every uniform gray patch, black or white, the same token.
 BRIGHT = (1.0, 0.75, 0.5)
 
 
-def half_images(size: int, axis: int) -> torch.Tensor:
-    """Two images: dark then bright (`BRIGHT`) along `axis` (3: left|right, 2: top|bottom), and the mirror image."""
-    image = torch.zeros(1, 3, size, size)
-    half = image.narrow(axis, size // 2, size - size // 2)
-    half.copy_(torch.tensor(BRIGHT).view(1, 3, 1, 1).expand_as(half))
-    return torch.cat([image, image.flip(axis)])
+def striped_images(size: int, axis: int, lines: int) -> torch.Tensor:
+    """Three images of a dark and a `BRIGHT` stripe, the last two with the colours of one half swapped.
+
+    The two stripes run along `axis` and follow each other across it, each of whole lines of tokens (`lines` of them
+    across `axis`), so that every token of a swapped half changes colour; wide stripes, as a dark and a bright half
+    would be, move the tokens of an encoder whose receptive fields are large more than thin ones. Swapping the colours
+    of a half keeps each channel's pixel values (up to one line of tokens when `lines` is odd), so a processor that
+    standardises each image by its own mean and std (Kosmos-2.5's) leaves the other half as it was; brightening a half
+    instead would shift the mean, and after standardisation both halves would move alike, one up and one down.
+
+    Args:
+        size: The side of the square images in pixels.
+        axis: The axis split into halves: 3 splits left | right, 2 splits top / bottom.
+        lines: How many lines of tokens there are across `axis` (rows for 3, columns for 2).
+
+    Returns:
+        ``[3, 3, size, size]`` images in ``[0, 1]``: the reference, then its second half (right or bottom) swapped,
+        then its first half swapped.
+    """
+    shape = [1, 1, 1, 1]
+    shape[5 - axis] = size  # 2 <-> 3: the stripes follow each other across the split axis
+    line = torch.arange(size) * lines // size  # the line of tokens each line of pixels falls in
+    reference = (line * 2 >= lines).float().view(shape).expand(1, 1, size, size)
+    second, first = reference.clone(), reference.clone()
+    second.narrow(axis, size // 2, size - size // 2).neg_().add_(1)
+    first.narrow(axis, 0, size // 2).neg_().add_(1)
+    return torch.cat([reference, second, first]) * torch.tensor(BRIGHT).view(1, 3, 1, 1)
 
 
 def separation_auc(score: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -106,16 +127,17 @@ def check_feature_shape(adapter: VLMAdapter, image_size: int) -> None:
 
 
 def check_raster_order(adapter: VLMAdapter, image_size: int, axes: Iterable[int] = (3, 2)) -> None:
-    """Tokens come row by row: images bright on one half change the tokens of that half most.
+    """Tokens come row by row: changing the colours of one half of an image changes the tokens of that half most.
 
-    Tokens over the bright half change most between an image and its mirror: if the order were not raster, the
-    tokens we index as "right half" would be a mix of both halves.
+    From an image of two stripes (:func:`striped_images`), the tokens we index as the right half must change more
+    when the right half's colours swap than when the left half's do: if the order were not raster, they would be a mix
+    of both halves.
     """
     rows, cols = adapter.token_grid(image_size, image_size)
-    base = adapter.encode_images(torch.zeros(1, 3, image_size, image_size, device=adapter.device)).float()
     for axis in axes:
-        features = adapter.encode_images(half_images(image_size, axis).to(adapter.device)).float()
-        change = (features - base).norm(dim=-1)  # [2, N]
+        images = striped_images(image_size, axis, rows if axis == 3 else cols)
+        features = adapter.encode_images(images.to(adapter.device)).float()
+        change = (features[1:] - features[:1]).norm(dim=-1)  # [2, N]: second half swapped, first half swapped
         score = (change[0] - change[1]).reshape(rows, cols).cpu()
         count = cols if axis == 3 else rows
         first, second = (torch.arange(count) * 2 + 2 <= count), (torch.arange(count) * 2 >= count)
@@ -126,8 +148,8 @@ def check_raster_order(adapter: VLMAdapter, image_size: int, axes: Iterable[int]
         half = "right" if axis == 3 else "bottom"
         expect(
             auc >= RASTER_AUC,
-            f"tokens are not in raster order: brightening the {half} half moves the tokens indexed as the {half} "
-            f"half only {auc:.0%} of the time (expected >= {RASTER_AUC:.0%} on a {rows}x{cols} grid)",
+            f"tokens are not in raster order: swapping the colours of the {half} half moves the tokens indexed as "
+            f"the {half} half most only {auc:.0%} of the time (expected >= {RASTER_AUC:.0%} on a {rows}x{cols} grid)",
         )
 
 
