@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
@@ -627,18 +628,50 @@ class AutoAdapter(VLMAdapter):
     # ------------------------------------------------------------------ language
     @property
     def hidden_size(self) -> int:
-        """Width of the language model."""
-        return self.vlm.config.get_text_config().hidden_size
+        """Width of the language model, read from its own config (PI0's config names no text width of its own)."""
+        return self.language_model.config.get_text_config().hidden_size
 
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (no LM head, no vision tower): `get_decoder()`, and once more where that is a whole causal
-        LM with its head (BLIP-2 and InstructBLIP wrap an `OPTForCausalLM` / `LlamaForCausalLM`)."""
+        LM with its head (BLIP-2 and InstructBLIP wrap an `OPTForCausalLM` / `LlamaForCausalLM`).
+
+        Where that is no language model by `_is_language_model` (PI0's `get_decoder()` is its whole
+        vision-language-action model, which needs action inputs; DiffusionGemma's is its canvas decoder, which takes
+        token ids only), the innermost module of the VLM that is one.
+        """
         decoder = self.vlm.get_decoder()
         if decoder.get_output_embeddings() is not None or hasattr(decoder, "lm_head"):
             inner = decoder.get_decoder()
             decoder = inner if inner is not decoder else getattr(decoder, "model", decoder.base_model)  # Llama 4
-        return decoder
+        if self._is_language_model(decoder):
+            return decoder
+        found = [m for m in self.vlm.modules() if self._is_language_model(m)]
+        innermost = [m for m in found if not any(other is not m for other in m.modules() if other in found)]
+        if len(innermost) != 1:
+            raise ValueError(
+                f"{type(self.vlm).__name__}: `get_decoder()` is no language model, and {len(innermost)} innermost "
+                "modules take its input embeddings as `inputs_embeds` with no other input required"
+            )
+        return innermost[0]
+
+    def _is_language_model(self, module: nn.Module) -> bool:
+        """Whether `module` is a language model vugen can feed token embeddings alone: a model whose input embeddings
+        are the VLM's and whose forward takes `inputs_embeds` and requires nothing else."""
+        if not isinstance(module, PreTrainedModel):
+            return False
+        try:
+            embeddings = module.get_input_embeddings()
+        except NotImplementedError:
+            return False
+        parameters = inspect.signature(module.forward).parameters
+        required = [
+            name
+            for name, parameter in parameters.items()
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        return embeddings is self.vlm.get_input_embeddings() and "inputs_embeds" in parameters and not required
 
     @cached_property
     def bidirectional_latents(self) -> bool:
@@ -646,7 +679,8 @@ class AutoAdapter(VLMAdapter):
         sliding-window, indexed: see `vugen_adapters.attention_masks`); linear attention, Mamba, convolution or chunked
         layers cannot let the latent tokens see each other both ways, nor can a language model that takes only a
         `[B, S]` padding mask (Kosmos-2's)."""
-        return set(language_layer_kinds(self.vlm.config)) <= set(BIDIRECTIONAL_KINDS) and self._runs_on_4d_masks()
+        kinds = language_layer_kinds(self.language_model.config)  # PI0's own config names no layers of its own
+        return set(kinds) <= set(BIDIRECTIONAL_KINDS) and self._runs_on_4d_masks()
 
     def _runs_on_4d_masks(self) -> bool:
         """Whether the language model runs on a 4-D attention mask at all: some expand a `[B, S]` padding mask
@@ -663,8 +697,11 @@ class AutoAdapter(VLMAdapter):
 
     @property
     def block_classes(self) -> set[type[nn.Module]]:
-        """The checkpoint's `_no_split_modules` classes, without PreTrainedModel wrappers."""
+        """The checkpoint's `_no_split_modules` classes, without PreTrainedModel wrappers; where it names none (GIT),
+        the layers transformers checkpoints one by one (`GradientCheckpointingLayer`)."""
         names = set(getattr(self.vlm, "_no_split_modules", None) or [])
+        if not names:
+            return {type(m) for m in self.vlm.modules() if isinstance(m, GradientCheckpointingLayer)}
         return {type(m) for m in self.vlm.modules() if type(m).__name__ in names and not isinstance(m, PreTrainedModel)}
 
     def chat_messages(self, prompt: str) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ class shrunk, its own processor and chat template), then `vugen check DIR` throu
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -620,3 +621,46 @@ def test_images_a_model_reads_as_patches_are_cut_by_the_processors_own_patchify(
     image[..., row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = 1
     change = (adapter.encode_images(image) - adapter.encode_images(torch.zeros_like(image))).norm(dim=-1)[0]
     assert torch.nonzero(change).flatten().tolist() == [row * (size // patch) + col]
+
+
+def test_the_language_model_inside_a_vla_model_is_the_one_reading_its_input_embeddings(tiny_checkpoint):
+    """PI0's `get_decoder()` is its whole vision-language-action model (it takes `pixel_values`); its language model is
+    PaliGemma's Gemma, which owns the input embeddings, not the action expert: a Gemma too, with embeddings of its own.
+    The LM width comes from that model's config, as PI0's own config names none."""
+    adapter = AutoAdapter(str(tiny_checkpoint("pi0")))
+    model, expert = adapter.language_model, adapter.vlm.get_decoder().dit
+    assert type(expert) is type(model) and expert is not model  # same class: picking by class could take either
+    assert model.get_input_embeddings() is adapter.vlm.get_input_embeddings()
+    assert not hasattr(adapter.vlm.config.get_text_config(), "hidden_size")
+    assert adapter.hidden_size == model.config.hidden_size == adapter.embed_tokens(torch.tensor([[1]])).shape[-1]
+    embeds = torch.randn(1, 3, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(inputs_embeds=embeds).last_hidden_state.shape == (1, 3, adapter.hidden_size)
+
+
+def test_a_block_diffusion_models_language_model_is_its_causal_prompt_model(tiny_checkpoint):
+    """DiffusionGemma's `get_decoder()` refines a canvas of token ids (no `inputs_embeds`) from a read-only KV cache;
+    the model writing that cache reads the prompt, image tokens included, as embeddings, causally: vugen's language
+    model. Changing a later token leaves the earlier tokens' hidden states as they were; the cache holds them all."""
+    adapter = AutoAdapter(str(tiny_checkpoint("diffusion_gemma")))
+    canvas = adapter.vlm.get_decoder()
+    assert "inputs_embeds" not in inspect.signature(canvas.forward).parameters
+    model = adapter.language_model
+    assert model is not canvas and model.get_input_embeddings() is adapter.vlm.get_input_embeddings()
+    embeds = torch.randn(1, 4, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    changed = embeds.clone()
+    changed[:, -1] += 1
+    with torch.no_grad():
+        first, second = model(inputs_embeds=embeds, use_cache=True), model(inputs_embeds=changed)
+    assert torch.equal(first.last_hidden_state[:, :3], second.last_hidden_state[:, :3])
+    assert not torch.equal(first.last_hidden_state[:, 3], second.last_hidden_state[:, 3])
+    assert first.cache.get_seq_length() == 4
+
+
+def test_a_vlm_naming_no_split_modules_is_sharded_by_its_checkpointing_layers(tiny_checkpoint):
+    """GIT names no `_no_split_modules`: its FSDP / activation-checkpointing units are the layers transformers
+    checkpoints one by one, its text decoder's among them."""
+    adapter = AutoAdapter(str(tiny_checkpoint("git")))
+    assert not adapter.vlm._no_split_modules
+    assert {c.__name__ for c in adapter.block_classes} == {"GitLayer", "GitVisionEncoderLayer"}
+    assert any(type(m).__name__ == "GitLayer" for m in adapter.language_model.modules())
