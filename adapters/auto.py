@@ -119,7 +119,9 @@ class AutoAdapter(VLMAdapter):
         self.vlm = self._load_model(attn_implementation)
         self.image_processor, self.tokenizer = self._load_processors()
         self._freeze()
-        self.position_offset  # noqa: B018  measured now, before LoRA hooks or sharding wrap the language model
+        # Measured now, before LoRA hooks or sharding wrap the language model.
+        self.position_offset  # noqa: B018
+        self._causal_argument  # noqa: B018
 
     # ------------------------------------------------------------------ loading
     def _hub_kwargs(self) -> dict[str, Any]:
@@ -756,16 +758,16 @@ class AutoAdapter(VLMAdapter):
         elif position_ids is None:
             position_ids = positions_from_mask(attention_mask, inputs_embeds.shape[1])
         position_ids = position_ids + self.position_offset  # vugen counts from 0, the language model from its offset
-        if past_key_values is None and self.vlm._supports_default_dynamic_cache():
+        if past_key_values is None and self._given_default_cache:
             # The cache `generate` gives the first call: some LMs build none themselves (Granite 4 Vision's)
-            past_key_values = DynamicCache(config=self.vlm.config.get_text_config(decoder=True))
+            past_key_values = DynamicCache(config=self.language_model.config)
         output = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=masks,
             position_ids=position_ids.contiguous(),  # callers pass slices; some LMs `view` them (Kosmos-2's positions)
             use_cache=True,
             return_dict=True,
-            is_causal=True,  # some VLMs (PaliGemma) mark their LM bidirectional for the image prefix
+            **self._causal_argument,
             **{self._cache_argument: past_key_values},
             **self._per_layer_inputs(inputs_embeds),
         )
@@ -838,6 +840,31 @@ class AutoAdapter(VLMAdapter):
             return output.last_hidden_state
         except Exception:  # noqa: BLE001  whatever stops it, it cannot say where the model counts from
             return None
+
+    @cached_property
+    def _given_default_cache(self) -> bool:
+        """Whether `generate` would give the language model's first call a `DynamicCache` (models without `generate`,
+        PI0's and DiffusionGemma's, build their caches themselves)."""
+        supports = getattr(self.vlm, "_supports_default_dynamic_cache", None)
+        return callable(supports) and supports()
+
+    @cached_property
+    def _causal_argument(self) -> dict[str, bool]:
+        """`is_causal=True`, which vugen passes since some VLMs mark their language model bidirectional for the image
+        prefix (PaliGemma), or nothing where the layers pass their own `is_causal` on together with the call's
+        (DiffusionGemma's encoder: "multiple values for keyword argument"). Measured once, on two tokens."""
+        weight = next(self.language_model.parameters())
+        embeds = torch.zeros(1, 2, self.hidden_size, dtype=weight.dtype, device=weight.device)
+        mask = torch.ones(1, 2, dtype=torch.long, device=weight.device)
+        try:
+            with torch.no_grad():
+                self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, is_causal=True)
+        except TypeError as error:
+            if "is_causal" in str(error):
+                return {}
+        except Exception:  # noqa: BLE001  any other failure is not about the flag; the real calls will report it
+            pass
+        return {"is_causal": True}
 
     @cached_property
     def _cache_argument(self) -> str:

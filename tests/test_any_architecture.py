@@ -657,6 +657,27 @@ def test_a_block_diffusion_models_language_model_is_its_causal_prompt_model(tiny
     assert first.cache.get_seq_length() == 4
 
 
+@pytest.mark.parametrize(
+    ("arch", "flag", "default_cache"), [("diffusion_gemma", {}, False), ("paligemma", {"is_causal": True}, True)]
+)
+def test_is_causal_is_passed_where_the_language_model_takes_it(tiny_checkpoint, arch, flag, default_cache):
+    """PaliGemma's LM is marked bidirectional for its image prefix: vugen passes `is_causal=True`. DiffusionGemma's
+    layers pass their own `is_causal` along with the call's, so the flag is left out (the raw call raises: the
+    negative control); it has no `generate`, so no default cache is given. Both run the language model causally."""
+    adapter = AutoAdapter(str(tiny_checkpoint(arch)))
+    assert adapter._causal_argument == flag and adapter._given_default_cache is default_cache
+    embeds = torch.randn(1, 3, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 3, dtype=torch.long)
+    if not flag:
+        with pytest.raises(TypeError, match="is_causal"):
+            adapter.language_model(inputs_embeds=embeds, attention_mask=mask, is_causal=True)
+    changed = embeds.clone()
+    changed[:, -1] += 1
+    first, _ = adapter.run_language_model(embeds, mask)
+    second, _ = adapter.run_language_model(changed, mask)
+    assert torch.equal(first[:, :2], second[:, :2]) and not torch.equal(first[:, 2], second[:, 2])
+
+
 def test_a_vlm_naming_no_split_modules_is_sharded_by_its_checkpointing_layers(tiny_checkpoint):
     """GIT names no `_no_split_modules`: its FSDP / activation-checkpointing units are the layers transformers
     checkpoints one by one, its text decoder's among them."""
