@@ -36,10 +36,10 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
+from vugen_adapters.patched_images import PatchedImages
 from vugen_adapters.per_layer_inputs import embedded_token_ids
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
 from vugen_adapters.token_layout import (
@@ -51,6 +51,7 @@ from vugen_adapters.token_layout import (
     size_kept,
     to_raster,
 )
+from vugen_adapters.tower_features import TowerFeatures, maps_width
 from vugen_adapters.video_frames import OneFrameVideos
 
 # What a vision tower's learned query tables are called (DeepSeek-OCR 2's `query_768_resolution`, Q-Former
@@ -526,7 +527,7 @@ class AutoAdapter(VLMAdapter):
         tower = towers[0]
         parent = next(m for m in self.vlm.modules() if any(child is tower for child in m.children()))
         width, text_width = getattr(vision, "hidden_size", None), self.vlm.config.get_text_config().hidden_size
-        projectors = [m for m in parent.children() if m is not tower and _maps_width(m, width, text_width)]
+        projectors = [m for m in parent.children() if m is not tower and maps_width(m, width, text_width)]
         return TowerFeatures(self.vlm.config, tower, projectors[0] if len(projectors) == 1 else None)
 
     def select_features(self, output: Any, size: tuple[int, int], batch: int) -> Tensor:
@@ -760,7 +761,7 @@ class AutoAdapter(VLMAdapter):
         position_ids = position_ids + self.position_offset  # vugen counts from 0, the language model from its offset
         if past_key_values is None and self._given_default_cache:
             # The cache `generate` gives the first call: some LMs build none themselves (Granite 4 Vision's)
-            past_key_values = DynamicCache(config=self.language_model.config)
+            past_key_values = DynamicCache(config=self.vlm.config.get_text_config(decoder=True))
         output = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=masks,
@@ -853,10 +854,10 @@ class AutoAdapter(VLMAdapter):
         """`is_causal=True`, which vugen passes since some VLMs mark their language model bidirectional for the image
         prefix (PaliGemma), or nothing where the layers pass their own `is_causal` on together with the call's
         (DiffusionGemma's encoder: "multiple values for keyword argument"). Measured once, on two tokens."""
-        weight = next(self.language_model.parameters())
-        embeds = torch.zeros(1, 2, self.hidden_size, dtype=weight.dtype, device=weight.device)
-        mask = torch.ones(1, 2, dtype=torch.long, device=weight.device)
         try:
+            weight = next(self.language_model.parameters())
+            embeds = torch.zeros(1, 2, self.hidden_size, dtype=weight.dtype, device=weight.device)
+            mask = torch.ones(1, 2, dtype=torch.long, device=weight.device)
             with torch.no_grad():
                 self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, is_causal=True)
         except TypeError as error:
@@ -890,68 +891,6 @@ def image_sub_config(config: Any) -> Any:
     others = [getattr(config, name, None) for name in getattr(config, "sub_configs", {})]
     others = [other for other in others if other is not None and other is not text]
     return others[0] if len(others) == 1 else None
-
-
-def _maps_width(module: nn.Module, width: int | None, text_width: int) -> bool:
-    """Whether `module`'s first linear layer reads `width` channels and its last one writes `text_width`."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return bool(linears) and linears[0].in_features == width and linears[-1].out_features == text_width
-
-
-class TowerFeatures(nn.Module):
-    """`get_image_features` for a VLM that only has a vision tower and a projector called inside its `forward` (GIT):
-    the tower's `last_hidden_state` and `hidden_states`, and the projector's output as `pooler_output` (None where no
-    projector was identified), as transformers' `get_image_features` return them."""
-
-    def __init__(self, config: Any, tower: nn.Module, projector: nn.Module | None) -> None:
-        super().__init__()
-        self.config, self.tower, self.projector = config, tower, projector
-
-    def get_encoder(self, modality: str | None = None) -> nn.Module:
-        """The vision tower, as transformers' `get_encoder(modality="image")` names it."""
-        return self.tower
-
-    def get_image_features(self, pixel_values: Tensor) -> BaseModelOutputWithPooling:
-        """Encode `pixel_values` with the tower (and the projector)."""
-        output = self.tower(**{self.tower.main_input_name: pixel_values})
-        projected = None if self.projector is None else self.projector(output.last_hidden_state)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=output.last_hidden_state,
-            hidden_states=getattr(output, "hidden_states", None),
-            pooler_output=projected,
-        )
-
-
-class PatchedImages:
-    """An image processor whose images the model reads as the flat patches the processor's own `patchify_image` cuts
-    (Fuyu's, whose full processor does that on the way to the prompt): called like an image processor, returning those
-    patches as `pixel_values`, its attributes read and set on the image processor inside (so normalisation can be
-    switched off to measure the patch layout).
-
-    Args:
-        image_processor: the checkpoint's image processor, with a `patchify_image(images [B, C, H, W])` method.
-    """
-
-    model_input_names = ["pixel_values"]  # what `__call__` gives: no whole processor needed for prompt-side inputs
-
-    def __init__(self, image_processor: Any) -> None:
-        object.__setattr__(self, "image_processor", image_processor)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "image_processor":  # looked up while copying, before __init__ ran
-            raise AttributeError(name)
-        return getattr(self.image_processor, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.image_processor, name, value)
-
-    def __call__(self, images: list[Tensor], return_tensors: str = "pt", **kwargs: Any) -> dict[str, Tensor]:
-        """`{"pixel_values": [B, N, values]}`: the patches of the image processor's pixel tensor (its largest floating
-        one, `images` for Fuyu, one view per image)."""
-        batch = self.image_processor(images=images, return_tensors=return_tensors, **kwargs)
-        floating = [v for v in batch.values() if isinstance(v, Tensor) and v.is_floating_point()]
-        pixels = max(floating, key=Tensor.numel)
-        return {"pixel_values": self.image_processor.patchify_image(pixels.reshape(-1, *pixels.shape[-3:]))}
 
 
 def normalized_pixels(images: Tensor, image_processor: Any, dtype: torch.dtype) -> Tensor:
