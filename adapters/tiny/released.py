@@ -62,6 +62,14 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 HALF = [0.5, 0.5, 0.5]
 BICUBIC, BILINEAR, LANCZOS = 3, 2, 1  # PIL resampling codes, as preprocessor_config.json writes them
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# SigLIP so400m/14, the tower of Idefics3, SmolVLM, PaliGemma and Gemma 3 (each at its own image size).
+SIGLIP_SO400M = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 27,
+    "patch_size": 14,
+}
 
 
 def _no_cut(vision_layers: int, text_layers: int) -> dict[str, dict[str, Any]]:
@@ -279,12 +287,8 @@ RELEASED: dict[str, Released] = {
             "model_type": "idefics3",
             "scale_factor": 2,
             "vision_config": {
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_attention_heads": 16,
-                "num_hidden_layers": 27,
+                **SIGLIP_SO400M,
                 "image_size": 364,
-                "patch_size": 14,
             },
             "text_config": {
                 "model_type": "llama",
@@ -328,12 +332,8 @@ RELEASED: dict[str, Released] = {
             "model_type": "idefics3",
             "scale_factor": 3,
             "vision_config": {
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_attention_heads": 16,
-                "num_hidden_layers": 27,
+                **SIGLIP_SO400M,
                 "image_size": 384,
-                "patch_size": 14,
             },
             "text_config": {
                 "model_type": "llama",
@@ -371,12 +371,8 @@ RELEASED: dict[str, Released] = {
             "projection_dim": 2048,
             "vision_config": {
                 "model_type": "siglip_vision_model",
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_attention_heads": 16,
-                "num_hidden_layers": 27,
+                **SIGLIP_SO400M,
                 "image_size": 224,
-                "patch_size": 14,
                 "projection_dim": 2048,
             },
             "text_config": {
@@ -462,12 +458,8 @@ RELEASED: dict[str, Released] = {
             "mm_tokens_per_image": 256,
             "vision_config": {
                 "model_type": "siglip_vision_model",
-                "hidden_size": 1152,
-                "intermediate_size": 4304,
-                "num_attention_heads": 16,
-                "num_hidden_layers": 27,
+                **SIGLIP_SO400M,
                 "image_size": 896,
-                "patch_size": 14,
                 "vision_use_head": False,
             },
             "text_config": {
