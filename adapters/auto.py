@@ -38,6 +38,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
+from vugen_adapters import language_probes
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
 from vugen_adapters.patched_images import PatchedImages
 from vugen_adapters.per_layer_inputs import embedded_token_ids
@@ -801,45 +802,21 @@ class AutoAdapter(VLMAdapter):
 
     @cached_property
     def position_offset(self) -> int:
-        """What the language model adds to 0-based positions when it numbers the tokens itself (measured at load).
-
-        Most count from 0; Kosmos-2's sinusoidal table starts at `padding_idx + 1` (its row at `padding_idx` is
-        zero). The offset is read from the model, not named: its own pass (no `position_ids`) on a few unpadded tokens
-        against passes at `arange + k`, for k in 0, 1, 2 and the text config's `pad_token_id + 1`. The first k that
-        reproduces the own pass wins, 0 first: relative encodings (RoPE) match at every k. 0 when none does or the
-        language model does not run without `position_ids`; the `positions` check of `vugen check` then says so.
-        """
-        own = self._own_pass()
-        if own is None:
-            return 0
-        # Within a thousandth of the scale, not bit for bit: the model may build its positions in another dtype or
-        # shape (M-RoPE's three sections) than the ones passed.
-        tolerance = 1e-3 * own.abs().max().item()
+        """What the language model adds to 0-based positions when it numbers the tokens itself (Kosmos-2: its
+        `padding_idx + 1`), measured at load: `vugen_adapters.language_probes.position_offset`."""
         pad = getattr(self.vlm.config.get_text_config(decoder=True), "pad_token_id", None)
-        for offset in dict.fromkeys([0, 1, 2, *([pad + 1] if isinstance(pad, int) else [])]):
-            shifted = self._own_pass(offset)
-            if shifted is not None and (shifted - own).abs().max().item() <= tolerance:
-                return offset
-        return 0
+        return language_probes.position_offset(self.language_model, self._probe_embeddings, pad)
 
-    def _own_pass(self, offset: int | None = None) -> Tensor | None:
-        """The language model's last hidden states on 4 unpadded random tokens (the same each call), numbering them
-        itself (offset None) or from `offset`, the call otherwise the same. None when it does not run so: a model that
-        cannot (positions required, past its table) or a checkpoint the adapter cannot read, which the conformance
-        checks report where it matters instead of failing the load."""
+    @cached_property
+    def _probe_embeddings(self) -> Tensor | None:
+        """`[1, 4, hidden_size]` random embeddings at the scale of the token table's, for the load-time probes of the
+        language model; None where the adapter cannot make them (the conformance checks then say why)."""
         try:
             weight = next(self.language_model.parameters())
             scale = self.embed_tokens(torch.arange(4, device=weight.device)).float().std().item()
-            generator = torch.Generator().manual_seed(0)
-            embeds = (torch.randn(1, 4, self.hidden_size, generator=generator) * scale).to(weight.device, weight.dtype)
-            positions = None if offset is None else torch.arange(4, device=weight.device)[None] + offset
-            mask = torch.ones(1, 4, dtype=torch.long, device=weight.device)
-            with torch.no_grad():
-                output = self.language_model(
-                    inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, return_dict=True
-                )
-            return output.last_hidden_state
-        except Exception:  # noqa: BLE001  whatever stops it, it cannot say where the model counts from
+            embeds = torch.randn(1, 4, self.hidden_size, generator=torch.Generator().manual_seed(0)) * scale
+            return embeds.to(weight.device, weight.dtype)
+        except Exception:  # noqa: BLE001  a checkpoint the adapter cannot read fails in the checks, not at load
             return None
 
     @cached_property
@@ -851,21 +828,9 @@ class AutoAdapter(VLMAdapter):
 
     @cached_property
     def _causal_argument(self) -> dict[str, bool]:
-        """`is_causal=True`, which vugen passes since some VLMs mark their language model bidirectional for the image
-        prefix (PaliGemma), or nothing where the layers pass their own `is_causal` on together with the call's
-        (DiffusionGemma's encoder: "multiple values for keyword argument"). Measured once, on two tokens."""
-        try:
-            weight = next(self.language_model.parameters())
-            embeds = torch.zeros(1, 2, self.hidden_size, dtype=weight.dtype, device=weight.device)
-            mask = torch.ones(1, 2, dtype=torch.long, device=weight.device)
-            with torch.no_grad():
-                self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, is_causal=True)
-        except TypeError as error:
-            if "is_causal" in str(error):
-                return {}
-        except Exception:  # noqa: BLE001  any other failure is not about the flag; the real calls will report it
-            pass
-        return {"is_causal": True}
+        """`is_causal=True` where the language model takes it (`vugen_adapters.language_probes.takes_is_causal`)."""
+        takes = language_probes.takes_is_causal(self.language_model, self._probe_embeddings)
+        return {"is_causal": True} if takes else {}
 
     @cached_property
     def _cache_argument(self) -> str:
