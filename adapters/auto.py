@@ -32,6 +32,7 @@ from transformers import (
     AutoTokenizer,
     AutoVideoProcessor,
     BatchEncoding,
+    BatchFeature,
     PreTrainedModel,
 )
 from transformers.cache_utils import DynamicCache
@@ -40,6 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from vugen.adapter import DType, FeatureSource, VLMAdapter, latent_attention_mask, positions_from_mask
 from vugen_adapters import language_probes
 from vugen_adapters.attention_masks import BIDIRECTIONAL_KINDS, fit_attention_mask, language_layer_kinds
+from vugen_adapters.conversation import conversation_inputs, generate_answer_ids
 from vugen_adapters.patched_images import PatchedImages
 from vugen_adapters.per_layer_inputs import embedded_token_ids
 from vugen_adapters.source import RemoteCodeRefused, check_pretrained_source, remote_code_message
@@ -200,6 +202,31 @@ class AutoAdapter(VLMAdapter):
         """Whether the image processor names every input `get_image_features` requires."""
         made = getattr(image_processor, "model_input_names", ["pixel_values"])
         return set(self._required_image_inputs) <= set(made)
+
+    # ------------------------------------------------------------------ understanding
+    @cached_property
+    def chat_processor(self) -> Any:
+        """The checkpoint's whole processor (tokenizer, image processor, chat template): how the VLM is asked things."""
+        try:
+            return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
+        except (OSError, ValueError, TypeError) as error:
+            raise OSError(
+                f"adapter `pretrained`: {self.pretrained!r} has no loadable processor to ask the VLM with: {error}"
+            ) from error
+
+    def conversation(self, images: Any, prompts: list[str], answers: list[str] | None = None) -> BatchFeature:
+        """See `VLMAdapter.conversation`: the checkpoint's processor and chat template (`conversation.py`)."""
+        return conversation_inputs(self.chat_processor, images, prompts, answers)
+
+    def answer_ids(self, images: Any, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
+        """See `VLMAdapter.answer_ids`: the VLM's own `generate`, greedy, until its end of turn."""
+        inputs = self.conversation(images, prompts)
+        return generate_answer_ids(self.vlm, self.chat_processor, inputs, max_new_tokens, self.dtype)
+
+    def answer(self, images: Any, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+        """See `VLMAdapter.answer`."""
+        ids = self.answer_ids(images, prompts, max_new_tokens)
+        return [text.strip() for text in self.chat_processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
-from transformers import BatchEncoding
+from transformers import BatchEncoding, BatchFeature
 
 FeatureSource = Literal["vision", "projector"]
 """`vision`: the vision encoder's tokens that the VLM's projector reads (the default, as in VUGEN);
@@ -164,6 +164,34 @@ class VLMAdapter(nn.Module, ABC):
         Returns:
             The last hidden states `[B, T, hidden_size]` and the updated cache.
         """
+
+    # ---------------------------------------------------------------- understanding: the VLM as it is
+    def conversation(self, images: Any, prompts: list[str], answers: list[str] | None = None) -> BatchFeature:
+        """The VLM's own model inputs for one image and one user prompt per example, through its processor and chat
+        template, as its model card would build them (not vugen's encoding settings).
+
+        Args:
+            images: One image per prompt: PIL images or `[3, H, W]` tensors in `[0, 1]` (or one `[B, 3, H, W]`).
+            prompts: The user prompts.
+            answers: The assistant's answers, or None.
+
+        Returns:
+            Without answers: left-padded prompts, each ending with the generation prompt (for `answer`). With answers:
+            right-padded conversations ending with the template's end of turn, and `labels` (the answer tokens and
+            the end of turn; -100 elsewhere): the VLM's own forward gives its language-model loss on them.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose the VLM's understanding (conversation)")
+
+    def answer_ids(self, images: Any, prompts: list[str], max_new_tokens: int = 64) -> list[list[int]]:
+        """The VLM's greedy answers through its own `generate`: each example's new tokens, without the stop token.
+
+        LoRA that vugen attached with `lora_scope="image_tokens"` is inactive here, so these are the base VLM's.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose the VLM's understanding (answer_ids)")
+
+    def answer(self, images: Any, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+        """The VLM's greedy answers as text (`answer_ids` decoded, special tokens dropped, whitespace stripped)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose the VLM's understanding (answer)")
 
     @abstractmethod
     def save_pretrained(self, directory: str | Path) -> None:
