@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from vugen.adapter import VLMAdapter
@@ -69,6 +71,16 @@ def make_stage(
     stage = SamplerStage(adapter_class(str(pretrained)), str(decoder_export), **arguments)
     perturb([p for p in stage.parameters() if p.requires_grad], seed)
     return stage.eval()
+
+
+def lora_on_every_token(language_model: nn.Module, lora_folder: Path) -> PeftModel:
+    """A bundle's LoRA put on ``language_model`` (in place) by plain peft, from its config and weights files: what a
+    user who loads ``lora/`` by hand gets, the LoRA acting on every token."""
+    config = LoraConfig(**LoraConfig.from_json_file(lora_folder / "scoped_lora_config.json"))
+    model = PeftModel(language_model, config)
+    loaded = set_peft_model_state_dict(model, load_file(lora_folder / "adapter_model.safetensors"))
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A bundle knows its VLM by content and its own files by sha256, with the tiny LLaVA: a relative VLM folder is
 recorded relative to the bundle (it loads from any working directory, and after the bundle and the VLM move
 together); other weights at the recorded path are refused naming both paths; a changed or truncated bundle file is
-named before anything is read; version-1 bundles still load."""
+named before anything is read; bundles of versions 1 to 3 still load."""
 
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def test_other_weights_at_the_recorded_path_are_refused_naming_both(project, pre
         (truncate, "bridge/model.safetensors"),
         (truncate, "reducer/model.safetensors"),
         (lambda file: file.write_text(file.read_text().replace("1", "2")), "sampling.json"),
+        (lambda file: file.write_text(file.read_text().replace('"r": 4', '"r": 8')), "lora/scoped_lora_config.json"),
     ],
-    ids=["decoder-flipped", "lora-flipped", "bridge-truncated", "reducer-truncated", "sampling-json"],
+    ids=["decoder-flipped", "lora-flipped", "bridge-truncated", "reducer-truncated", "sampling-json", "lora-config"],
 )
 def test_a_damaged_bundle_file_is_named_before_it_is_read(bundle, tmp_path, damage, name):
     copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
@@ -117,9 +118,22 @@ def test_an_unreadable_safetensors_file_is_named(bundle, tmp_path):
         check_weights(file, {})
 
 
+def as_version_3(bundle: Path) -> None:
+    """What vugen wrote before format 4: the LoRA folder a plain peft adapter folder (``adapter_config.json``, which
+    peft loads onto every token), without its README."""
+    lora = bundle / "lora"
+    (lora / "scoped_lora_config.json").rename(lora / "adapter_config.json")
+    (lora / "README.md").unlink()
+    record = json.loads((bundle / "vugen.json").read_text())
+    record["sha256"]["lora/adapter_config.json"] = record["sha256"].pop("lora/scoped_lora_config.json")
+    del record["sha256"]["lora/README.md"]
+    (bundle / "vugen.json").write_text(json.dumps(record | {"format_version": 3}))
+
+
 def as_version_2(bundle: Path) -> None:
     """What vugen wrote before format 3: one ``sampler`` record of the stage's arguments (``sampler`` and
     ``sample_steps`` for the solver and its steps, no ``latent_dim``), ``sampler`` in ``sampling.json`` too."""
+    as_version_3(bundle)
     record = json.loads((bundle / "vugen.json").read_text())
     sampler = {key: value for key, value in record.pop("latent_sampler").items() if key != "latent_dim"}
     sampling = record.pop("sampling")
@@ -141,11 +155,13 @@ def as_version_1(bundle: Path) -> None:
     (bundle / "vugen.json").write_text(json.dumps(record | {"format_version": 1}))
 
 
-@pytest.mark.parametrize("version", [as_version_1, as_version_2], ids=["v1", "v2"])
+@pytest.mark.parametrize("version", [as_version_1, as_version_2, as_version_3], ids=["v1", "v2", "v3"])
 def test_an_older_bundle_still_loads_and_generates_the_same_images(bundle, stage, tmp_path, version):
     old = Path(shutil.copytree(bundle, tmp_path / "old"))
     version(old)
-    assert "sampler" in json.loads((old / "sampling.json").read_text())  # the old name of the solver
+    assert (old / "lora" / "adapter_config.json").is_file()
+    legacy = json.loads((old / "vugen.json").read_text())["format_version"] < 3
+    assert ("sampler" in json.loads((old / "sampling.json").read_text())) == legacy  # the old name of the solver
     loaded = VugenPipeline.from_pretrained(old)
     assert loaded.latent_sampler.config == stage.latent_sampler.config
     assert (loaded.sampling, loaded.decoder_sampling) == (stage.sampling, stage.decoder_sampling)

@@ -1,5 +1,6 @@
-"""`VugenPipeline` with the tiny LLaVA: exact save/load round trips, the bundle layout (a decoder export, a peft LoRA
-folder, vugen.json, model card), atomic saves, and load-time checks that name what is wrong."""
+"""`VugenPipeline` with the tiny LLaVA: exact save/load round trips, the bundle layout (a decoder export, the LoRA
+folder, vugen.json, model card), atomic saves, and load-time checks that name what is wrong (describing images:
+tests/test_describe.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from tests.fixtures_bundle import IMAGE_SIZE, make_stage
+from tests.fixtures_bundle import IMAGE_SIZE, lora_on_every_token, make_stage
 from vugen.bundle import BundleError
 from vugen.decoder_export import read_decoder_export
 from vugen.fingerprint import vlm_fingerprint
@@ -88,7 +88,7 @@ def test_the_bundle_is_a_decoder_export(stage, bundle):
     assert sampling == stage.decoder_sampling
 
 
-def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, decoder_export, tmp_path):
+def test_the_lora_folder_holds_a_peft_config_and_weights_of_the_language_model(pretrained, decoder_export, tmp_path):
     stage = make_stage(pretrained, decoder_export, lora_scope="all")  # LoRA on every token, as plain peft applies it
     stage.pipeline().save_pretrained(tmp_path / "bundle")
     base = LlavaAdapter(str(pretrained))
@@ -96,7 +96,7 @@ def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, dec
     mask = stage.adapter.tokenize(PROMPTS)["attention_mask"]
     base_hidden, _ = base.run_language_model(embeds, mask)
 
-    peft_model = PeftModel.from_pretrained(base.language_model, str(tmp_path / "bundle" / "lora"))
+    peft_model = lora_on_every_token(base.language_model, tmp_path / "bundle" / "lora")
 
     ours = dict(stage.adapter.language_model.named_parameters())
     theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -107,11 +107,12 @@ def test_the_lora_folder_is_a_peft_adapter_of_the_language_model(pretrained, dec
         expected, _ = stage.adapter.run_language_model(embeds, mask)
     torch.testing.assert_close(lora_hidden, expected)
     assert not torch.allclose(lora_hidden, base_hidden, atol=1e-3)  # the LoRA does something
+    assert "(`lora_scope: all`)" in (tmp_path / "bundle" / "lora" / "README.md").read_text()
 
 
 def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundle, pretrained):
     record = json.loads((bundle / "vugen.json").read_text())
-    assert record["format"] == "vugen.pipeline" and record["format_version"] == 3
+    assert record["format"] == "vugen.pipeline" and record["format_version"] == 4
     assert record["adapter"]["class_path"] == "vugen_adapters.llava.LlavaAdapter"
     assert record["adapter"]["init_args"]["pretrained"] == str(pretrained)
     assert record["adapter"]["init_args"]["revision"] is None
@@ -138,6 +139,7 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
     hashed = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
     hashed = [name for name in hashed if name not in ("vugen.json", "README.md")]  # the card is free to edit
     assert sorted(record["sha256"]) == hashed and len([n for n in hashed if n.endswith(".safetensors")]) == 4
+    assert {"lora/README.md", "lora/scoped_lora_config.json"} <= set(hashed)
     for name, digest in record["sha256"].items():
         assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
 
@@ -145,7 +147,10 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
     assert card.data.base_model == str(pretrained)
     assert card.data.library_name == "vugen" and card.data.pipeline_tag == "text-to-image"
     assert {"vugen", "text-to-image"} <= set(card.data.tags)
-    lora_config = json.loads((bundle / "lora" / "adapter_config.json").read_text())
+    understanding = card.text[card.text.index("## Understanding") :]
+    assert 'pipe.describe([image], "Describe the image.")' in understanding
+    assert "exactly the base VLM's, token for token" in understanding and "lora/README.md" in understanding
+    lora_config = json.loads((bundle / "lora" / "scoped_lora_config.json").read_text())
     assert lora_config["r"] == 4 and lora_config["base_model_name_or_path"] == str(pretrained)
 
 

@@ -4,7 +4,9 @@ A **bundle** is one folder, written atomically by :func:`save_bundle` (``VugenPi
 
     reducer/  decoder/  sampling.json   the decoder-stage export (:mod:`vugen.decoder_export`)
     bridge/                             the latent bridge (LatentBridge.save_pretrained)
-    lora/                               a peft adapter folder of the language model's LoRA
+    lora/                               the language model's LoRA: adapter_model.safetensors (peft's keys),
+                                        scoped_lora_config.json (its peft LoraConfig, under a name peft does not
+                                        look for) and README.md (what it is, how to load it)
     vugen.json                          format version, base VLM (adapter class_path + init args, and its content
                                         fingerprint), the latent sampler's config, its SamplingConfig, sha256 of
                                         every other file but the card
@@ -21,12 +23,19 @@ named), then every weight file's tensor names and shapes against its config (saf
 then the VLM's content fingerprint (before loading it, when it is on disk), and only then reads weights. Unknown
 keys in the latent sampler's config or the sampling settings are errors naming the key.
 
-Versions: 3 splits the record into ``latent_sampler`` (:class:`~vugen.generation.LatentSampler`'s constructor
-arguments) and ``sampling`` (a :class:`~vugen.generation.SamplingConfig`, ``solver`` for the ODE choice); 2 added the
-VLM's fingerprint, the bundle-relative ``pretrained`` and the sha256 of the config files. Bundles of versions 1 and 2
-(one ``sampler`` record; ``sampler`` for the ODE choice, also in ``sampling.json``) still load: their records are
-translated (version 1: ``pretrained`` as recorded, from the working directory; weight files' sha256 checked; no VLM
-check). Nothing here imports training code: loading a bundle builds modules, never a LightningModule.
+The LoRA acts only on the BOI and latent tokens (``lora_scope: image_tokens``, the default): loaded with plain peft
+(``PeftModel.from_pretrained``) it would act on every token and change the VLM's answers. So its folder holds no
+``adapter_config.json``: peft finds no adapter there and raises, and ``lora/README.md`` says how to load it.
+
+Versions: 4 names the LoRA config ``lora/scoped_lora_config.json`` (peft's ``adapter_config.json`` before) and adds
+``lora/README.md``; 3 splits the record into ``latent_sampler`` (:class:`~vugen.generation.LatentSampler`'s
+constructor arguments) and ``sampling`` (a :class:`~vugen.generation.SamplingConfig`, ``solver`` for the ODE
+choice); 2 added the VLM's fingerprint, the bundle-relative ``pretrained`` and the sha256 of the config files.
+Bundles of versions 1 to 3 still load. A version 3 bundle as it is: the LoRA is built from ``vugen.json`` and no
+LoRA config file is read. Versions 1 and 2 (one ``sampler`` record; ``sampler`` for the ODE choice, also in
+``sampling.json``) have their records translated (version 1: ``pretrained`` as recorded, from the working directory;
+weight files' sha256 checked; no VLM check). Nothing here imports training code: loading a bundle builds modules,
+never a LightningModule.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils.sha import sha_fileobj
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file
 from torch import Tensor, nn
@@ -78,9 +88,11 @@ __all__ = [
 ]
 
 CONFIG_FILE = "vugen.json"
-FORMAT, FORMAT_VERSION = "vugen.pipeline", 3
+FORMAT, FORMAT_VERSION = "vugen.pipeline", 4
 WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
-LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name (LoraConfig.save_pretrained writes adapter_config.json)
+LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+# The LoRA's peft config, under a name peft does not read: plain peft would apply the LoRA to every token
+LORA_CONFIG = "scoped_lora_config.json"
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare model (PeftModel -> LoraModel -> model)
 _MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge": LatentBridge}
 _BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
@@ -412,12 +424,15 @@ def _load_bridge(bridge: LatentBridge, folder: Path) -> None:
 
 
 def _save_lora(folder: Path, sampler: LatentSampler, state: dict[str, Tensor]) -> None:
-    """A peft adapter folder: ``PeftModel.from_pretrained(language_model, folder)`` loads it."""
+    """The LoRA folder: peft's weights file, its ``LoraConfig`` as ``scoped_lora_config.json`` (written by peft, then
+    renamed so that ``PeftModel.from_pretrained`` finds no adapter here) and a README saying how to load it."""
     config = copy.deepcopy(sampler.lora_config)
     init_args = sampler.adapter.init_config()["init_args"]
     config.base_model_name_or_path, config.revision = init_args.get("pretrained"), init_args.get("revision")
     config.save_pretrained(folder)
+    (folder / PEFT_CONFIG_NAME).rename(folder / LORA_CONFIG)
     save_file({PEFT_PREFIX + key: value for key, value in state.items()}, folder / LORA_WEIGHTS, {"format": "pt"})
+    (folder / "README.md").write_text(_lora_readme(sampler.config.lora_scope))
 
 
 def _load_lora(language_model: nn.Module, folder: Path) -> None:
@@ -445,7 +460,43 @@ def _model_card(record: Mapping[str, Any]) -> ModelCard:
         f"its language model samples reduced vision latents, a pixel diffusion decoder renders them.\n\n"
         f"```python\nfrom vugen.pipeline import VugenPipeline\n\npipe = VugenPipeline.from_pretrained(BUNDLE)\n"
         f'images = pipe("a large red circle on the left", seed=0)\n```\n\n'
-        f"| setting | value |\n|---|---|\n{settings}\n"
+        f"| setting | value |\n|---|---|\n{settings}\n\n"
+        f"## Understanding\n\n`describe` asks the bundle's VLM about images through its own processor, chat template "
+        f"and greedy `generate`.\n\n```python\n{_DESCRIBE_CALL}\n```\n\n"
+        f"{_UNDERSTANDING[record['latent_sampler']['lora_scope']]} Load the LoRA only through "
+        "`VugenPipeline.from_pretrained` (`lora/README.md` says why).\n"
+    )
+
+
+_DESCRIBE_CALL = 'answers = pipe.describe([image], "Describe the image.")  # PIL images or [3, H, W] in [0, 1]'
+# What the LoRA does to understanding, by lora_scope: for the model card and lora/README.md
+_LORA_SCOPE = {
+    "image_tokens": "It acts only on the BOI token and the latent image tokens (`lora_scope: image_tokens`): on every "
+    "other token, and whenever vugen is not generating an image, the VLM is its base model, bit for bit.",
+    "all": "It acts on every token (`lora_scope: all`): with it, the VLM no longer answers as the base VLM.",
+}
+_UNDERSTANDING = {
+    "image_tokens": "The LoRA is inactive there, so the answers are exactly the base VLM's, token for token; "
+    "`pipe.adapter.vlm` is the base VLM as it is.",
+    "all": "The LoRA acts on every token (`lora_scope: all`), so these are the answers of the VLM with the LoRA, not "
+    "the base VLM's: for understanding, load the base VLM itself.",
+}
+
+
+def _lora_readme(lora_scope: str) -> str:
+    """``lora/README.md``: what the LoRA is and how to load it without changing what the VLM understands."""
+    return (
+        "# The latent sampler's LoRA (vugen bundle)\n\n"
+        "LoRA weights (`adapter_model.safetensors`, peft's tensor names) for the language model of the VLM that "
+        f"`../vugen.json` names, trained by vugen to generate images. {_LORA_SCOPE[lora_scope]}\n\n"
+        "Their config is `scoped_lora_config.json` (a peft `LoraConfig`), not peft's `adapter_config.json`, so "
+        '`PeftModel.from_pretrained(language_model, "lora")` finds no adapter here and raises, on purpose: peft '
+        "would apply the LoRA to every token, and the VLM would no longer answer as the base VLM.\n\n"
+        "Load the whole bundle:\n\n"
+        "```python\nfrom vugen.pipeline import VugenPipeline\n\n"
+        "pipe = VugenPipeline.from_pretrained(BUNDLE)  # the VLM, this LoRA in its scope, the bridge, the decoder\n"
+        f'images = pipe("a large red circle on the left", seed=0)\n{_DESCRIBE_CALL}\n```\n\n'
+        f"{_UNDERSTANDING[lora_scope]}\n"
     )
 
 
