@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from vugen.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 VUGEN = Path(sys.executable).parent / "vugen"  # the console script of this venv
@@ -31,6 +34,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, 
     assert len(errors) == 1, report
     for fragment in fragments:
         assert fragment in errors[0], f"{fragment!r} not in the error line\n{report}"
+    return errors[0]
+
+
+def error_line_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """The one error line of ``vugen ARGS`` run in this process (cheaper than a subprocess), which exits with 1."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(arg) for arg in args])
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert exited.value.code == 1 and len(errors) == 1, errors
     return errors[0]
 
 

@@ -14,7 +14,7 @@ import yaml
 from lightning.pytorch import Trainer
 from PIL import Image
 
-from tests.cli_harness import assert_one_line_error, demo_config, run_vugen
+from tests.cli_harness import assert_one_line_error, demo_config, error_line_in_process, run_vugen
 from tests.crafted_files import (
     asks_for_remote_code,
     edited_checkpoint,
@@ -24,7 +24,6 @@ from tests.crafted_files import (
 )
 from tests.fixtures_bundle import IMAGE_SIZE, TINY_SAMPLER, make_decoder_export, make_stage
 from tests.helpers import QUIET_TRAINER, replace_vlm_weights
-from vugen.cli import main
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
 from vugen.nn import DimensionReducer, PixelDecoder
@@ -251,15 +250,6 @@ def no_traceback(monkeypatch):
     monkeypatch.delenv("VUGEN_TRACEBACK", raising=False)  # errors print their line, as for a user
 
 
-def _error_line(capsys, *args) -> str:
-    """The one error line of ``vugen ARGS`` run in this process (cheaper than a subprocess), which exits with 1."""
-    with pytest.raises(SystemExit) as exited:
-        main([str(arg) for arg in args])
-    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert exited.value.code == 1 and len(errors) == 1, errors
-    return errors[0]
-
-
 def test_export_names_a_truncated_checkpoint(sampler_checkpoint, tmp_path):
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(sampler_checkpoint.read_bytes()[: sampler_checkpoint.stat().st_size // 2])
@@ -274,13 +264,13 @@ def test_ckpt_path_names_a_missing_truncated_or_foreign_file(
     config = _sampler_config(tmp_path, pretrained, decoder_export)
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(sampler_checkpoint.read_bytes()[: sampler_checkpoint.stat().st_size // 2])
-    line = _error_line(capsys, subcommand, "--config", config, "--ckpt_path", truncated)
+    line = error_line_in_process(capsys, subcommand, "--config", config, "--ckpt_path", truncated)
     reason = "truncated or not a checkpoint (not the zip archive that torch.save writes)"
     assert line == f"vugen {subcommand}: error: {truncated}: {reason}"
-    line = _error_line(capsys, subcommand, "--config", config, "--ckpt_path", tmp_path / "none.ckpt")
+    line = error_line_in_process(capsys, subcommand, "--config", config, "--ckpt_path", tmp_path / "none.ckpt")
     assert line.endswith(f"{tmp_path / 'none.ckpt'}: no such checkpoint file")
     reducer_config = demo_config("reducer", tmp_path, pretrained)
-    line = _error_line(capsys, subcommand, "--config", reducer_config, "--ckpt_path", sampler_checkpoint)
+    line = error_line_in_process(capsys, subcommand, "--config", reducer_config, "--ckpt_path", sampler_checkpoint)
     assert line.endswith(
         f"{sampler_checkpoint}: written by SamplerStage; --ckpt_path with this config needs a ReducerStage "
         "checkpoint (vugen fit --config ...reducer.yaml)"
@@ -292,7 +282,7 @@ def test_export_names_a_decoder_stage_checkpoint(pretrained, decoder_export, tmp
     decoder = PixelDecoder.from_pretrained(decoder_export / "decoder")
     stage = DecoderStage(LlavaAdapter(str(pretrained)), decoder, reducer=reducer)
     checkpoint = trained_checkpoint(stage, tmp_path / "d.ckpt")
-    assert _error_line(capsys, "export", checkpoint, tmp_path / "bundle") == (
+    assert error_line_in_process(capsys, "export", checkpoint, tmp_path / "bundle") == (
         f"vugen export: error: {checkpoint}: written by DecoderStage; vugen export needs a SamplerStage checkpoint "
         "(vugen fit --config ...sampler.yaml)"
     )

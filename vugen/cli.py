@@ -1,7 +1,7 @@
 """The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
 
 vugen fit --config configs/demo/decoder.yaml
-vugen adapters | check | tiny | cache-latents | generate | export | export-geneval | export-dpg   (vugen.commands)
+vugen adapters | check | tiny | cache-latents | generate | describe | export | export-geneval | export-dpg  (commands)
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ DESCRIPTION = (
     "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen check PRETRAINED` (does vugen work "
     "on this VLM? the adapter checks and a few-step smoke of every stage), `vugen tiny FAMILY DIR` (write a tiny "
     "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
-    "(text -> PNGs from a bundle), `vugen export` (sampler checkpoint -> bundle), `vugen export-geneval` / "
+    "(text -> PNGs from a bundle), `vugen describe` (what the bundle's VLM answers about images), `vugen export` "
+    "(sampler checkpoint -> bundle), `vugen export-geneval` / "
     "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each. A known error (bad config, missing or "
     f"corrupt file, ...) prints one line; `vugen --traceback COMMAND ...` or {TRACEBACK_ENV}=1 shows its traceback."
 )
@@ -202,11 +205,27 @@ def run(argv: list[str]) -> Any:
 
 def _run(argv: list[str], from_sys_argv: bool) -> Any:
     if argv and argv[0] in COMMANDS:
-        result = CLI(COMMANDS[argv[0]], args=argv[1:], prog=f"vugen {argv[0]}", exit_on_error=False)
+        command = COMMANDS[argv[0]]
+        args = _appending_list_options(command, argv[1:])
+        result = CLI(command, args=args, prog=f"vugen {argv[0]}", exit_on_error=False)
         if result is not None:
             print(result)
         return result
     return VugenCLI(args=None if from_sys_argv else argv)
+
+
+def _appending_list_options(command: Callable[..., Any], argv: list[str]) -> list[str]:
+    """``argv`` with each ``--NAME`` of a ``list``-typed parameter as jsonargparse's appending ``--NAME+``, so an
+    option given once per value (``--image a.png --image b.png``) collects them all instead of failing on the first
+    (jsonargparse reads a lone ``--NAME VALUE`` as a whole list)."""
+    hints = typing.get_type_hints(command)
+    names = {f"--{name}" for name, hint in hints.items() if name != "return" and typing.get_origin(hint) is list}
+
+    def appending(arg: str) -> str:
+        option, equals, value = arg.partition("=")
+        return f"{option}+{equals}{value}" if option in names else arg
+
+    return [appending(arg) for arg in argv]
 
 
 def _is_usage_error(error: BaseException) -> bool:

@@ -1,10 +1,15 @@
-"""Text to image: :class:`VugenPipeline`, the components of a trained vugen model and how they generate.
+"""Text to image (and image to text): :class:`VugenPipeline`, the components of a trained vugen model and how they
+generate.
 
 Diffusers-style: the pipeline holds components, the VLM adapter (inside the latent sampler), the
 :class:`~vugen.generation.LatentSampler`, the frozen reducer and pixel decoder, and two
 :class:`~vugen.generation.SamplingConfig` (the latent sampler's, the decoder's); generation is plain module calls,
 no training code. Its bundle format is :mod:`vugen.bundle`. ``SamplerStage.pipeline()`` builds one over a stage's
 modules (shared, not copied); :meth:`VugenPipeline.from_pretrained` loads a bundle.
+
+One model, both directions: :meth:`VugenPipeline.describe` asks the same VLM about images through its own processor,
+chat template and ``generate`` (``VLMAdapter.answer``); with ``lora_scope="image_tokens"`` (the default) the LoRA is
+inactive there, so the answers are exactly the base VLM's.
 
 Seeds: image ``k`` of prompt ``i`` uses seed ``seed + i * n + k`` (``n`` images per prompt) everywhere (the pipeline
 call, ``vugen generate``, ``vugen predict``, the benchmark exports), so an image does not depend on batching or on the
@@ -14,7 +19,7 @@ rank count (:func:`vugen.data.prompts.image_seeds`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +37,13 @@ from vugen.nn.reducer import DimensionReducer
 
 __all__ = ["VugenPipeline"]
 
+Images = Sequence[Image.Image | Tensor] | Tensor
+"""Images to describe: PIL images or ``[3, H, W]`` tensors in ``[0, 1]``, or one ``[B, 3, H, W]`` tensor."""
+
 
 class VugenPipeline:
     """Text -> images: prompt tokens through the VLM's language model with LoRA, flow matching in the reducer's
-    latent space, then the pixel decoder.
+    latent space, then the pixel decoder; and images -> text with the VLM itself (:meth:`describe`).
 
     Args:
         latent_sampler: The trained latent sampler (it holds the VLM adapter).
@@ -126,6 +134,31 @@ class VugenPipeline:
             images.append(decode_latents(self.decoder, latent[None], grid, size, self.decoder_sampling, generator))
         return torch.cat(images)
 
+    # ------------------------------------------------------------------ understanding
+    def describe(self, images: Images, prompts: str | Sequence[str], max_new_tokens: int = 64) -> list[str]:
+        """Answers about images: the VLM's greedy answers through its own processor, chat template and ``generate``
+        (``adapter.answer``), in eval mode.
+
+        With ``lora_scope="image_tokens"`` (the default) the LoRA is inactive outside image generation, so these are
+        exactly the base VLM's answers, token for token. With ``lora_scope="all"`` they are the answers of the VLM
+        with the LoRA.
+
+        Args:
+            images: PIL images or ``[3, H, W]`` tensors in ``[0, 1]`` (or one ``[B, 3, H, W]`` tensor).
+            prompts: One prompt for every image, or one per image.
+            max_new_tokens: Most tokens per answer.
+
+        Returns:
+            One answer per image, special tokens dropped and whitespace stripped.
+        """
+        with _eval_mode(self.components().values()):
+            return self.adapter.answer(images, _prompt_per_image(images, prompts), max_new_tokens)
+
+    def describe_ids(self, images: Images, prompts: str | Sequence[str], max_new_tokens: int = 64) -> list[list[int]]:
+        """The token ids of :meth:`describe`'s answers (``adapter.answer_ids``), without the stop token."""
+        with _eval_mode(self.components().values()):
+            return self.adapter.answer_ids(images, _prompt_per_image(images, prompts), max_new_tokens)
+
     # ------------------------------------------------------------------ saving and loading
     def config(self) -> dict[str, Any]:
         """The ``vugen.json`` record (without the weight hashes): base VLM, latent sampler and sampling settings."""
@@ -168,6 +201,11 @@ class VugenPipeline:
             trust_remote_code: Let the VLM checkpoint run its own code. Never taken from the bundle.
         """
         return cls(**load_bundle(directory, adapter_overrides, trust_remote_code))
+
+
+def _prompt_per_image(images: Images, prompts: str | Sequence[str]) -> list[str]:
+    """``prompts`` as a list, one prompt repeated for every image (the adapter checks that the counts match)."""
+    return [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vugen.commands import adapters, benchmarks, cache_latents, check, export, generate, tiny
+from vugen.commands import adapters, benchmarks, cache_latents, check, describe, export, generate, tiny
 
 __all__ = ["COMMANDS"]
 
@@ -19,6 +19,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "tiny": tiny.tiny,
     "cache-latents": cache_latents.cache_latents,
     "generate": generate.generate,
+    "describe": describe.describe,
     "export": export.export,
     "export-geneval": benchmarks.export_geneval,
     "export-dpg": benchmarks.export_dpg,
