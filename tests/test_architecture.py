@@ -296,6 +296,8 @@ def test_the_checker_reports_upward_edges():
         ("vugen.fingerprint", "vugen.adapter", "layer_order"),
         ("vugen.stages.decoder", "vugen.eval", None),  # data/eval is below training
         ("vugen.commands.tiny", "vugen_adapters.tiny", None),
+        ("vugen.commands.describe", "vugen.pipeline", None),  # a command runs inference
+        ("vugen.commands.describe", "vugen_adapters.auto", "layer_order"),  # it finds the adapter by the registry
         ("vugen_adapters.auto", "vugen.adapter", None),
         ("vugen.eval.export", "vugen.pipeline", "layer_order"),
     ],

@@ -1,8 +1,11 @@
-"""One model, both directions, with the tiny LLaVA: a bundle describes images exactly as its base VLM does (its LoRA,
-non-zero, is inactive outside image generation), the same LoRA on every token would change the answers, plain peft
-finds no adapter in the bundle's ``lora/`` folder, and ``vugen describe`` prints one line per image."""
+"""One model, both directions, with the tiny LLaVA: the bundle of a trained sampler stage describes images exactly
+as its base VLM does (its LoRA, non-zero, is inactive outside image generation), the same LoRA on every token would
+change the answers, plain peft finds no adapter in the bundle's ``lora/`` folder, and ``vugen describe`` prints one
+line per image."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +13,23 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from tests.cli_harness import error_line_in_process, run_vugen
-from tests.fixtures_bundle import lora_on_every_token
+from tests.crafted_files import trained_checkpoint
+from tests.fixtures_bundle import lora_on_every_token, make_stage
+from vugen.commands.export import export
 from vugen.data.image_io import load_rgb, to_pil
 from vugen.data.shapes import ShapesDataset
 from vugen.pipeline import VugenPipeline
 
 PROMPT = "Describe the image."
 NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def bundle(pretrained, decoder_export, tmp_path_factory) -> Path:
+    """Stage 2 after a training step (its LoRA and bridge made non-zero first), exported as `vugen export` does."""
+    folder = tmp_path_factory.mktemp("trained")
+    checkpoint = trained_checkpoint(make_stage(pretrained, decoder_export), folder / "sampler.ckpt")
+    return export(str(checkpoint), str(folder / "bundle"))
 
 
 @pytest.fixture(scope="module")
