@@ -148,8 +148,8 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
     assert card.data.library_name == "vugen" and card.data.pipeline_tag == "text-to-image"
     assert {"vugen", "text-to-image"} <= set(card.data.tags)
     understanding = card.text[card.text.index("## Understanding") :]
-    assert 'pipe.describe([image], "Describe the image.")' in understanding
-    assert "exactly the base VLM's, token for token" in understanding and "lora/README.md" in understanding
+    assert 'pipe.describe(images, "Describe the image.")' in understanding
+    assert "exactly the base VLM's answers, token for token" in understanding and "lora/README.md" in understanding
     lora_config = json.loads((bundle / "lora" / "scoped_lora_config.json").read_text())
     assert lora_config["r"] == 4 and lora_config["base_model_name_or_path"] == str(pretrained)
 

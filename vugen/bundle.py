@@ -468,7 +468,7 @@ def _model_card(record: Mapping[str, Any]) -> ModelCard:
     )
 
 
-_DESCRIBE_CALL = 'answers = pipe.describe([image], "Describe the image.")  # PIL images or [3, H, W] in [0, 1]'
+_DESCRIBE_CALL = 'answers = pipe.describe(images, "Describe the image.")  # PIL images, or [3, H, W] in [0, 1]'
 # What the LoRA does to understanding, by lora_scope: for the model card and lora/README.md
 _LORA_SCOPE = {
     "image_tokens": "It acts only on the BOI token and the latent image tokens (`lora_scope: image_tokens`): on every "
@@ -476,10 +476,10 @@ _LORA_SCOPE = {
     "all": "It acts on every token (`lora_scope: all`): with it, the VLM no longer answers as the base VLM.",
 }
 _UNDERSTANDING = {
-    "image_tokens": "The LoRA is inactive there, so the answers are exactly the base VLM's, token for token; "
-    "`pipe.adapter.vlm` is the base VLM as it is.",
-    "all": "The LoRA acts on every token (`lora_scope: all`), so these are the answers of the VLM with the LoRA, not "
-    "the base VLM's: for understanding, load the base VLM itself.",
+    "image_tokens": "Outside image generation the LoRA is inactive: `pipe.describe` gives exactly the base VLM's "
+    "answers, token for token, and `pipe.adapter.vlm` is the base VLM as it is.",
+    "all": "The LoRA acts on every token (`lora_scope: all`): `pipe.describe` and `pipe.adapter.vlm` answer with it, "
+    "not as the base VLM; for understanding, load the base VLM itself.",
 }
 
 
