@@ -30,11 +30,11 @@ def describe(
     device: str = "auto",
     trust_remote_code: bool = False,
 ) -> str:
-    """`vugen describe --bundle DIR --image PNG [--image PNG ...] --prompt TEXT`: the bundle's VLM answers about
-    each image, one line per image, ``PATH: answer``.
+    """`vugen describe --bundle DIR --image PNG [--image PNG ...] --prompt TEXT`: the VLM's answers, one per image.
 
-    All images are asked in one batch, each with the same prompt. The answers are the VLM's greedy ones; with the
-    bundle's ``lora_scope: image_tokens`` (the default) they are exactly the base VLM's.
+    Prints ``PATH: answer`` for each image, in the order given. All images are asked in one batch, each with the same
+    prompt. The answers are the VLM's greedy ones; with the bundle's ``lora_scope: image_tokens`` (the default) they
+    are exactly the base VLM's.
 
     Args:
         bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``).
