@@ -63,7 +63,7 @@ def _as_arrays(images: Sequence[Any] | Tensor) -> list[np.ndarray]:
     arrays = []
     for image in images:
         if isinstance(image, Image.Image):
-            arrays.append(np.asarray(image.convert("RGB")))
+            arrays.append(np.array(image.convert("RGB")))  # a writable copy: torch warns on read-only arrays
         elif isinstance(image, Tensor) and image.ndim == 3 and image.shape[0] == 3:
             pixels = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
             arrays.append(pixels.permute(1, 2, 0).cpu().numpy())
