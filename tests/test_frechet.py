@@ -108,6 +108,13 @@ def test_loading_checks_every_tensor_and_key(tmp_path):
     (folder / CONFIG_FILE).write_text(json.dumps(config | {"image_size": 30}))
     with pytest.raises(ValueError, match="config.json: image_size must be"):
         load_shapes_classifier(folder)
+    (folder / CONFIG_FILE).write_text("{")
+    with pytest.raises(ValueError, match="config.json is not JSON"):
+        load_shapes_classifier(folder)
+    (folder / WEIGHTS_FILE).write_bytes(b"damaged")
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_shapes_classifier(folder)
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         load_shapes_classifier(folder)

@@ -270,7 +270,10 @@ def load_shapes_classifier(path: str | PathLike[str]) -> ShapesClassifier:
             raise FileNotFoundError(
                 f"Shapes classifier {str(path)!r} has no {name} (train_shapes_classifier writes one)"
             )
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / CONFIG_FILE} is not JSON ({error})") from error
     if not isinstance(config, dict) or any(not isinstance(config.get(key), int) for key in _ARCHITECTURE):
         raise ValueError(f"{folder / CONFIG_FILE}: expected an object with integers {list(_ARCHITECTURE)}")
     try:
