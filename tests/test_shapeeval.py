@@ -51,9 +51,11 @@ def attributes(item: ShapeObject | Detection) -> tuple[str | None, ...]:
 
 def expected_metrics(num_singles: int, num_pairs: int, value: float) -> dict[str, float | int]:
     metrics: dict[str, float | int] = {"single_object/count": num_singles, "two_object/count": num_pairs}
-    metrics |= {f"single_object/{a}": value for a in ("color", "shape", "size", "position", "all_correct")}
-    metrics |= {f"two_object/{a}": value for a in ("color", "shape", "size", "relation", "all_correct")}
-    return metrics | {"overall/count": num_singles + num_pairs, "overall/all_correct": value}
+    strict = ("shape_strict", "all_correct_strict")
+    metrics |= {f"single_object/{a}": value for a in ("color", "shape", "size", "position", "all_correct", *strict)}
+    metrics |= {f"two_object/{a}": value for a in ("color", "shape", "size", "relation", "all_correct", *strict)}
+    overall = {"overall/all_correct": value, "overall/all_correct_strict": value}
+    return metrics | {"overall/count": num_singles + num_pairs} | overall
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -222,14 +224,19 @@ def test_score_folder_reads_the_geneval_layout(tmp_path):
         "single_object/size": 2 / 3,
         "single_object/position": 1.0,
         "single_object/all_correct": 2 / 3,
+        "single_object/shape_strict": 1.0,
+        "single_object/all_correct_strict": 2 / 3,
         "two_object/count": 2,
         "two_object/color": 0.5,
         "two_object/shape": 0.5,
         "two_object/size": 0.5,
         "two_object/relation": 0.5,
         "two_object/all_correct": 0.5,
+        "two_object/shape_strict": 0.5,
+        "two_object/all_correct_strict": 0.5,
         "overall/count": 5,
         "overall/all_correct": 3 / 5,
+        "overall/all_correct_strict": 3 / 5,
     }
     assert results == pytest.approx(expected)
 
@@ -277,11 +284,12 @@ def test_format_report_tabulates_the_results():
     scene = parse_caption("a large red circle on the left")
     metric.update(render_batch([scene, scene], 32), [scene.caption(), scene.caption().replace("left", "right")])
     lines = format_report(metric.compute()).splitlines()
+    header = ["all_correct_strict", "all_correct", "color", "shape_strict", "shape", "size", "position", "relation"]
     assert [line.split() for line in lines] == [
-        ["ShapeEval", "count", "color", "shape", "size", "position", "relation", "all_correct"],
-        ["single_object", "2", "100.0", "100.0", "100.0", "50.0", "-", "50.0"],
-        ["two_object", "0", "-", "-", "-", "-", "-", "-"],
-        ["overall", "2", "-", "-", "-", "-", "-", "50.0"],
+        ["ShapeEval", "count", *header],
+        ["single_object", "2", "50.0", "50.0", "100.0", "100.0", "100.0", "100.0", "50.0", "-"],
+        ["two_object", "0", "-", "-", "-", "-", "-", "-", "-", "-"],
+        ["overall", "2", "50.0", "50.0", "-", "-", "-", "-", "-", "-"],
     ]
     assert len({len(line) for line in lines}) == 1  # aligned columns
     with pytest.raises(ValueError, match="single_object/count"):
