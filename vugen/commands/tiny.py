@@ -15,7 +15,7 @@ from vugen.registry import get_adapter_class
 
 __all__ = ["tiny"]
 
-UNDERSTAND_STEPS = 1200  # ~2 minutes on one CPU thread with the default recipe (docs/understanding.md)
+UNDERSTAND_STEPS = 1200  # 86 s of training on one CPU thread with the default recipe (docs/understanding.md)
 
 
 def tiny(
