@@ -249,7 +249,10 @@ def test_vugen_tiny_understand_trains_saves_and_scores(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 steps" in out and "heldout" in out and "one_object" in out
     record = json.loads((directory / "understanding.json").read_text())
-    assert record["steps"] == 3 and record["recipe"]["trainable"] == ["language_model", "projector"]
+    assert record["steps"] == 3 and record["trained_parts"] == record["recipe"]["trainable"] == [
+        "language_model",
+        "projector",
+    ]
     assert set(record["caption_accuracy"]) == {"test", "heldout"}
     assert sum(s["total"] for s in record["caption_accuracy"]["test"].values()) == 128
     get_adapter_class("llava")(pretrained=str(directory)).answer([torch.zeros(3, 32, 32)], [CAPTION_PROMPT])
@@ -262,3 +265,16 @@ def test_vugen_tiny_unknown_understanding_task_is_one_line(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == ["vugen tiny: error: --understand: unknown task 'colours'; expected one of: shapes"]
     assert not (tmp_path / "tiny").exists()  # refused before building
+
+
+def test_a_part_the_vlm_lacks_is_skipped_unless_nothing_is_left(tiny_checkpoint):
+    """Qwen2-VL's merger (its projector) lives inside the vision tower transformers names: the default parts train its
+    language model alone; asking for the projector alone is one line."""
+    adapter = get_adapter_class("qwen2_vl")(pretrained=str(tiny_checkpoint("qwen2_vl")))
+    assert not model_parts(adapter)["projector"]
+    stage = UnderstandingStage(adapter, ["language_model", "projector"])
+    assert stage.trainable == ("language_model",)
+    learning = {id(p) for p in adapter.parameters() if p.requires_grad}
+    assert learning == {id(p) for p in model_parts(adapter)["language_model"]}
+    with pytest.raises(ValueError, match=r"^trainable: Qwen2VLForConditionalGeneration has no projector weights"):
+        UnderstandingStage(get_adapter_class("qwen2_vl")(pretrained=str(tiny_checkpoint("qwen2_vl"))), ["projector"])

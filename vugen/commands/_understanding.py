@@ -69,7 +69,7 @@ def train_understanding(
     """Train ``adapter``'s VLM on Shapes for ``steps`` steps and export it to ``directory``.
 
     Returns:
-        ``{"steps", "seconds", "final_loss"}`` of the fit.
+        ``{"trained_parts", "steps", "seconds", "final_loss"}`` of the fit.
     """
     data = ShapesUnderstandingDataModule(
         question_ratio=recipe.question_ratio,
@@ -101,6 +101,7 @@ def train_understanding(
         )
         trainer.fit(stage, datamodule=data)
     return {
+        "trained_parts": list(stage.trainable),  # the recipe's, less those this VLM has no weights for
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - start, 1),
         "final_loss": float(trainer.callback_metrics["train/loss"]),
@@ -115,7 +116,8 @@ def score_captions(adapter: VLMAdapter) -> dict[str, dict[str, AnswerScore]]:
 def write_record(
     directory: str | Path, fit: dict[str, Any], recipe: UnderstandingRecipe, scores: dict[str, dict[str, AnswerScore]]
 ) -> Path:
-    """``DIR/understanding.json``: the task, the fit (steps, seconds, final loss), the recipe, the accuracies."""
+    """``DIR/understanding.json``: the task, the fit (parts trained, steps, seconds, final loss), the recipe, the
+    accuracies."""
     accuracy = {split: {kind: score.to_dict() for kind, score in kinds.items()} for split, kinds in scores.items()}
     record = {"task": "shapes", **fit, "recipe": asdict(recipe), "caption_accuracy": accuracy}
     path = Path(directory) / RECORD

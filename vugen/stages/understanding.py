@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -79,6 +80,28 @@ def _checked_parts(trainable: Sequence[str]) -> tuple[Part, ...]:
     return tuple(trainable)
 
 
+def _unfreeze(adapter: VLMAdapter, trainable: tuple[Part, ...]) -> tuple[Part, ...]:
+    """Let the ``trainable`` parts learn; returns those that have weights of their own in this VLM.
+
+    A part with none is skipped, saying so (Qwen2-VL's merger, its projector, lives inside the vision tower that
+    transformers names); none left is an error.
+    """
+    parts = model_parts(adapter)
+    model = type(understanding_model(adapter)).__name__
+    empty = [part for part in trainable if not parts[part]]
+    kept = tuple(part for part in trainable if parts[part])
+    if not kept:
+        raise ValueError(f"trainable: {model} has no {' or '.join(empty)} weights apart from the other parts'")
+    if empty:
+        rank_zero_info(
+            f"UnderstandingStage: {model} has no {' or '.join(empty)} apart from its other parts; {kept} train"
+        )
+    for part in kept:
+        for parameter in parts[part]:
+            parameter.requires_grad_(True)
+    return kept
+
+
 class UnderstandingStage(AdapterStage):
     """Train parts of the VLM on its own language-model loss over conversations (image, prompt, answer).
 
@@ -91,7 +114,8 @@ class UnderstandingStage(AdapterStage):
 
     Args:
         adapter: The VLM.
-        trainable: The parts that learn: ``language_model``, ``projector``, ``vision_tower``.
+        trainable: The parts that learn: ``language_model``, ``projector``, ``vision_tower`` (one this VLM has no
+            weights for apart from the others, such as Qwen2-VL's projector inside its tower, is skipped).
         optimizer: Builds the optimizer from the trained parameters.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
         export_dir: If set, the trained VLM is written there with the adapter's ``save_pretrained`` (weights, config,
@@ -109,14 +133,7 @@ class UnderstandingStage(AdapterStage):
     ) -> None:
         super().__init__(adapter, optimizer, lr_scheduler)
         self.record_hyperparameters(adapter=adapter, optimizer=optimizer, lr_scheduler=lr_scheduler)
-        self.trainable = _checked_parts(trainable)
-        parts = model_parts(adapter)
-        for part in self.trainable:
-            if not parts[part]:
-                model = type(understanding_model(adapter)).__name__
-                raise ValueError(f"trainable: {model} has no {part} weights apart from the other parts'")
-            for parameter in parts[part]:
-                parameter.requires_grad_(True)
+        self.trainable = _unfreeze(adapter, _checked_parts(trainable))
         self.export_dir = export_dir
 
     # ------------------------------------------------------------------ model
