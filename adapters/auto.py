@@ -193,10 +193,8 @@ class AutoAdapter(VLMAdapter):
                 return None
         except TypeError:  # no `get_image_features`: an adapter that overrides `image_features` reads images its way
             return None
-        try:
-            return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
-        except (OSError, ValueError, TypeError):
-            return None  # `image_features` then names the inputs nothing makes
+        processor = self._whole_processor
+        return None if isinstance(processor, Exception) else processor  # None: `image_features` names what is unmade
 
     def _reads_image_processor_outputs(self, image_processor: Any) -> bool:
         """Whether the image processor names every input `get_image_features` requires."""
@@ -207,12 +205,20 @@ class AutoAdapter(VLMAdapter):
     @cached_property
     def chat_processor(self) -> Any:
         """The checkpoint's whole processor (tokenizer, image processor, chat template): how the VLM is asked things."""
+        processor = self._whole_processor
+        if isinstance(processor, Exception):
+            raise OSError(
+                f"adapter `pretrained`: {self.pretrained!r} has no loadable processor to ask the VLM with: {processor}"
+            ) from processor
+        return processor
+
+    @cached_property
+    def _whole_processor(self) -> Any:
+        """The checkpoint's `AutoProcessor`, or the error that loading it raised (not every checkpoint has one)."""
         try:
             return AutoProcessor.from_pretrained(self.pretrained, **self._hub_kwargs())
         except (OSError, ValueError, TypeError) as error:
-            raise OSError(
-                f"adapter `pretrained`: {self.pretrained!r} has no loadable processor to ask the VLM with: {error}"
-            ) from error
+            return error
 
     def conversation(self, images: Any, prompts: list[str], answers: list[str] | None = None) -> BatchFeature:
         """See `VLMAdapter.conversation`: the checkpoint's processor and chat template (`conversation.py`)."""
@@ -229,11 +235,12 @@ class AutoAdapter(VLMAdapter):
         return [text.strip() for text in self.chat_processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write weights, config, image processor and tokenizer to `directory` (and the whole processor where the
-        image features need it: `prompt_processor`)."""
+        """Write weights, config, image processor and tokenizer to `directory`, and the whole processor where the
+        checkpoint has one (what `conversation` and `prompt_processor` load: its own settings, such as LLaVA's
+        `patch_size`, live in `processor_config.json`)."""
         self.vlm.save_pretrained(directory)
-        if self.prompt_processor is not None:
-            self.prompt_processor.save_pretrained(directory)
+        if not isinstance(self._whole_processor, Exception):
+            self._whole_processor.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 

@@ -300,6 +300,9 @@ def test_the_checker_reports_upward_edges():
         ("vugen.commands.describe", "vugen_adapters.auto", "layer_order"),  # it finds the adapter by the registry
         ("vugen_adapters.auto", "vugen.adapter", None),
         ("vugen.eval.export", "vugen.pipeline", "layer_order"),
+        ("vugen.eval.captioning", "vugen.stages.understanding", "layer_order"),  # scoring needs only the adapter
+        ("vugen.stages.understanding", "vugen.data.shapes_understanding", None),
+        ("vugen.commands.tiny", "vugen.stages.understanding", None),
     ],
 )
 def test_each_rule_reports_its_own_edges(importer, target, broken):

@@ -72,3 +72,18 @@ def test_mismatched_lengths_are_one_clear_error(tiny_checkpoint):
         adapter.conversation(images, ["describe:"], captions)
     with pytest.raises(ValueError, match=r"PIL images or \[3, H, W\] tensors"):
         adapter.conversation([torch.zeros(32, 32)], ["describe:"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_adapter_asks_the_vlm_as_before(tiny_checkpoint, family, tmp_path):
+    """`save_pretrained` writes the whole processor (LLaVA's `patch_size` lives in processor_config.json only): the
+    reloaded adapter builds the same conversations."""
+    adapter = get_adapter_class(family)(pretrained=str(tiny_checkpoint(family)))
+    adapter.save_pretrained(tmp_path)
+    reloaded = get_adapter_class(family)(pretrained=str(tmp_path))
+    images, captions = _examples(2)
+    for answers in (None, captions):
+        expected = adapter.conversation(images, ["describe:"] * 2, answers)
+        got = reloaded.conversation(images, ["describe:"] * 2, answers)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[key], got[key]) for key in expected)

@@ -3,5 +3,6 @@
 from vugen.stages.decoder import DecoderStage
 from vugen.stages.reducer import ReducerStage
 from vugen.stages.sampler import SamplerStage
+from vugen.stages.understanding import UnderstandingStage
 
-__all__ = ["DecoderStage", "ReducerStage", "SamplerStage"]
+__all__ = ["DecoderStage", "ReducerStage", "SamplerStage", "UnderstandingStage"]
