@@ -107,6 +107,43 @@ def test_pca_init_of_a_fresh_reducer_on_the_first_batch(adapter):
     assert torch.equal(stage.reducer.in_proj.weight, before), "PCA ran twice"
 
 
+def decoder_conditions(stage: DecoderStage, batch: dict, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latents of ``batch`` and the latents the decoder is given during ``step(batch, 0)``."""
+    seen = []
+    hook = stage.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[2].detach().clone()))
+    try:
+        with torch.no_grad():
+            step(batch, 0)
+    finally:
+        hook.remove()
+    stage.reducer.eval()
+    with torch.no_grad():
+        clean, _ = stage.encode(batch["images"])
+    return clean, seen[0]
+
+
+@pytest.mark.parametrize("latent_noise", [0.0, 0.5])
+def test_latent_noise_perturbs_only_the_training_condition(adapter, latent_noise):
+    torch.manual_seed(0)
+    reducer = make_reducer(adapter, noise_gamma=0.0)  # the reducer's own noise off: what differs is latent_noise
+    stage = make_stage(adapter, reducer=reducer, pca_init=False, latent_noise=latent_noise).train()
+    batch = next(iter(make_data(batch_size=64).train_dataloader()))
+    clean, given = decoder_conditions(stage, batch, stage.training_step)
+    offset = (given - clean).flatten(1)
+    if latent_noise == 0:
+        assert torch.equal(given, clean)
+    else:  # per image: sigma ~ U[0, 0.5], so the images' offsets spread over that range, none above it
+        sigmas = offset.std(dim=1)
+        assert sigmas.max() < 0.55 and sigmas.min() < 0.1 and sigmas.mean() == pytest.approx(0.25, abs=0.06)
+    clean, given = decoder_conditions(stage, batch, stage.validation_step)
+    assert torch.equal(given, clean), "validation must see clean latents"
+
+
+def test_a_negative_latent_noise_is_refused_by_name(adapter):
+    with pytest.raises(ValueError, match="latent_noise >= 0, got -0.1"):
+        make_stage(adapter, latent_noise=-0.1)
+
+
 @pytest.fixture(scope="module")
 def trained(adapter):
     """Joint training on one repeated batch: the diffusion loss on that batch must fall."""

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from vugen.nn.hub import HUB_METADATA, HUB_TAGS
 
-__all__ = ["DimensionReducer", "ResidualMLP", "ResidualMLPBlock", "explained_variance", "pca_explained_variance"]
+__all__ = [
+    "DimensionReducer",
+    "ResidualMLP",
+    "ResidualMLPBlock",
+    "add_latent_noise",
+    "explained_variance",
+    "pca_explained_variance",
+]
 
 _LN_EPS = 1e-6
 # Whitening floor, relative to the largest component variance: keeps a rank-deficient sample from
@@ -158,11 +165,7 @@ class DimensionReducer(
             latents: Latents ``[B, ...]``.
             generator: Optional generator for reproducible noise.
         """
-        device = generator.device if generator is not None else latents.device
-        shape = (latents.shape[0],) + (1,) * (latents.ndim - 1)
-        alpha = torch.rand(shape, generator=generator, device=device) * self.noise_gamma
-        eps = torch.randn(latents.shape, generator=generator, device=device)
-        return latents + (alpha * eps).to(device=latents.device, dtype=latents.dtype)
+        return add_latent_noise(latents, self.noise_gamma, generator)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Reconstruct features ``[..., D]`` from latents ``[..., d]``."""
@@ -237,6 +240,21 @@ class DimensionReducer(
         self.out_proj.bias.copy_(dec_bias)
         self.encoder.zero_init_output()
         self.decoder.zero_init_output()
+
+
+def add_latent_noise(latents: Tensor, gamma: float, generator: torch.Generator | None = None) -> Tensor:
+    """Return ``latents + alpha * eps`` with ``alpha ~ U[0, gamma]`` drawn per sample (dim 0), ``eps ~ N(0, 1)``.
+
+    Args:
+        latents: Latents ``[B, ...]``.
+        gamma: Upper bound of the noise level.
+        generator: Optional generator for reproducible noise (its device is the noise's).
+    """
+    device = generator.device if generator is not None else latents.device
+    shape = (latents.shape[0],) + (1,) * (latents.ndim - 1)
+    alpha = torch.rand(shape, generator=generator, device=device) * gamma
+    eps = torch.randn(latents.shape, generator=generator, device=device)
+    return latents + (alpha * eps).to(device=latents.device, dtype=latents.dtype)
 
 
 def explained_variance(features: Tensor, reconstruction: Tensor) -> Tensor:

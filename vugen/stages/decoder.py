@@ -28,7 +28,7 @@ from vugen.diffusion import Prediction, Schedule, flow_matching_inputs, flow_mat
 from vugen.generation import SamplingConfig, decode_latents, pixel_shift
 from vugen.hub import local_folder_or_hub_id
 from vugen.nn.pixel_decoder import PixelDecoder
-from vugen.nn.reducer import DimensionReducer
+from vugen.nn.reducer import DimensionReducer, add_latent_noise
 from vugen.stages.base import AdapterStage, check_reads_adapter
 
 __all__ = ["DecoderStage"]
@@ -52,6 +52,11 @@ class DecoderStage(AdapterStage):
         train_reducer: Train the reducer jointly with the decoder (VUGEN's first phase); False freezes it.
         feature_loss_weight: Weight of the reducer's feature reconstruction loss added to the diffusion loss
             when the reducer trains (keeps the latents informative about the VLM features); 0 disables it.
+        latent_noise: Upper bound of extra noise on the decoder's conditioning in training: ``z + alpha * eps``,
+            ``alpha ~ U[0, latent_noise]`` per image, on top of the reducer's own ``noise_gamma`` (which also shapes
+            what the reducer learns). Makes the decoder tolerant to the latent sampler's errors, as RAE's
+            noise-augmented decoder training does; the feature loss, validation, test and the latent cache stay
+            clean. Latents are per-token normalised, so 1 is the scale of a latent. 0 disables it.
         pca_init: Initialise a fresh ``reducer`` as the PCA reducer of the first training batch's features (rank
             0's, broadcast); never applied to a loaded reducer or a resumed run.
         time_schedule: Training-time distribution: ``"logit_normal"`` or ``"uniform"``.
@@ -85,6 +90,7 @@ class DecoderStage(AdapterStage):
         reducer_path: str | None = None,
         train_reducer: bool = True,
         feature_loss_weight: float = 0.0,
+        latent_noise: float = 0.0,
         pca_init: bool = True,
         time_schedule: Schedule = "logit_normal",
         time_mean: float = 0.0,
@@ -109,10 +115,13 @@ class DecoderStage(AdapterStage):
         )
         if feature_loss_weight < 0:
             raise ValueError(f"need feature_loss_weight >= 0, got {feature_loss_weight}")
+        if not latent_noise >= 0:
+            raise ValueError(f"need latent_noise >= 0, got {latent_noise}")
         self.decoder = decoder
         self.reducer = reducer.requires_grad_(train_reducer)
         self.train_reducer = train_reducer
         self.feature_loss_weight = float(feature_loss_weight)
+        self.latent_noise = float(latent_noise)
         self.enable_pca_init(pca_init and reducer_path is None)
         self.time_schedule, self.time_mean, self.time_std, self.time_shift = (
             time_schedule,
@@ -205,7 +214,8 @@ class DecoderStage(AdapterStage):
         latents = self.reducer.encode(features)
         grid = self.adapter.token_grid(images.shape[-2], images.shape[-1])
         drop = self.decoder.draw_drop_mask(len(images), device=images.device)
-        metrics = {"diffusion": self._diffusion_loss(images, latents, grid, drop)}
+        condition = add_latent_noise(latents, self.latent_noise) if self.latent_noise > 0 else latents
+        metrics = {"diffusion": self._diffusion_loss(images, condition, grid, drop)}
         loss = metrics["diffusion"]
         if self.train_reducer and self.feature_loss_weight > 0:
             metrics["feature"] = self.reducer.reconstruction_loss(features, self.reducer.decode(latents))["loss"]
