@@ -40,8 +40,9 @@ lock:  ## rewrite requirements/lock.txt with the newest versions pyproject.toml 
 test: install  ## run the test suite (slow tests included, heavy ones not), one worker per core
 	$(PY) -m pytest -n auto -m "not heavy"
 
-# The shipped family configs at the released models' geometry: ~8 CPU-minutes, so apart from `make test`; CI runs it.
-test-heavy: install  ## run the heavy tests (every family config at released geometry)
+# The shipped family configs at the released models' geometry and the demo's decoder recipe to 30 dB: ~14 CPU-minutes,
+# so apart from `make test`; CI runs it.
+test-heavy: install  ## run the heavy tests (every family config at released geometry, the demo decoder to 30 dB)
 	$(PY) -m pytest -n auto -m heavy
 
 test-fast: install  ## run the tests not marked slow (nor heavy)

@@ -336,6 +336,7 @@ def test_vugen_fit_then_test_with_the_demo_config(adapter, tiny_checkpoint, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # six CPU-minutes, a third of `make test`'s wall time: CI runs it with `make test-heavy`
 def test_demo_reaches_30_db_on_heldout_compositions(tiny_checkpoint, tmp_path):
     """Stage 1 then stage 3 as shipped (configs/demo/*.yaml): held-out PSNR of sampled reconstructions >= 30 dB."""
     tiny_llava = str(tiny_checkpoint("llava"))
