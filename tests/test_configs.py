@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_CONFIGS = sorted(ROOT.glob("configs/*/adapter.yaml"))
 # Configs of `vugen <command>` functions (jsonargparse CLIs), by file name; every other YAML is a LightningCLI run.
 COMMAND_CONFIGS = {"cache.yaml": cache_latents}
+# Overlays, by file name: each parses over the config it names (`vugen fit --config BASE --config OVERLAY`).
+OVERLAYS = {"sampler-understands.yaml": "sampler.yaml"}
 RUN_CONFIGS = sorted(
     p for p in ROOT.glob("configs/**/*.yaml") if p not in ADAPTER_CONFIGS and p.name not in COMMAND_CONFIGS
 )
@@ -78,8 +80,9 @@ def test_adapter_config_with_an_unknown_key_is_refused(tmp_path):
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=rel)
 def test_run_config_parses(path):
     subcommand = "predict" if path.name == "predict.yaml" else "fit"  # a predict config sets predict's own options
-    args = [subcommand, "--config", str(path)]
-    present = yaml.safe_load(path.read_text()) or {}
+    base = [path.with_name(OVERLAYS[path.name])] if path.name in OVERLAYS else []
+    args = [subcommand, *(arg for config in (*base, path) for arg in ("--config", str(config)))]
+    present = {key for config in (*base, path) for key in yaml.safe_load(config.read_text()) or {}}
     for key, class_path in BORING.items():  # partial configs (trainer-only, data-only) get stand-ins
         if key not in present:
             args += [f"--{key}", class_path]

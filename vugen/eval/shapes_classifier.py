@@ -303,3 +303,11 @@ def _check_weights(file: Path, model: nn.Module, config: Path) -> None:
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ValueError(f"{file} does not match {config}: {', '.join(problems[:3])}{more}")
+
+
+if __name__ == "__main__":  # `python -m vugen.eval.shapes_classifier DIR`: how `make demo` trains it beside a stage
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m vugen.eval.shapes_classifier DIR")
+    print(json.dumps(train_shapes_classifier(sys.argv[1])["accuracy"]))
