@@ -24,7 +24,10 @@ TAUGHT = "outputs/demo/tiny-llava-understands"
 # Each command line of the demo, with settings its parsed configuration must hold (dotted keys).
 STEPS = {
     "tiny": (demo.TINY_VLM, {"family": "llava", "directory": "outputs/demo/tiny-llava"}),
-    "tiny --understand": (demo.UNDERSTANDING_VLM, {"directory": TAUGHT, "understand": "shapes"}),
+    "tiny --understand": (
+        demo.UNDERSTANDING_VLM,
+        {"directory": TAUGHT, "understand": "shapes", "understand_recipe.heldout_ratio": 0.2},
+    ),
     "fit reducer": (demo.fit("reducer.yaml"), {"model.class_path": "vugen.stages.ReducerStage"}),
     "fit decoder": (demo.fit("decoder.yaml"), {"model.class_path": "vugen.stages.DecoderStage"}),
     "test decoder": (demo.TEST_DECODER, {"ckpt_path": "outputs/demo/decoder.ckpt"}),

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from vugen.cli import main
-from vugen.data.shapes import ShapeObject, ShapeScene, ShapesDataset, is_heldout
+from vugen.data.shapes import ShapeObject, ShapeScene, ShapesDataset, is_heldout, parse_caption
 from vugen.data.shapes_understanding import (
     CAPTION_PROMPT,
     ShapesUnderstandingDataModule,
@@ -72,6 +72,22 @@ def test_the_datamodule_batches_prompts_and_answers():
     assert batch["images"].shape == (4, 3, 32, 32)
     assert len(batch["prompts"]) == len(batch["answers"]) == 4
     assert all(prompt.endswith("?") for prompt in batch["prompts"])
+
+
+def test_heldout_ratio_mixes_held_out_compositions_into_training_only():
+    """A fifth of the training examples show a held-out composition, evenly spaced and unlike the images scored on
+    the `heldout` split (another seed); validation keeps none, and the default keeps them out (negative control)."""
+    data = ShapesUnderstandingDataModule(heldout_ratio=0.2, train_size=100, val_size=50, seed=3)
+    train = data.dataset("train")
+    shown = [is_heldout(parse_caption(train[i]["answers"])) for i in range(100)]
+    assert sum(shown) == 20 and all(sum(shown[start : start + 5]) == 1 for start in range(0, 100, 5))
+    scored = ShapesDataset("heldout", 100, seed=3)
+    assert not all(torch.equal(train[i]["images"], scored[i]["images"]) for i in range(100) if shown[i])
+    assert not any(is_heldout(parse_caption(data.dataset("val")[i]["answers"])) for i in range(50))
+    default = ShapesUnderstandingDataModule(train_size=100).dataset("train")
+    assert not any(is_heldout(parse_caption(default[i]["answers"])) for i in range(100))
+    with pytest.raises(ValueError, match=r"heldout_ratio must be in \[0, 1\], got -1"):
+        ShapesUnderstandingDataModule(heldout_ratio=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- parts

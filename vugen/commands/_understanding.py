@@ -45,6 +45,8 @@ class UnderstandingRecipe:
         lr: Peak learning rate of AdamW's one-cycle schedule.
         warmup: Fraction of the steps that warm the learning rate up.
         two_object_ratio: Fraction of two-object scenes among the training images.
+        heldout_ratio: Fraction of training images with a composition held out from generation (the demo's
+            held-out prompts): a VLM that has seen them, as real VLMs have seen far more than a generation set.
         seed: Seed of the training images and their order.
     """
 
@@ -54,6 +56,7 @@ class UnderstandingRecipe:
     lr: float = 3e-3
     warmup: float = 0.1
     two_object_ratio: float = 0.5
+    heldout_ratio: float = 0.0
     seed: int = 0
 
 
@@ -76,6 +79,7 @@ def train_understanding(
         train_size=steps * recipe.batch_size,  # every training image drawn once
         batch_size=recipe.batch_size,
         two_object_ratio=recipe.two_object_ratio,
+        heldout_ratio=recipe.heldout_ratio,
         seed=recipe.seed,
     )
     stage = UnderstandingStage(

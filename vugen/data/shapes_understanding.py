@@ -13,8 +13,9 @@ Two kinds of prompt, both answered from the scene that drew the image:
 
 A caption can be right by learning which words go together; a question names one attribute of an object and asks for
 another, so it is answered only by binding them in the image (the lever the understanding ablation measures).
-Held-out compositions stay held out: the ``train``, ``val`` and ``test`` splits never draw them, so no question
-names them either.
+Held-out compositions are held out from generation: the ``train``, ``val`` and ``test`` splits never draw them. An
+understanding run may see them (``heldout_ratio`` of :class:`ShapesUnderstandingDataModule`), as a real VLM has read
+far more compositions than any generation set holds: the VUGEN premise the demo measures.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ def attribute_questions(scene: ShapeScene) -> list[tuple[str, str]]:
     return questions
 
 
-def _checked_ratio(question_ratio: float) -> float:
-    if isinstance(question_ratio, bool) or not 0.0 <= question_ratio <= 1.0:
-        raise ValueError(f"question_ratio must be in [0, 1], got {question_ratio!r}")
-    return question_ratio
+def _checked_ratio(ratio: float, name: str = "question_ratio") -> float:
+    if isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {ratio!r}")
+    return ratio
 
 
 class ShapesUnderstandingDataset(ShapesDataset):
@@ -132,16 +133,40 @@ class ShapesUnderstandingDataModule(ShapesDataModule):
 
     Args:
         question_ratio: Fraction of examples (every split) that ask an attribute question instead of the caption.
+        heldout_ratio: Fraction of the training examples drawn from held-out compositions (evenly spaced through
+            the split; their images are the ``heldout`` split's of seed ``seed + 1``, so that the ``heldout``
+            images scored at seed ``seed`` are other draws). 0 keeps them out of training.
         kwargs: The arguments of :class:`ShapesDataModule` (sizes, image size, batch size, seed, ...).
     """
 
-    def __init__(self, question_ratio: float = 0.0, **kwargs) -> None:
+    def __init__(self, question_ratio: float = 0.0, heldout_ratio: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.question_ratio = _checked_ratio(question_ratio)
+        self.heldout_ratio = _checked_ratio(heldout_ratio, "heldout_ratio")
 
-    def dataset(self, split: str) -> ShapesUnderstandingDataset:
+    def dataset(self, split: str) -> ShapesUnderstandingDataset | _WithHeldout:
         """The understanding examples of ``split`` (one of ``train``, ``val``, ``test``, ``heldout``)."""
         images = super().dataset(split)
+        examples = self._examples(split, images.seed, images)
+        if split != "train" or self.heldout_ratio == 0:
+            return examples
+        return _WithHeldout(examples, self._examples("heldout", images.seed + 1, images), self.heldout_ratio)
+
+    def _examples(self, split: str, seed: int, images: ShapesDataset) -> ShapesUnderstandingDataset:
         return ShapesUnderstandingDataset(
-            split, images.size, images.image_size, images.two_object_ratio, images.seed, self.question_ratio
+            split, images.size, images.image_size, images.two_object_ratio, seed, self.question_ratio
         )
+
+
+class _WithHeldout(torch.utils.data.Dataset):
+    """``base`` with a fraction ``ratio`` of its items, evenly spaced, taken from ``heldout`` at the same index."""
+
+    def __init__(self, base: ShapesUnderstandingDataset, heldout: ShapesUnderstandingDataset, ratio: float) -> None:
+        self.base, self.heldout, self.ratio = base, heldout, ratio
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        held_out = int((index + 1) * self.ratio) > int(index * self.ratio)
+        return (self.heldout if held_out else self.base)[index]
