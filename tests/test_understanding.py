@@ -81,8 +81,13 @@ def test_heldout_ratio_mixes_held_out_compositions_into_training_only():
     train = data.dataset("train")
     shown = [is_heldout(parse_caption(train[i]["answers"])) for i in range(100)]
     assert sum(shown) == 20 and all(sum(shown[start : start + 5]) == 1 for start in range(0, 100, 5))
-    scored = ShapesDataset("heldout", 100, seed=3)
-    assert not all(torch.equal(train[i]["images"], scored[i]["images"]) for i in range(100) if shown[i])
+    # Each item is the base split's at seed 3, or the heldout split's at seed 4, at the same index.
+    base, taught, scored = (
+        ShapesDataset(split, 100, seed=seed) for split, seed in (("train", 3), ("heldout", 4), ("heldout", 3))
+    )
+    for i in range(100):
+        assert torch.equal(train[i]["images"], (taught if shown[i] else base)[i]["images"])
+    assert sum(torch.equal(train[i]["images"], scored[i]["images"]) for i in range(100) if shown[i]) < 5
     assert not any(is_heldout(parse_caption(data.dataset("val")[i]["answers"])) for i in range(50))
     default = ShapesUnderstandingDataModule(train_size=100).dataset("train")
     assert not any(is_heldout(parse_caption(default[i]["answers"])) for i in range(100))

@@ -45,9 +45,11 @@ from safetensors import safe_open
 from torchvision.utils import make_grid, save_image
 
 from vugen.cli import run
+from vugen.commands._understanding import RECORD, score_captions
 from vugen.data.shapes import heldout_prompts, heldout_two_object_prompts
 from vugen.eval.frechet import frechet_distance_folder
 from vugen.eval.shapeeval import format_report, score_folder
+from vugen.pipeline import VugenPipeline
 
 CONFIGS = Path("configs/demo")
 OUT = Path("outputs/demo")
@@ -70,6 +72,11 @@ TINY_VLM = ["tiny", "llava", str(folder("tiny-llava", "random"))]
 UNDERSTANDING_VLM = [
     *("tiny", "llava", str(folder("tiny-llava", "understands"))),
     *("--understand", "shapes", "--understand_recipe.heldout_ratio", "0.2"),
+]
+# Run in another process while stages 1 and 3 run here.
+BESIDE_STAGES_1_AND_3 = [
+    ("understanding VLM", ["vugen", *UNDERSTANDING_VLM]),
+    ("Shapes classifier (FD features)", ["vugen.eval.shapes_classifier", str(CLASSIFIER)]),
 ]
 TEST_DECODER = ["test", "--config", str(CONFIGS / "decoder.yaml"), f"--ckpt_path={OUT / 'decoder.ckpt'}"]
 
@@ -134,6 +141,11 @@ class Steps:
         self.spans[name] = (begin - self.start, time.perf_counter() - self.start)
         self.console.print(f"[dim]{name}: done in {time.perf_counter() - begin:.0f} s")
 
+    def in_turn(self, commands: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """:meth:`elsewhere` of each ``(name, argv)``, one after the other."""
+        for name, argv in commands:
+            self.elsewhere(name, argv)
+
     def table(self) -> Table:
         table = Table(title="vugen demo (steps side by side overlap; total = wall time)")
         for column in ("step", "from s", "seconds"):
@@ -164,7 +176,7 @@ def main() -> None:
     if not (folder("tiny-llava", "random") / "config.json").is_file():
         steps.here("tiny VLM", lambda: run(TINY_VLM))
     with ThreadPoolExecutor(max_workers=2) as pool, one_thread():
-        beside = pool.submit(_understanding_and_classifier, steps)
+        beside = pool.submit(steps.in_turn, BESIDE_STAGES_1_AND_3)
         stage1 = steps.here("stage 1: reducer", lambda: run(fit("reducer.yaml")))
         steps.here("stage 3: pixel decoder (+ reducer)", lambda: run(fit("decoder.yaml")))
         tested = steps.here("stage 3: held-out reconstruction", lambda: run(TEST_DECODER))
@@ -183,20 +195,10 @@ def main() -> None:
     _report(console, steps, results)
 
 
-def _understanding_and_classifier(steps: Steps) -> None:
-    steps.elsewhere("understanding VLM", ["vugen", *UNDERSTANDING_VLM])
-    steps.elsewhere("Shapes classifier (FD features)", ["vugen.eval.shapes_classifier", str(CLASSIFIER)])
-
-
 def _side_by_side(steps: Steps, lanes: dict[str, list[tuple[str, list[str]]]]) -> None:
     """Each lane's commands one after the other in processes of their own, the lanes at once (one CPU thread each)."""
-
-    def lane(commands: list[tuple[str, list[str]]]) -> None:
-        for name, argv in commands:
-            steps.elsewhere(name, argv)
-
     with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        for future in [pool.submit(lane, commands) for commands in lanes.values()]:
+        for future in [pool.submit(steps.in_turn, commands) for commands in lanes.values()]:
             future.result()
 
 
@@ -239,9 +241,6 @@ def _scores(variant: str) -> dict[str, dict[str, float | int]]:
 
 def _captions_before_and_after() -> dict[str, Any]:
     """The taught VLM's caption accuracy as ``vugen tiny --understand`` measured it, and through its bundle now."""
-    from vugen.commands._understanding import RECORD, score_captions
-    from vugen.pipeline import VugenPipeline
-
     before = json.loads((folder("tiny-llava", "understands") / RECORD).read_text())["caption_accuracy"]
     # The bundle's VLM with its stage-2 LoRA attached, in eval mode: what `VugenPipeline.describe` asks.
     bundle = VugenPipeline.from_pretrained(folder("bundle", "understands"))
