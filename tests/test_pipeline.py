@@ -42,10 +42,11 @@ def bundle_copy(bundle, tmp_path) -> Path:
             "lora_scope": "all",
             "image_attention": "causal",
             "head": "linear",
+            "latent_patch_size": 2,
             "sampling": SamplingConfig(solver="heun", steps=2, time_shift=2.0),
         },
     ],
-    ids=["default", "all-causal-linear-heun"],
+    ids=["default", "all-causal-linear-patched-heun"],
 )
 def test_save_and_load_generate_identical_images(pretrained, decoder_export, tmp_path, settings):
     stage = make_stage(pretrained, decoder_export, **settings)
@@ -127,6 +128,7 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
         "head": "mlp",
         "head_width": 32,
         "head_depth": 1,
+        "latent_patch_size": 1,
     }
     assert record["sampling"] == {
         "solver": "euler",
@@ -271,6 +273,18 @@ def test_loading_a_damaged_bundle_names_what_is_wrong(bundle_copy, corrupt, erro
     corrupt(bundle_copy)
     with pytest.raises(error, match=message):
         VugenPipeline.from_pretrained(bundle_copy)
+
+
+def test_a_bundle_from_before_a_bridge_setting_existed_loads_with_its_default(bundle_copy, stage):
+    """Bundles written before ``patch_size`` have no such key in bridge/config.json: 1, the default, is meant."""
+    config_file = bundle_copy / "bridge" / "config.json"
+    record = json.loads(config_file.read_text())
+    del record["patch_size"]
+    config_file.write_text(json.dumps(record))
+    _rehash(config_file)
+    assert torch.equal(
+        VugenPipeline.from_pretrained(bundle_copy).sample(PROMPTS, SEEDS), stage.pipeline().sample(PROMPTS, SEEDS)
+    )
 
 
 def test_trust_remote_code_comes_from_the_caller_not_the_bundle(bundle_copy):

@@ -148,6 +148,28 @@ def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
 
 
+def test_a_patched_latent_block_trains_and_its_prompt_cache_gives_the_full_pass(tiny_llava, decoder_export):
+    """2 x 2 latent tokens per LM token: 16 LM tokens for the 64 latents, trained and sampled like one per token."""
+    seed_everything(0)
+    stage = make_stage(tiny_llava, decoder_export, latent_patch_size=2)
+    sampler, data = stage.latent_sampler, batch()
+    assert sampler.bridge.sequence_length == 16 and sampler.bridge.num_tokens == 64
+    before = fixed_loss(stage, data)
+    train(stage, 30, data)
+    assert fixed_loss(stage, data) < 0.7 * before
+    prefix, mask = sampler.eval().prefix(PROMPTS)
+    z_t = torch.randn(2, 64, LATENT_DIM, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        full = sampler.velocity(z_t, t, prefix, mask)
+        positions = (torch.cumsum(mask, 1) - 1).clamp_min(0)
+        prefix_hidden, cache = sampler.run(prefix, mask, positions, sampler.image_from(mask))
+        cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, prefix_hidden[:, -1])
+    assert full.shape == (2, 64, LATENT_DIM)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    assert stage.pipeline().sample(PROMPTS, [0, 1]).shape == (2, 3, 32, 32)
+
+
 @pytest.mark.parametrize(("attention", "sees_later"), [("bidirectional", True), ("causal", False)])
 def test_latent_block_attention(tiny_llava, decoder_export, attention, sees_later):
     sampler = make_stage(tiny_llava, decoder_export, image_attention=attention, head="linear").eval().latent_sampler

@@ -415,7 +415,13 @@ def _build_adapter(
 
 
 def _load_bridge(bridge: LatentBridge, folder: Path) -> None:
-    config = _read_json(folder / "config.json")
+    # A setting added since the bundle was written is absent from its config.json: it had the default value then.
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(LatentBridge).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    config = {**defaults, **_read_json(folder / "config.json")}
     if config != bridge.config:
         raise BundleError(
             f"{folder / 'config.json'} is {config}, but vugen.json and the VLM give the latent bridge {bridge.config}"

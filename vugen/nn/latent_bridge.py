@@ -2,8 +2,9 @@
 
 In: a noisy latent token ``z_t`` becomes ``in_proj(z_t) + position + time`` in the LM's width. Out: the LM's hidden
 state at that token becomes a velocity ``[d]``, through a linear ``out_proj`` or a small adaLN MLP flow head
-conditioned on ``t`` (VGT / MAR style). ``boi`` is the learned begin-of-image embedding that separates the prompt
-from the latent block.
+conditioned on ``t`` (VGT / MAR style). With ``patch_size`` p > 1, each LM token carries a p x p patch of latent
+tokens (``p * p * d`` values in and out, as DiT patchifies its latent): the LM's sequence is p^2 times shorter.
+``boi`` is the learned begin-of-image embedding that separates the prompt from the latent block.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class LatentBridge(
         head: ``"linear"`` (``out_proj``) or ``"mlp"`` (an adaLN MLP flow head conditioned on ``t``).
         head_width: Width of the MLP head.
         head_depth: Residual blocks of the MLP head.
+        patch_size: Side of the square of latent tokens one LM token carries; divides both grid sides.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class LatentBridge(
         head: Literal["linear", "mlp"] = "mlp",
         head_width: int = 512,
         head_depth: int = 2,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -97,23 +100,27 @@ class LatentBridge(
             ("grid_width", grid_width),
             ("head_width", head_width),
             ("head_depth", head_depth),
+            ("patch_size", patch_size),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if grid_height % patch_size or grid_width % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide the latent token grid ({grid_height}, {grid_width})")
         if head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}")
         self.latent_dim, self.hidden_size = latent_dim, hidden_size
-        self.grid = (grid_height, grid_width)
-        self.in_proj = nn.Linear(latent_dim, hidden_size)
-        self.pos_embed = nn.Parameter(torch.randn(grid_height * grid_width, hidden_size) * _INIT_STD)
+        self.grid, self.patch_size = (grid_height, grid_width), patch_size
+        patch_dim = latent_dim * patch_size**2
+        self.in_proj = nn.Linear(patch_dim, hidden_size)
+        self.pos_embed = nn.Parameter(torch.randn(self.sequence_length, hidden_size) * _INIT_STD)
         self.time_embed = nn.Sequential(
             nn.Linear(_TIME_FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.boi = nn.Parameter(torch.randn(hidden_size) * _INIT_STD)
         self.head: nn.Module = (
-            nn.Linear(hidden_size, latent_dim)
+            nn.Linear(hidden_size, patch_dim)
             if head == "linear"
-            else _FlowHead(hidden_size, latent_dim, head_width, head_depth)
+            else _FlowHead(hidden_size, patch_dim, head_width, head_depth)
         )
         final = self.head if head == "linear" else self.head.out_proj
         nn.init.zeros_(final.weight)  # zero velocity at init: training starts from a neutral prediction
@@ -129,15 +136,36 @@ class LatentBridge(
         """``N``, latent tokens per image."""
         return self.grid[0] * self.grid[1]
 
+    @property
+    def sequence_length(self) -> int:
+        """LM tokens of the latent block: ``N / patch_size^2``."""
+        return self.num_tokens // self.patch_size**2
+
+    def _patchify(self, latents: Tensor) -> Tensor:
+        """``[B, N, c]`` in raster order -> ``[B, N / p^2, p * p * c]``, one row per p x p patch (raster order)."""
+        p, (gh, gw) = self.patch_size, self.grid
+        if p == 1:
+            return latents
+        x = latents.reshape(latents.shape[0], gh // p, p, gw // p, p, latents.shape[-1])
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(latents.shape[0], self.sequence_length, -1)
+
+    def _unpatchify(self, patches: Tensor) -> Tensor:
+        """The inverse of :meth:`_patchify`."""
+        p, (gh, gw) = self.patch_size, self.grid
+        if p == 1:
+            return patches
+        x = patches.reshape(patches.shape[0], gh // p, gw // p, p, p, -1)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(patches.shape[0], self.num_tokens, -1)
+
     def embed(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """Noisy latents ``[B, N, d]`` at times ``t`` ``[B]`` -> LM input embeddings ``[B, N, hidden_size]``."""
+        """Noisy latents ``[B, N, d]`` at times ``t`` ``[B]`` -> LM input embeddings ``[B, N / p^2, hidden_size]``."""
         if z_t.ndim != 3 or z_t.shape[1:] != (self.num_tokens, self.latent_dim):
             raise ValueError(
                 f"latents must have shape [B, {self.num_tokens}, {self.latent_dim}] (grid {self.grid}), "
                 f"got {tuple(z_t.shape)}"
             )
         time = self.time_embed(timestep_embedding(t, _TIME_FREQ_DIM).to(z_t.dtype))
-        return self.in_proj(z_t) + self.pos_embed.to(z_t.dtype) + time[:, None]
+        return self.in_proj(self._patchify(z_t)) + self.pos_embed.to(z_t.dtype) + time[:, None]
 
     def begin_image(self, batch: int, dtype: torch.dtype) -> Tensor:
         """The begin-of-image embedding for a batch: ``[B, 1, hidden_size]``.
@@ -147,7 +175,7 @@ class LatentBridge(
         return self.boi.to(dtype).expand(batch, 1, -1).clone()
 
     def velocity(self, hidden: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """LM hidden states at the latent tokens ``[B, N, hidden_size]`` -> velocities ``[B, N, d]``.
+        """LM hidden states at the latent block ``[B, N / p^2, hidden_size]`` -> velocities ``[B, N, d]``.
 
         ``context`` ``[B, hidden_size]`` is the LM's hidden state at the BOI token (it has read the whole prompt); the
         MLP head adds it to its time condition, so every token's velocity sees the prompt directly (the linear head
@@ -156,5 +184,5 @@ class LatentBridge(
         dtype = self.in_proj.weight.dtype
         hidden, context = hidden.to(dtype), context.to(dtype)
         if isinstance(self.head, nn.Linear):
-            return self.head(hidden + context[:, None])
-        return self.head(hidden, t, context)
+            return self._unpatchify(self.head(hidden + context[:, None]))
+        return self._unpatchify(self.head(hidden, t, context))
