@@ -254,6 +254,7 @@ def test_sampler_recipe():
     assert "attn_implementation" not in adapter_node("llava", "sampler.yaml")["init_args"]  # sdpa: honours 4-D masks
     shape = {"lora_rank": 64, "lora_alpha": 64.0, "lora_dropout": 0.0, "lora_scope": "image_tokens"}
     shape |= {"image_attention": "bidirectional", "head": "mlp", "head_width": 1024, "head_depth": 3}
+    shape |= {"latent_patch_size": 1}  # one latent token per LM token: the released families' geometry as measured
     assert model.latent_sampler.as_dict() == shape
     assert model.prompt_dropout == 0.1
     assert (model.time_schedule, model.time_mean, model.time_std, model.time_shift) == ("logit_normal", 0.0, 1.0, None)
