@@ -20,18 +20,21 @@ def bridge(patch_size: int, head: str = "mlp") -> LatentBridge:
 
 
 def raster_latents(batch: int = 2) -> torch.Tensor:
-    """Latents whose values name their token: token ``(r, c)`` holds ``r * 100 + c`` in every channel."""
+    """Latents whose values name their token and channel: token ``(r, c)`` holds ``k * 1000 + r * 100 + c`` in
+    channel ``k``."""
     rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
-    tokens = (rows * 100 + cols).reshape(-1, 1).float().expand(-1, LATENT_DIM)
+    tokens = (rows * 100 + cols).reshape(-1, 1).float() + 1000 * torch.arange(LATENT_DIM).float()
     return tokens.expand(batch, -1, -1).clone()
 
 
 def test_a_patch_holds_its_square_of_neighbouring_tokens():
     patches = bridge(2)._patchify(raster_latents())
-    assert patches.shape == (2, 6, 4 * LATENT_DIM)
-    # Patch 4 is row 1, column 1 of the 2 x 3 patch grid: latent rows 2-3, columns 2-3, in raster order.
-    assert patches[0, 4, ::LATENT_DIM].tolist() == [202.0, 203.0, 302.0, 303.0]
-    assert patches[0, 0, ::LATENT_DIM].tolist() == [0.0, 1.0, 100.0, 101.0]
+    assert patches.shape == (2, 6, LATENT_DIM * 4)
+    squares = patches.reshape(2, 6, LATENT_DIM, 2, 2)  # (channel, row, column) within each patch
+    channel = 1000 * torch.arange(LATENT_DIM).view(LATENT_DIM, 1, 1)
+    # Patch 4 is row 1, column 1 of the 2 x 3 patch grid: latent rows 2-3, columns 2-3, each channel in its place.
+    assert torch.equal(squares[1, 4], channel + torch.tensor([[202.0, 203.0], [302.0, 303.0]]))
+    assert torch.equal(squares[0, 0], channel + torch.tensor([[0.0, 1.0], [100.0, 101.0]]))
 
 
 @pytest.mark.parametrize("patch_size", [1, 2])

@@ -132,9 +132,9 @@ def test_the_default_time_shift_is_raes_but_never_below_one(trained):
         stage.time_shift = None
 
 
-def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
-    sampler = trained[0].eval().latent_sampler
-    prefix, mask = sampler.prefix(PROMPTS)
+def assert_the_prompt_cache_gives_the_full_pass_velocities(sampler) -> None:
+    """Velocities of both prompts, and of the second alone, on the prompt cache equal a full pass's."""
+    prefix, mask = sampler.eval().prefix(PROMPTS)
     z_t = torch.randn(2, sampler.bridge.num_tokens, LATENT_DIM, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.3, 0.7])
     with torch.no_grad():
@@ -144,8 +144,13 @@ def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
         context = prefix_hidden[:, -1]
         cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
         one = sampler._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
+    assert full.shape == (2, sampler.bridge.num_tokens, LATENT_DIM)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
+
+
+def test_the_prompt_cache_gives_the_full_pass_velocities(trained):
+    assert_the_prompt_cache_gives_the_full_pass_velocities(trained[0].latent_sampler)
 
 
 def test_a_patched_latent_block_trains_and_its_prompt_cache_gives_the_full_pass(tiny_llava, decoder_export):
@@ -157,17 +162,8 @@ def test_a_patched_latent_block_trains_and_its_prompt_cache_gives_the_full_pass(
     before = fixed_loss(stage, data)
     train(stage, 30, data)
     assert fixed_loss(stage, data) < 0.7 * before
-    prefix, mask = sampler.eval().prefix(PROMPTS)
-    z_t = torch.randn(2, 64, LATENT_DIM, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([0.3, 0.7])
-    with torch.no_grad():
-        full = sampler.velocity(z_t, t, prefix, mask)
-        positions = (torch.cumsum(mask, 1) - 1).clamp_min(0)
-        prefix_hidden, cache = sampler.run(prefix, mask, positions, sampler.image_from(mask))
-        cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, prefix_hidden[:, -1])
-    assert full.shape == (2, 64, LATENT_DIM)
-    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
-    assert stage.pipeline().sample(PROMPTS, [0, 1]).shape == (2, 3, 32, 32)
+    assert_the_prompt_cache_gives_the_full_pass_velocities(sampler)
+    assert stage.eval().pipeline().sample(PROMPTS, [0, 1]).shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize(("attention", "sees_later"), [("bidirectional", True), ("causal", False)])

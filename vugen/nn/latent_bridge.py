@@ -16,7 +16,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from vugen.nn.hub import HUB_METADATA, HUB_TAGS
-from vugen.nn.pixel_decoder import timestep_embedding
+from vugen.nn.pixel_decoder import patchify, timestep_embedding, unpatchify
 
 __all__ = ["LatentBridge"]
 
@@ -142,20 +142,16 @@ class LatentBridge(
         return self.num_tokens // self.patch_size**2
 
     def _patchify(self, latents: Tensor) -> Tensor:
-        """``[B, N, c]`` in raster order -> ``[B, N / p^2, p * p * c]``, one row per p x p patch (raster order)."""
-        p, (gh, gw) = self.patch_size, self.grid
-        if p == 1:
-            return latents
-        x = latents.reshape(latents.shape[0], gh // p, p, gw // p, p, latents.shape[-1])
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(latents.shape[0], self.sequence_length, -1)
+        """``[B, N, c]`` in raster order -> ``[B, N / p^2, c * p * p]``, one row per p x p patch (raster order), as
+        the pixel decoder cuts images: the latents are a ``c``-channel image of the token grid."""
+        grid_image = latents.transpose(1, 2).reshape(latents.shape[0], latents.shape[-1], *self.grid)
+        return patchify(grid_image, self.patch_size)
 
     def _unpatchify(self, patches: Tensor) -> Tensor:
         """The inverse of :meth:`_patchify`."""
         p, (gh, gw) = self.patch_size, self.grid
-        if p == 1:
-            return patches
-        x = patches.reshape(patches.shape[0], gh // p, gw // p, p, p, -1)
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(patches.shape[0], self.num_tokens, -1)
+        grid_image = unpatchify(patches, p, (gh // p, gw // p), patches.shape[-1] // p**2)
+        return grid_image.flatten(2).transpose(1, 2)
 
     def embed(self, z_t: Tensor, t: Tensor) -> Tensor:
         """Noisy latents ``[B, N, d]`` at times ``t`` ``[B]`` -> LM input embeddings ``[B, N / p^2, hidden_size]``."""
