@@ -1,7 +1,7 @@
 """The `vugen` command: LightningCLI's fit / validate / test / predict, plus vugen's own commands.
 
 vugen fit --config configs/demo/decoder.yaml
-vugen adapters | check | tiny | cache-latents | generate | describe | export | export-geneval | export-dpg  (commands)
+vugen adapters | check | tiny | emoji-set | cache-latents | generate | describe | export | export-geneval | export-dpg
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ DESCRIPTION = (
     "images of a vugen.data.prompts.PromptDataModule, saved by a prediction writer of vugen.callbacks); "
     "vugen's own: `vugen adapters` (list the registered VLM adapters), `vugen check PRETRAINED` (does vugen work "
     "on this VLM? the adapter checks and a few-step smoke of every stage), `vugen tiny FAMILY DIR` (write a tiny "
-    "offline VLM checkpoint), `vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
+    "offline VLM checkpoint), `vugen emoji-set DIR` (a real captioned image set from an emoji font), "
+    "`vugen cache-latents` (encode a dataset into reduced latents once), `vugen generate` "
     "(text -> PNGs from a bundle), `vugen describe` (what the bundle's VLM answers about images), `vugen export` "
     "(sampler checkpoint -> bundle), `vugen export-geneval` / "
     "`vugen export-dpg` (benchmark layouts). `vugen COMMAND --help` for each. A known error (bad config, missing or "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vugen.commands import adapters, benchmarks, cache_latents, check, describe, export, generate, tiny
+from vugen.commands import adapters, benchmarks, cache_latents, check, describe, emoji_set, export, generate, tiny
 
 __all__ = ["COMMANDS"]
 
@@ -18,6 +18,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "check": check.check,
     "tiny": tiny.tiny,
     "cache-latents": cache_latents.cache_latents,
+    "emoji-set": emoji_set.emoji_set,
     "generate": generate.generate,
     "describe": describe.describe,
     "export": export.export,
