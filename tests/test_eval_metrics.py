@@ -158,7 +158,7 @@ def test_missing_weights_skip_with_one_line_or_raise_when_required(tmp_path):
         assert "\n" not in line and "skipped" in line
         assert argument in line and file in line and cache in line
     metrics.update(*image_pairs(2, seed=4))
-    assert set(metrics.compute()) == {"psnr", "ssim"}
+    assert set(metrics.compute()) == {"psnr", "ssim", "haarpsi"}  # the weight-free ones
 
     with pytest.raises(FileNotFoundError, match=rf"require_weights=True.*lpips_weights.*{ALEXNET_FILE}"):
         ReconstructionMetrics(require_weights=True)
@@ -223,7 +223,7 @@ def test_two_batches_equal_one_batch_of_all_and_reset_forgets(alexnet_weights):
     whole.update(reconstructions, images)
     expected = whole.compute()
     values = streamed.compute()
-    assert set(values) == {"psnr", "ssim", "lpips", "rfid"}
+    assert set(values) == {"psnr", "ssim", "haarpsi", "lpips", "rfid"}
     for name, value in values.items():
         assert value.shape == ()
         assert value.item() == pytest.approx(expected[name].item(), rel=1e-5), name
@@ -236,6 +236,7 @@ def test_identical_images_give_infinite_psnr_and_perfect_scores(alexnet_weights)
     values = metrics.compute()
     assert values["psnr"].item() == float("inf")  # not capped (documented)
     assert values["ssim"].item() == pytest.approx(1.0, abs=1e-6)
+    assert values["haarpsi"].item() == pytest.approx(1.0, abs=1e-5)
     assert values["lpips"].item() == pytest.approx(0.0, abs=1e-7)
     assert values["rfid"].item() == pytest.approx(0.0, abs=1e-6)
 
@@ -245,7 +246,7 @@ def test_rfid_is_left_out_with_a_warning_below_two_images():
     metrics.update(*image_pairs(1, seed=9))
     with pytest.warns(UserWarning, match="at least 2 images"):
         values = metrics.compute()
-    assert set(values) == {"psnr", "ssim"}
+    assert set(values) == {"psnr", "ssim", "haarpsi"}
 
 
 @pytest.mark.parametrize(
@@ -338,6 +339,30 @@ def test_ddp_ranks_compute_the_metrics_of_all_their_images(alexnet_weights, tmp_
     metrics.update(*image_pairs(12, seed=12))
     expected = {name: value.item() for name, value in metrics.compute().items()}
     values = torch.load(out)
-    assert set(values) == set(expected) == {"psnr", "ssim", "lpips", "rfid"}
+    assert set(values) == set(expected) == {"psnr", "ssim", "haarpsi", "lpips", "rfid"}
     for name in expected:
         assert values[name] == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_haarpsi_falls_as_reconstructions_degrade_and_is_the_mean_over_images():
+    """More noise, lower HaarPSI; the value of two batches is the mean of each image's (as PSNR's is)."""
+    scores = []
+    for noise in (0.02, 0.1, 0.3):
+        metrics = ReconstructionMetrics()
+        reconstructions, images = image_pairs(6, seed=12, noise=noise)
+        metrics.update(reconstructions[:2], images[:2])
+        metrics.update(reconstructions[2:], images[2:])
+        scores.append(metrics.compute()["haarpsi"].item())
+        one_by_one = []
+        for index in range(6):
+            single = ReconstructionMetrics()
+            single.update(reconstructions[index : index + 1], images[index : index + 1])
+            one_by_one.append(single.compute()["haarpsi"].item())
+        assert scores[-1] == pytest.approx(np.mean(one_by_one), rel=1e-5)
+    assert 1 > scores[0] > scores[1] > scores[2] > 0
+
+
+def test_haarpsi_is_left_out_for_images_under_16_pixels():
+    metrics = ReconstructionMetrics()
+    metrics.update(*image_pairs(2, seed=13, size=8))
+    assert "haarpsi" not in metrics.compute() and "psnr" in metrics.compute()

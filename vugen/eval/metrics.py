@@ -1,4 +1,4 @@
-"""Reconstruction metrics for the stages' ``test``: PSNR, SSIM, LPIPS and rFID, synchronised across DDP ranks.
+"""Reconstruction metrics for the stages' ``test``: PSNR, SSIM, HaarPSI, LPIPS and rFID, synchronised across DDP ranks.
 
 :class:`ReconstructionMetrics` is a :class:`torchmetrics.MetricCollection`: keep it as an attribute of the
 LightningModule (it moves with ``.to(device)``), ``update`` it per batch, ``compute`` it once at the end of the
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import lpips
+import piq
 import torch
 import torch.nn.functional as F
 from cleanfid.inception_torchscript import InceptionV3W
@@ -30,6 +31,7 @@ __all__ = ["CleanFIDInception", "ReconstructionMetrics"]
 
 # Inputs may overshoot [0, 1] by rounding; anything beyond this is another convention ([-1, 1], [0, 255]).
 _RANGE_TOLERANCE = 1e-3
+HAARPSI_MIN_SIZE = 16  # HaarPSI's coarsest scale: a 16-tap Haar filter
 
 
 class _Trunk(NamedTuple):
@@ -113,6 +115,32 @@ class _LPIPS(Metric):
     def compute(self) -> Tensor:
         """Mean distance."""
         return (self.distance_sum / self.num_images).float()
+
+
+class _HaarPSI(Metric):
+    """Mean HaarPSI similarity over images (piq's implementation; no learned weights). Images under
+    :data:`HAARPSI_MIN_SIZE` pixels a side are not counted (its coarsest Haar filter would not fit)."""
+
+    higher_is_better = True
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("similarity_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_images", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add the similarities of a batch of image pairs in ``[0, 1]``."""
+        if min(preds.shape[-2:]) < HAARPSI_MIN_SIZE:
+            return
+        similarity = piq.haarpsi(preds.clamp(0, 1), target.clamp(0, 1), data_range=1.0, reduction="none")
+        self.similarity_sum += similarity.sum(dtype=torch.float64)
+        self.num_images += similarity.numel()
+
+    def compute(self) -> Tensor:
+        """Mean similarity (NaN when no image was large enough)."""
+        return (self.similarity_sum / self.num_images).float()
 
 
 class _RFID(FrechetInceptionDistance):
@@ -220,6 +248,9 @@ class ReconstructionMetrics(MetricCollection):
       papers report), not the PSNR of the dataset's MSE. It is not capped: a pixel-identical pair has PSNR +inf,
       and so has the mean.
     - ``ssim``: mean over images of SSIM (Gaussian window 11, sigma 1.5, reflect padding; torchmetrics).
+    - ``haarpsi``: mean over images of HaarPSI (Reisenhofer et al. 2018, piq), a perceptual similarity in ``[0, 1]``
+      (higher is better) from Haar wavelet responses, with no learned weights, so it is always there; left out for
+      images under 16x16.
     - ``lpips``: mean LPIPS distance (the ``lpips`` package, v0.1 heads, ``lpips_net`` trunk; lower is better).
       Needs images of at least 31x31 with AlexNet (17 with SqueezeNet, 16 with VGG).
     - ``rfid``: FID between the targets (real) and the reconstructions (fake), clean-fid's Inception features
@@ -269,6 +300,7 @@ class ReconstructionMetrics(MetricCollection):
         metrics: dict[str, Metric] = {
             "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),  # per-image PSNR, then the mean
             "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            "haarpsi": _HaarPSI(),
         }
         missing: dict[str, tuple[str, str]] = {}  # name -> (label, how to supply the weights)
 
@@ -330,9 +362,11 @@ class ReconstructionMetrics(MetricCollection):
         """The metrics over everything accumulated on all ranks since the last reset.
 
         Returns:
-            ``{"psnr", "ssim"[, "lpips"][, "rfid"]}``: scalar tensors.
+            ``{"psnr", "ssim"[, "haarpsi"][, "lpips"][, "rfid"]}``: scalar tensors.
         """
         values = super().compute()
+        if values["haarpsi"].isnan():
+            del values["haarpsi"]  # every image was under HAARPSI_MIN_SIZE
         if "rfid" in values and values["rfid"].isnan():
             del values["rfid"]
             rank_zero_warn("rFID left out: FID needs at least 2 images (a covariance per side).")
