@@ -20,7 +20,7 @@ FAMILIES = sorted(TINY_FAMILIES)
 DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The families whose encoders read plain normalised [B, 3, H, W] pixels: the four whose adapters used to say so by
 # overriding `pixel_inputs` with `normalized_pixels` (LLaVA twice: SigLIP and CLIP).
-PLAIN_PIXELS = {"llava", "llava_clip", "paligemma", "internvl", "gemma3"}
+PLAIN_PIXELS = {"llava", "llava_clip", "llava_wide_tower", "paligemma", "internvl", "gemma3"}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from vugen_adapters.tiny.common import CHAT_TEMPLATE, TINY_TEXT, TINY_VISION, ti
 from vugen_adapters.tiny.gemma3 import tiny_gemma3
 from vugen_adapters.tiny.idefics3 import tiny_idefics3, tiny_smolvlm
 from vugen_adapters.tiny.internvl import tiny_internvl
-from vugen_adapters.tiny.llava import tiny_llava_clip, tiny_llava_siglip
+from vugen_adapters.tiny.llava import tiny_llava_clip, tiny_llava_siglip, tiny_llava_wide_tower
 from vugen_adapters.tiny.paligemma import tiny_paligemma
 from vugen_adapters.tiny.qwen2_vl import tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
@@ -58,6 +58,7 @@ class TinyFamily(NamedTuple):
 TINY_FAMILIES = {
     "llava": TinyFamily(tiny_llava_siglip, "llava"),
     "llava_clip": TinyFamily(tiny_llava_clip, "llava"),
+    "llava_wide_tower": TinyFamily(tiny_llava_wide_tower, "llava"),
     "qwen2_vl": TinyFamily(tiny_qwen2_vl, "qwen2_vl"),
     "qwen2_5_vl": TinyFamily(tiny_qwen2_5_vl, "qwen2_5_vl"),
     "qwen3_vl": TinyFamily(tiny_qwen3_vl, "qwen3_vl"),

@@ -18,7 +18,7 @@ def _tiny_llava(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     tokenizer = tiny_tokenizer(["<image>"], image_placeholder="<image>")
     config = LlavaConfig(
-        vision_config=vision | TINY_VISION | {"image_size": 32, "patch_size": 4},
+        vision_config=TINY_VISION | {"image_size": 32, "patch_size": 4} | vision,
         text_config={"model_type": "llama", "vocab_size": len(tokenizer)} | TINY_TEXT,
         image_token_index=token_id(tokenizer, "<image>"),
         vision_feature_select_strategy=strategy,
@@ -40,6 +40,19 @@ def tiny_llava_siglip() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Tiny LLaVA with a SigLIP tower (no CLS) and a Llama LM: the default test VLM."""
     return _tiny_llava(
         {"model_type": "siglip_vision_model"},
+        SiglipImageProcessor(size={"height": 32, "width": 32}),
+        strategy="full",
+        feature_layer=-1,
+        extra_tokens=0,
+    )
+
+
+def tiny_llava_wide_tower() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Tiny LLaVA whose SigLIP tower is wider (64) than the 48 values of its 4 x 4 RGB patch, as released towers are
+    (SigLIP-so400m/14: 1152 channels for 588): the tiny default's 32 channels cannot pass a patch on, so held-out
+    reconstruction of real images is capped by the tower (configs/real/, docs/real_images.md)."""
+    return _tiny_llava(
+        {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128},
         SiglipImageProcessor(size={"height": 32, "width": 32}),
         strategy="full",
         feature_layer=-1,
