@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help install lock test test-heavy test-fast test-latest demo bench coverage lint format clean
+.PHONY: help install lock test test-heavy test-fast test-latest demo demo-real bench coverage lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ test-latest:  ## run the tests on the newest versions pyproject.toml allows, in 
 
 demo: install  ## the three stages on Shapes with a tiny offline VLM, held-out generation and ShapeEval (CPU)
 	$(PY) -m vugen.demo
+
+# Needs Debian's fonts-noto-color-emoji (apt-get install fonts-noto-color-emoji) for its image set.
+demo-real: install  ## stages 1 and 3 on real images (emoji icons), held-out reconstruction vs linear baselines (CPU)
+	$(PY) -m vugen.demo_real
 
 bench: install  ## speed table vs plain PyTorch in the same run (ARGS="--threads 1 --json bench.json", "--device cuda")
 	$(PY) -m benchmarks.run $(ARGS)

@@ -112,10 +112,10 @@ def export_geneval(variant: str, metadata: Path, out: Path) -> list[str]:
 class Steps:
     """Runs the demo's steps, here or in another process, and keeps when each ran."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, logs: Path = OUT / "logs") -> None:
         self.console, self.start = console, time.perf_counter()
         self.spans: dict[str, tuple[float, float]] = {}  # step -> (start, end), seconds since the demo started
-        self.logs = OUT / "logs"
+        self.logs = logs  # the output of the steps run elsewhere
 
     def here(self, name: str, action: Callable[[], Any]) -> Any:
         """Run ``action`` in this process."""
