@@ -19,7 +19,7 @@ from vugen.data.latent_cache import LatentCacheDataModule
 from vugen.data.latent_index import StaleCacheError
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
-from vugen.generation import LatentSamplerConfig, SamplingConfig
+from vugen.generation import LatentSamplerConfig, SamplingConfig, _croppable_full_attention
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import CACHE_ARGUMENTS, SamplerStage, without_cache
@@ -142,10 +142,15 @@ def assert_the_prompt_cache_gives_the_full_pass_velocities(sampler) -> None:
         positions = torch.cumsum(mask, 1) - 1
         prefix_hidden, cache = sampler.run(prefix, mask, positions.clamp_min(0), sampler.image_from(mask))
         context = prefix_hidden[:, -1]
+        prompt_length = cache.get_seq_length()
+        assert _croppable_full_attention(cache)  # the Llama LM's cache: this call reuses it in place, no copy
         cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
+        assert cache.get_seq_length() == prompt_length  # the latent block left the cache (cropped or on a copy)
+        again = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
         one = sampler._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
     assert full.shape == (2, sampler.bridge.num_tokens, LATENT_DIM)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    assert torch.equal(again, cached)  # a second step on the same cache sees the prompt only
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
 
 

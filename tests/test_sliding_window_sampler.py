@@ -49,8 +49,10 @@ def test_the_prompt_cache_gives_the_full_pass_velocities(stage):
         prefix_hidden, cache = sampler.run(prefix, mask, positions, sampler.image_from(mask))
         context = prefix_hidden[:, -1]
         cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
+        again = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)  # copied: the window
         one = sampler._cached_velocity(z_t[1:], t[1:], torch.tensor([1]), cache, mask, context)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    assert torch.equal(again, cached)
     torch.testing.assert_close(one, full[1:], atol=1e-5, rtol=1e-4)
 
 

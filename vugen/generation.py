@@ -359,16 +359,37 @@ class LatentSampler(nn.Module):
     def _cached_velocity(
         self, z_t: Tensor, t: Tensor, rows: Tensor, cache: Any, prefix_mask: Tensor, context: Tensor
     ) -> Tensor:
-        """Velocities of the latent block for the prompts ``rows``, on a copy of their prompt cache."""
-        cache = copy.deepcopy(cache)
-        if len(rows) != prefix_mask.shape[0] or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
-            cache.batch_select_indices(rows)
+        """Velocities of the latent block for the prompts ``rows`` on their prompt cache.
+
+        With every row, a cache of full-attention layers that ``crop`` puts back as it was (transformers'
+        ``is_croppable``) is used in place and cropped back to the prompt after the call. Any other is deep-copied, as
+        the block's keys and values must not stay for the next step: a subset of rows, a cache type of an adapter's
+        own, and sliding-window layers (the block can push the prompt out of their window, which no crop undoes).
+        """
+        every_row = len(rows) == prefix_mask.shape[0] and torch.equal(rows, torch.arange(len(rows), device=rows.device))
+        in_place = every_row and _croppable_full_attention(cache)
+        if not in_place:
+            cache = copy.deepcopy(cache)
+            if not every_row:
+                cache.batch_select_indices(rows)
+        prompt_length = cache.get_seq_length()
         mask = prefix_mask[rows]
         embeds = self.bridge.embed(z_t, t)
         full = torch.cat([mask, mask.new_ones(embeds.shape[:2])], dim=1)
         positions = positions_from_mask(full, full.shape[1])[:, -embeds.shape[1] :]
-        hidden, _ = self.run(embeds, self.attention_mask(mask, embeds.shape[1]), positions, 0, cache=cache)
+        try:
+            hidden, _ = self.run(embeds, self.attention_mask(mask, embeds.shape[1]), positions, 0, cache=cache)
+        finally:
+            if in_place and cache.get_seq_length() > prompt_length:
+                cache.crop(prompt_length - cache.get_seq_length())  # a negative count: the tokens to remove
         return self.bridge.velocity(hidden, t, context[rows])
+
+
+def _croppable_full_attention(cache: Any) -> bool:
+    """Whether ``crop`` restores ``cache`` whatever is appended: croppable layers (transformers >= 5.24 says so), none
+    with a sliding window. An older transformers, or another cache type, gives False (the caller copies)."""
+    sliding = getattr(cache, "is_sliding", None)
+    return bool(getattr(cache, "is_croppable", False)) and isinstance(sliding, list) and not any(sliding)
 
 
 @torch.no_grad()
