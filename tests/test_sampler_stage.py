@@ -19,7 +19,7 @@ from vugen.data.latent_cache import LatentCacheDataModule
 from vugen.data.latent_index import StaleCacheError
 from vugen.data.latent_writer import write_latent_cache
 from vugen.data.shapes_datamodule import ShapesDataModule
-from vugen.generation import LatentSamplerConfig, SamplingConfig, _croppable_full_attention
+from vugen.generation import LatentSamplerConfig, SamplingConfig, prompt_cache_reusable
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
 from vugen.stages.sampler import CACHE_ARGUMENTS, SamplerStage, without_cache
@@ -143,7 +143,7 @@ def assert_the_prompt_cache_gives_the_full_pass_velocities(sampler) -> None:
         prefix_hidden, cache = sampler.run(prefix, mask, positions.clamp_min(0), sampler.image_from(mask))
         context = prefix_hidden[:, -1]
         prompt_length = cache.get_seq_length()
-        assert _croppable_full_attention(cache)  # the Llama LM's cache: this call reuses it in place, no copy
+        assert prompt_cache_reusable(cache)  # the Llama LM's cache: this call reuses it in place, no copy
         cached = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)
         assert cache.get_seq_length() == prompt_length  # the latent block left the cache (cropped or on a copy)
         again = sampler._cached_velocity(z_t, t, torch.arange(2), cache, mask, context)

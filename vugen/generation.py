@@ -52,6 +52,7 @@ __all__ = [
     "LatentSamplerConfig",
     "SamplingConfig",
     "decode_latents",
+    "prompt_cache_reusable",
 ]
 
 LORA_ADAPTER_NAME = "default"  # peft's adapter name inside the language model
@@ -367,7 +368,7 @@ class LatentSampler(nn.Module):
         own, and sliding-window layers (the block can push the prompt out of their window, which no crop undoes).
         """
         every_row = len(rows) == prefix_mask.shape[0] and torch.equal(rows, torch.arange(len(rows), device=rows.device))
-        in_place = every_row and _croppable_full_attention(cache)
+        in_place = every_row and prompt_cache_reusable(cache)
         if not in_place:
             cache = copy.deepcopy(cache)
             if not every_row:
@@ -385,9 +386,10 @@ class LatentSampler(nn.Module):
         return self.bridge.velocity(hidden, t, context[rows])
 
 
-def _croppable_full_attention(cache: Any) -> bool:
-    """Whether ``crop`` restores ``cache`` whatever is appended: croppable layers (transformers >= 5.24 says so), none
-    with a sliding window. An older transformers, or another cache type, gives False (the caller copies)."""
+def prompt_cache_reusable(cache: Any) -> bool:
+    """Whether a prompt's KV cache can serve every flow step in place, cropped back after each: ``crop`` restores it
+    whatever is appended (transformers >= 5.24's ``is_croppable``) and no layer has a sliding window. An older
+    transformers, or a cache type of an adapter's own, gives False: :class:`LatentSampler` then copies it per step."""
     sliding = getattr(cache, "is_sliding", None)
     return bool(getattr(cache, "is_croppable", False)) and isinstance(sliding, list) and not any(sliding)
 
