@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
     ("inference", "vugen.generation vugen.decoder_export vugen.bundle vugen.pipeline vugen.prediction"),
     ("training", "vugen.stages vugen.checkpoint"),
-    ("commands", "vugen.commands vugen.cli vugen.__main__ vugen.demo"),
+    ("commands", "vugen.commands vugen.cli vugen.__main__ vugen.demo vugen.demo_real"),
     ("plug-ins", "vugen_adapters"),
 )
 # Narrower rules on top of the table:
