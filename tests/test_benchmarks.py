@@ -56,7 +56,7 @@ def test_quick_run_writes_consistent_rows(tmp_path):
     # Sampler: P is the quick preset's 24-token prompt, N the tiny LLaVA's 8 x 8 latent tokens.
     generate, ideal = rows["sampler/generate/euler/2"], rows["sampler/generate/ideal"]
     assert (generate["unit"], generate["target"]) == ("ms/image", 1.05) and "P=24+BOI N=64" in generate["detail"]
-    # The ideal ratio T_img / (T_prompt + T_img) is below 1 and its inverse is the speedup in the detail.
+    # The ideal ratio T_img / T_full is below 1 and its inverse is the speedup in the detail.
     assert ideal["unit"] == "ms/forward" and 0 < ideal["ratio"] < 1
     assert f"= {1 / ideal['ratio']:.2f}x" in ideal["detail"]
     assert (rows["sampler/train_step"]["unit"], rows["sampler/train_step"]["target"]) == ("ms/step", 1.05)
