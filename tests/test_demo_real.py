@@ -44,3 +44,12 @@ def test_the_real_demo_trains_scores_against_the_baselines_and_writes_its_grid(t
     grid = Image.open(demo_real.OUT / "reconstructions.png")
     assert grid.size[1] == 2 * 32 + 3  # a row of originals above a row of reconstructions, 1-pixel padding
     assert (demo_real.OUT / "decoder-stage").is_dir() and (demo_real.VLM / "config.json").is_file()
+
+
+def test_without_a_set_or_the_font_it_says_what_to_install(tmp_path, monkeypatch):
+    shutil.copytree(ROOT / "configs" / "real", tmp_path / "configs" / "real")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo_real, "DEFAULT_EMOJI_FONT", str(tmp_path / "no-font.ttf"))
+    with pytest.raises(SystemExit, match="apt-get install fonts-noto-color-emoji") as stop:
+        demo_real.main()
+    assert "\n" not in str(stop.value) and not (tmp_path / "outputs").exists()  # one line, nothing started

@@ -22,6 +22,7 @@ from rich.table import Table
 from torchvision.utils import make_grid, save_image
 
 from vugen.cli import run
+from vugen.data.emoji import DEFAULT_EMOJI_FONT
 from vugen.data.image_text import ImageTextDataModule
 from vugen.decoder_export import read_decoder_export
 from vugen.demo import Steps
@@ -45,6 +46,11 @@ def main() -> None:
         raise SystemExit(f"{CONFIGS}/ not found: run `make demo-real` from the root of a vugen clone")
     steps = Steps(console, OUT / "logs")
     if not (IMAGES / "test.jsonl").is_file():
+        if not Path(DEFAULT_EMOJI_FONT).is_file():
+            raise SystemExit(
+                f"make demo-real: no image set at {IMAGES} and no {DEFAULT_EMOJI_FONT} to render one: apt-get install "
+                f"fonts-noto-color-emoji, or make the set from another font: vugen emoji-set {IMAGES} --font FONT"
+            )
         steps.here("emoji set", lambda: run(["emoji-set", str(IMAGES)]))
     if not (VLM / "config.json").is_file():
         steps.here("tiny VLM", lambda: run(["tiny", "llava_wide_tower", str(VLM)]))
