@@ -373,7 +373,7 @@ class LatentSampler(nn.Module):
             cache = copy.deepcopy(cache)
             if not every_row:
                 cache.batch_select_indices(rows)
-        prompt_length = cache.get_seq_length()
+        prompt_length = cache.get_seq_length() if in_place else 0
         mask = prefix_mask[rows]
         embeds = self.bridge.embed(z_t, t)
         full = torch.cat([mask, mask.new_ones(embeds.shape[:2])], dim=1)
