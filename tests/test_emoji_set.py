@@ -41,13 +41,13 @@ def _glyph(polygons):
     return pen.glyph()
 
 
-def make_font(path):
-    """A TrueType font of GLYPHS at ``path``."""
-    names = [".notdef", *(f"g{code:04x}" for code in GLYPHS)]
+def make_font(path, glyphs=GLYPHS):
+    """A TrueType font of ``glyphs`` (code point -> polygons) at ``path``."""
+    names = [".notdef", *(f"g{code:04x}" for code in glyphs)]
     builder = FontBuilder(UNITS, isTTF=True)
     builder.setupGlyphOrder(names)
-    builder.setupCharacterMap({code: f"g{code:04x}" for code in GLYPHS})
-    builder.setupGlyf({".notdef": _glyph([]), **{f"g{code:04x}": _glyph(p) for code, p in GLYPHS.items()}})
+    builder.setupCharacterMap({code: f"g{code:04x}" for code in glyphs})
+    builder.setupGlyf({".notdef": _glyph([]), **{f"g{code:04x}": _glyph(p) for code, p in glyphs.items()}})
     builder.setupHorizontalMetrics({name: (UNITS, 0) for name in names})
     builder.setupHorizontalHeader(ascent=UNITS, descent=0)
     builder.setupNameTable({"familyName": "VugenTest", "styleName": "Regular"})
@@ -107,6 +107,16 @@ def test_the_split_is_seeded_and_the_set_loads_through_image_text_data(font, tmp
     assert batch["images"].shape == (first.splits["test"], 3, 16, 16)
     assert torch.all((batch["images"] >= 0) & (batch["images"] <= 1))
     assert set(batch["captions"]) <= {name for _, name in glyph_names(font)}
+
+
+def test_a_failed_build_leaves_the_previous_set_as_it_was(font, tmp_path):
+    made = build_emoji_set(tmp_path / "set", font, image_size=16, render_size=64)
+    before = sorted(p.name for p in (made.directory / "images").iterdir())
+    two_glyphs = make_font(tmp_path / "two.ttf", {code: GLYPHS[code] for code in (0x25A0, 0x25B2)})
+    with pytest.raises(ValueError, match="only 2 named glyphs with ink"):
+        build_emoji_set(tmp_path / "set", two_glyphs, image_size=16, render_size=64)
+    assert sorted(p.name for p in (made.directory / "images").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "two.ttf"]  # no staging folder left behind
 
 
 def test_the_command_names_a_missing_font_in_one_line(tmp_path, capsys):

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vugen.atomic import atomic_directory
+
 __all__ = ["DEFAULT_EMOJI_FONT", "NOTO_BITMAP_SIZE", "EmojiSet", "build_emoji_set", "glyph_names", "render_glyph"]
 
 DEFAULT_EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
@@ -115,7 +117,7 @@ def build_emoji_set(
     """Render every named glyph of a font into a captioned image set with train / val / test splits.
 
     Args:
-        directory: Output folder (created; the images and split files in it are rewritten).
+        directory: Output folder, replaced whole once the set is complete (never left half-written).
         font_path: A TrueType/OpenType font; by default Debian's Noto Color Emoji.
         image_size: Side of the square images.
         render_size: Font size the glyphs are drawn at before downsampling.
@@ -139,21 +141,22 @@ def build_emoji_set(
     names = glyph_names(font_path)
     font = _load_font(Path(font_path), render_size)
     out = Path(directory)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for code, name in names:
-        image = render_glyph(chr(code), font, image_size, background, color)
-        if image is not None:
-            file_name = f"{code:05x}.png"
-            image.save(out / "images" / file_name)
-            rows.append({"file_name": file_name, "text": name})
-    if len(rows) < 3:
-        raise ValueError(f"{font_path}: only {len(rows)} named glyphs with ink; need at least 3 for three splits")
-    random.Random(seed).shuffle(rows)
-    n_test = max(1, round(len(rows) * test_fraction))
-    n_val = round(len(rows) * val_fraction)
-    splits = {"test": rows[:n_test], "val": rows[n_test : n_test + n_val], "train": rows[n_test + n_val :]}
-    for split, split_rows in splits.items():
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(row) + "\n" for row in sorted(split_rows, key=lambda r: r["file_name"]))
+    with atomic_directory(out) as staging:  # a failed or interrupted build leaves no half-written set
+        (staging / "images").mkdir()
+        rows = []
+        for code, name in names:
+            image = render_glyph(chr(code), font, image_size, background, color)
+            if image is not None:
+                file_name = f"{code:05x}.png"
+                image.save(staging / "images" / file_name)
+                rows.append({"file_name": file_name, "text": name})
+        if len(rows) < 3:
+            raise ValueError(f"{font_path}: only {len(rows)} named glyphs with ink; need at least 3 for three splits")
+        random.Random(seed).shuffle(rows)
+        n_test = max(1, round(len(rows) * test_fraction))
+        n_val = round(len(rows) * val_fraction)
+        splits = {"test": rows[:n_test], "val": rows[n_test : n_test + n_val], "train": rows[n_test + n_val :]}
+        for split, split_rows in splits.items():
+            with (staging / f"{split}.jsonl").open("w", encoding="utf-8") as stream:
+                stream.writelines(json.dumps(row) + "\n" for row in sorted(split_rows, key=lambda r: r["file_name"]))
     return EmojiSet(out, {split: len(split_rows) for split, split_rows in splits.items()})
