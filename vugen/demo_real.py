@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.utils import make_grid, save_image
 
-from vugen.cli import run
+from vugen.cli import VugenCLI, run
 from vugen.data.emoji import DEFAULT_EMOJI_FONT
 from vugen.data.image_text import ImageTextDataModule
 from vugen.decoder_export import read_decoder_export
@@ -29,12 +29,11 @@ from vugen.demo import Steps
 from vugen.eval import ReconstructionMetrics
 from vugen.eval.linear_baselines import global_pca, patch_pca
 from vugen.generation import decode_latents
-from vugen.registry import get_adapter_class
 
 CONFIGS = Path("configs/real")
 OUT = Path("outputs/real")
 IMAGES = OUT / "emoji32"
-VLM = OUT / "tiny-llava"
+VLM = OUT / "tiny-llava"  # the configs' adapter checkpoint
 GRID_IMAGES = 16
 TEST_DECODER = ["test", "--config", str(CONFIGS / "decoder.yaml"), f"--ckpt_path={OUT / 'decoder.ckpt'}"]
 
@@ -58,7 +57,7 @@ def main() -> None:
     steps.here("stage 3: pixel decoder (+ reducer)", lambda: run(["fit", "--config", str(CONFIGS / "decoder.yaml")]))
     tested = steps.here("stage 3: held-out reconstruction", lambda: run(TEST_DECODER))
     learned = {key.removeprefix("test/"): float(v) for key, v in tested.trainer.callback_metrics.items()}
-    rows = steps.here("linear baselines and grid", lambda: _baselines_and_grid(OUT / "reconstructions.png"))
+    rows = steps.here("linear baselines and grid", lambda: _baselines_and_grid(tested, OUT / "reconstructions.png"))
     console.print(steps.table())
     console.print(_table({"vugen: reducer + pixel decoder (held-out, sampled)": learned, **rows}))
     console.print(f"grid (originals above reconstructions, held-out characters): {OUT / 'reconstructions.png'}")
@@ -69,30 +68,21 @@ def _split(data: ImageTextDataModule, split: str) -> torch.Tensor:
     return torch.stack([dataset[index]["images"] for index in range(len(dataset))])
 
 
-def _baselines_and_grid(grid_path: Path) -> dict[str, dict[str, float]]:
-    """The linear codes' scores on the test split, and a grid of originals above the learned reconstructions."""
-    data = ImageTextDataModule(
-        root=str(IMAGES / "images"),
-        metadata=str(IMAGES / "train.jsonl"),
-        test_root=str(IMAGES / "images"),
-        test_metadata=str(IMAGES / "test.jsonl"),
-        image_size=32,
-        num_workers=0,
-    )
-    data.setup("fit")
-    data.setup("test")
+def _baselines_and_grid(tested: VugenCLI, grid_path: Path) -> dict[str, dict[str, float]]:
+    """The linear codes' scores on the tested run's test split, and a grid of originals above their reconstructions
+    by the stage's export (the averaged weights a user generates with; the tested module holds its training weights
+    again once ``test`` ends)."""
+    adapter, data = tested.model.adapter, tested.datamodule
     train, test = _split(data, "train"), _split(data, "test")
     reducer, decoder, sampling = read_decoder_export(OUT / "decoder-stage")
-    adapter = get_adapter_class("llava")(pretrained=str(VLM))
     grid = adapter.token_grid(*test.shape[-2:])
     channels, patch = reducer.latent_dim, test.shape[-1] // grid[1]
+    values = grid[0] * grid[1] * channels
     codes = {
         f"per-patch PCA ({channels} values per {patch}x{patch} patch: the latent's layout)": patch_pca(
             train, test, patch, channels
         ),
-        f"global pixel PCA ({grid[0] * grid[1] * channels} components)": global_pca(
-            train, test, grid[0] * grid[1] * channels
-        ),
+        f"global pixel PCA ({values} components)": global_pca(train, test, values),
     }
     scores = {name: _metrics(images, test) for name, images in codes.items()}
     originals = test[:GRID_IMAGES]
