@@ -402,6 +402,7 @@ def decode_latents(
     image_size: tuple[int, int],
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Sample images ``[B, 3, H, W]`` in ``[0, 1]`` from reducer latents with a pixel decoder.
 
@@ -412,10 +413,15 @@ def decode_latents(
         image_size: Output ``(H, W)``, multiples of the decoder's patch size.
         sampling: The decoder's sampling settings (a decoder export's ``sampling.json``).
         generator: Generator of the starting noise (and of the SDE noise); its device is the noise's.
+        noise: The starting noise ``[B, 3, H, W]`` itself, instead of drawing it (a distillation pairs a student's
+            input with the teacher's result from the same noise).
     """
     b = latents.shape[0]
     shape = (b, decoder.in_channels, *image_size)
-    noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else latents.device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
     noise = noise.to(device=latents.device, dtype=decoder.latent_proj.weight.dtype)
 
     def model_fn(x_t: Tensor, t: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
