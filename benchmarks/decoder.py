@@ -10,6 +10,11 @@ Rows:
   machine's matmul FLOP/s measured now in the precision's dtype; the ratio is the model FLOP utilisation.
 - ``decoder/sample/<solver>/<steps>``: ms per image of ``DecoderStage.decode`` vs a hand loop of Euler (or Heun)
   steps calling the decoder directly from the same noise (outputs checked equal once per solver).
+- ``decoder/one_step_vs_teacher``: ms per image of one Euler step vs the 10-step Heun teacher (19 calls) on the same
+  decoder (target <= 0.1: 10x faster). With ``--decoder-distilled CONFIG`` (a ``DecoderDistillStage`` YAML such as
+  ``configs/demo/distill.yaml``, its outputs trained), per config: that timing on its own decoders, and
+  ``.../psnr``: the student's held-out reconstruction PSNR vs its teacher's on the config's test set, from the same
+  noise seeds, as ``10^(-PSNR/10)`` so that the ratio is ``<= 1.259`` exactly when the student is within 1 dB.
 
 The frozen VLM is the tiny offline LLaVA (``vugen_adapters.tiny``): its cost is small next to the decoder's.
 """
@@ -17,10 +22,15 @@ The frozen VLM is the tiny offline LLaVA (``vugen_adapters.tiny``): its cost is 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from lightning.pytorch.cli import instantiate_class
 from torch import Tensor
 
 from benchmarks.common import (
@@ -35,16 +45,21 @@ from benchmarks.common import (
     interleaved,
     lightning_steps,
     matmul_flops_per_second,
+    median_iqr,
     plain_steps,
     progress,
     quiet_workspace,
     timed,
     train_step_row,
 )
+from vugen.decoder_export import read_decoder_export
 from vugen.diffusion import flow_matching_inputs, flow_matching_loss, sample_timesteps, time_grid
 from vugen.diffusion.prediction import DEFAULT_MIN_DENOM
+from vugen.generation import SamplingConfig, decode_latents
 from vugen.nn import DimensionReducer, PixelDecoder
 from vugen.stages import DecoderStage
+from vugen.stages.distill import teacher_settings
+from vugen.stages.reconstructing import mean_psnr
 from vugen_adapters.llava import LlavaAdapter
 from vugen_adapters.tiny import build_tiny_vlm
 
@@ -72,6 +87,7 @@ class DecoderBenchConfig:
     sample_steps: tuple[int, ...] = flag("sampling step counts")
     solvers: tuple[str, ...] = flag("ODE solvers of sampling", choices=_SOLVERS)
     peak_size: int = flag("side of the square matmul that measures the peak FLOP/s")
+    distilled: tuple[str, ...] = flag("DecoderDistillStage YAMLs (trained) whose student and teacher are compared")
 
     def __post_init__(self) -> None:
         check_positive(self, NAME)
@@ -87,9 +103,9 @@ class DecoderBenchConfig:
 
 
 PRESETS = {
-    "quick": DecoderBenchConfig(16, 4, 32, 1, 2, 8, 4, 3, 1, 2, 2, (2, 4), _SOLVERS, 256),
-    "cpu": DecoderBenchConfig(32, 4, 192, 4, 3, 16, 16, 10, 3, 3, 4, (5, 10, 25, 50), _SOLVERS, 2048),
-    "cuda": DecoderBenchConfig(256, 16, 768, 12, 12, 16, 32, 20, 5, 3, 32, (5, 10, 25, 50), _SOLVERS, 8192),
+    "quick": DecoderBenchConfig(16, 4, 32, 1, 2, 8, 4, 3, 1, 2, 2, (2, 4), _SOLVERS, 256, ()),
+    "cpu": DecoderBenchConfig(32, 4, 192, 4, 3, 16, 16, 10, 3, 3, 4, (5, 10, 25, 50), _SOLVERS, 2048, ()),
+    "cuda": DecoderBenchConfig(256, 16, 768, 12, 12, 16, 32, 20, 5, 3, 32, (5, 10, 25, 50), _SOLVERS, 8192, ()),
 }
 
 
@@ -106,7 +122,13 @@ def rows(settings: Settings, config: DecoderBenchConfig) -> list[Row]:
         _check_same_loss(stage, batch, settings)
         train_row, step_times = _training_row(stage, batch, config, settings)
         mfu_row = _mfu_row(stage, batch, step_times, config, settings)
-        return [train_row, mfu_row, *_sampling_rows(stage, sample_images, config, settings)]
+        sampling = _sampling_rows(stage, sample_images, config, settings)
+        stage.eval()
+        with torch.no_grad():
+            latents, grid = stage.encode(sample_images)
+        speed = one_step_speed_row("", stage.decoder, stage.decoder, latents, grid, config.repeats, settings)
+        distilled = [row for path in config.distilled for row in distilled_rows(path, config.repeats, settings)]
+        return [train_row, mfu_row, *sampling, speed, *distilled]
 
 
 BENCHMARK = Benchmark(NAME, DecoderBenchConfig, PRESETS, rows)
@@ -297,3 +319,114 @@ def _check_same_images(framework: Tensor, plain: Tensor) -> None:
             f"the hand sampling loop no longer matches DecoderStage.decode (max abs difference {error:.3g}); "
             "update benchmarks/decoder.py:plain_sample"
         )
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+TEACHER = SamplingConfig(solver="heun", steps=10)
+ONE_STEP = SamplingConfig(solver="euler", steps=1)
+WITHIN_ONE_DB = 10**0.1  # the ratio of two 10^(-PSNR/10) values when their PSNRs are 1 dB apart
+
+
+def one_step_speed_row(
+    label: str,
+    student: PixelDecoder,
+    teacher: PixelDecoder,
+    latents: Tensor,
+    grid: tuple[int, int],
+    repeats: int,
+    settings: Settings,
+    student_sampling: SamplingConfig = ONE_STEP,
+    teacher_sampling: SamplingConfig = TEACHER,
+) -> Row:
+    """ms per image of the student's sampling vs the teacher's, interleaved, the same latents and noise."""
+    side = student.base_grid[0] * student.patch_size
+    count = len(latents)
+
+    def run(decoder: PixelDecoder, sampling: SamplingConfig) -> list[float]:
+        generator = torch.Generator(settings.device).manual_seed(0)
+        with torch.no_grad(), settings.autocast():
+            decode = functools.partial(decode_latents, decoder, latents, grid, (side, side), sampling, generator)
+            return [timed(decode, settings.device)]
+
+    progress(f"decoder: one step vs the teacher {label}".rstrip())
+    times = interleaved(
+        {"student": lambda: run(student, student_sampling), "teacher": lambda: run(teacher, teacher_sampling)}, repeats
+    )
+    return Row.from_samples(
+        f"decoder/one_step_vs_teacher{label}",
+        "ms/image",
+        [1e3 * t / count for t in times["student"]],
+        [1e3 * t / count for t in times["teacher"]],
+        compares=f"{_sampling_name(student_sampling)} / {_sampling_name(teacher_sampling)}",
+        target=0.1,
+        detail=f"B={count} {side}px p{student.patch_size} w{student.width} d{len(student.blocks)}; {repeats} runs",
+    )
+
+
+def distilled_rows(config_path: str, repeats: int, settings: Settings) -> list[Row]:
+    """The speed and held-out PSNR rows of a trained distillation (a ``DecoderDistillStage`` YAML and its outputs)."""
+    run = _load_distillation(Path(config_path))
+    label = f"/{Path(config_path).parent.name}"
+    images = run["images"].to(settings.device)
+    reducer, adapter = run["reducer"].to(settings.device), run["adapter"].to(settings.device)
+    with torch.no_grad():
+        latents = reducer.encode(adapter.encode_images(images).float())
+    grid = adapter.token_grid(images.shape[-2], images.shape[-1])
+    student, teacher = run["student"].to(settings.device), run["teacher"].to(settings.device)
+    sampling = {"student": run["student_sampling"], "teacher": run["teacher_sampling"]}
+    speed = one_step_speed_row(
+        label, student, teacher, latents[:32], grid, repeats, settings, sampling["student"], sampling["teacher"]
+    )
+    progress(f"decoder: held-out PSNR of the student and the teacher of {config_path} ({repeats} noise seeds)")
+    psnr = {name: [] for name in sampling}
+    for seed in range(repeats):
+        for name, decoder in (("student", student), ("teacher", teacher)):
+            generator = torch.Generator(settings.device).manual_seed(seed)
+            with torch.no_grad(), settings.autocast():
+                out = decode_latents(decoder, latents, grid, tuple(images.shape[-2:]), sampling[name], generator)
+            psnr[name].append(mean_psnr(out, images).item())
+    errors = {name: [10 ** (-p / 10) for p in values] for name, values in psnr.items()}
+    student_db, teacher_db = (-10 * math.log10(median_iqr(values)[0]) for values in errors.values())
+    quality = Row.from_samples(
+        f"decoder/one_step_vs_teacher{label}/psnr",
+        "10^(-dB/10)",
+        errors["student"],
+        errors["teacher"],
+        compares=f"{_sampling_name(sampling['student'])} / {_sampling_name(sampling['teacher'])}",
+        target=WITHIN_ONE_DB,
+        detail=f"{len(images)} test images: {student_db:.2f} vs {teacher_db:.2f} dB ({student_db - teacher_db:+.2f})",
+    )
+    return [speed, quality]
+
+
+def _load_distillation(path: Path) -> dict[str, Any]:
+    """The teacher, the student, their sampling, the reducer, the VLM and the test images a distillation YAML names.
+
+    Its outputs must exist (``vugen fit --config`` it first); paths are read from the working directory, as
+    ``vugen fit`` does.
+    """
+    config = yaml.safe_load(path.read_text())
+    model = config["model"]["init_args"]
+    if model.get("export_dir") is None:
+        raise ValueError(f"--decoder-distilled {path}: model.init_args.export_dir is not set (nothing to compare)")
+    reducer, teacher, teacher_sampling = read_decoder_export(model["teacher_export"])
+    _, student, student_sampling = read_decoder_export(model["export_dir"])
+    if model.get("teacher_sampling"):
+        given = SamplingConfig.from_dict(model["teacher_sampling"], f"{path}: teacher_sampling")
+        teacher_sampling = teacher_settings(given, teacher_sampling)
+    data = instantiate_class((), config["data"])
+    data.setup("test")
+    images = torch.cat([batch["images"] for batch in data.test_dataloader()])
+    return {
+        "adapter": instantiate_class((), model["adapter"]),
+        "reducer": reducer.eval(),
+        "teacher": teacher.eval(),
+        "student": student.eval(),
+        "teacher_sampling": teacher_sampling,
+        "student_sampling": student_sampling,
+        "images": images,
+    }
+
+
+def _sampling_name(sampling: SamplingConfig) -> str:
+    return f"{sampling.solver} {sampling.steps}"
