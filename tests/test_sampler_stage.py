@@ -353,3 +353,25 @@ def test_empty_captions_are_warned_about_once_per_fit_before_prompt_dropout(tiny
     # Prompt dropout empties about 90 % of these captions: not the data's fault, no warning.
     assert caption_warnings(stage, 2, train_dataloaders=DataLoader([latent_batch(full)] * 2, batch_size=None)) == []
     assert len(caption_warnings(stage, len(batches), train_dataloaders=loader)) == 1  # the next fit warns again
+
+
+def test_compile_wraps_every_language_model_block_once(trained, tiny_llava, decoder_export):
+    """``compile: true`` compiles each LM block (after checkpointing wraps it), once however often Lightning calls
+    ``configure_model``, and computes the same loss (run with dynamo's eager stance: the wiring, not the compiler)."""
+    data = {"latents": torch.randn(2, 64, LATENT_DIM, generator=torch.Generator().manual_seed(0)), "captions": PROMPTS}
+    losses = []
+    for compile_blocks in (False, True):
+        stage = make_stage(tiny_llava, decoder_export, compile=compile_blocks, activation_checkpointing=True)
+        stage.load_state_dict(trained[0].state_dict())
+        stage.configure_model()
+        blocks = [
+            m for m in stage.adapter.language_model.modules() if isinstance(m, tuple(stage.adapter.block_classes))
+        ]
+        compiled = [getattr(block, "_compiled_call_impl", None) for block in blocks]
+        assert len(blocks) >= 2 and all((c is not None) == compile_blocks for c in compiled)
+        stage.configure_model()
+        assert [getattr(block, "_compiled_call_impl", None) for block in blocks] == compiled  # not wrapped twice
+        torch.manual_seed(0)
+        with torch.compiler.set_stance("force_eager"):
+            losses.append(stage.loss(data, drop_prompts=False).detach())
+    assert torch.equal(losses[0], losses[1])

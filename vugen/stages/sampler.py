@@ -63,6 +63,7 @@ class SamplerStage(AdapterStage):
             ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift``.
         activation_checkpointing: Recompute the language model blocks' activations in the backward pass (LoRA
             gradients flow through every block): less memory for a little more compute.
+        compile: ``torch.compile`` each block of the language model (after activation checkpointing wraps it).
         optimizer: Builds the optimizer over the LoRA and bridge parameters.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
         allow_empty_captions: Train on empty (or whitespace-only) captions without a word, e.g. a deliberately
@@ -85,6 +86,7 @@ class SamplerStage(AdapterStage):
         time_shift: float | None = None,
         sampling: SamplingConfig = SamplingConfig(guidance_scale=3.0),  # noqa: B008 (frozen: shared safely)
         activation_checkpointing: bool = False,
+        compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         allow_empty_captions: bool = False,
@@ -103,7 +105,7 @@ class SamplerStage(AdapterStage):
         self.time_schedule, self.time_mean, self.time_std = time_schedule, time_mean, time_std
         self.time_shift = time_shift
         self.sampling = sampling.with_overrides(time_shift=sampling.time_shift or time_shift)
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.allow_empty_captions = allow_empty_captions
         self._captions_seen = self._empty_captions_warned = False  # per fit: see on_fit_start
 
@@ -213,16 +215,18 @@ class SamplerStage(AdapterStage):
         self.log_metrics("val", {"loss": self.loss(batch, drop_prompts=False)}, batch_size=len(batch["captions"]))
 
     def configure_model(self) -> None:
-        """Activation checkpointing of the language model's blocks, then FSDP2 sharding (see the base).
+        """Activation checkpointing and compilation of the language model's blocks, then FSDP2 sharding (see the base).
 
         The bridge is called through ``embed``, ``begin_image`` and ``velocity``, never ``forward``: under FSDP2 those
         methods gather its parameters. Idempotent: Lightning may call it more than once.
         """
-        if self.activation_checkpointing:
-            block_types = tuple(self.adapter.block_classes)
-            for block in self.adapter.language_model.modules():
-                if block_types and isinstance(block, block_types) and not hasattr(block, "_vugen_checkpointed"):
-                    self._checkpoint(block)
+        block_types = tuple(self.adapter.block_classes)
+        blocks = [m for m in self.adapter.language_model.modules() if block_types and isinstance(m, block_types)]
+        for block in blocks:
+            if self.activation_checkpointing and not hasattr(block, "_vugen_checkpointed"):
+                self._checkpoint(block)
+            if self.compile_blocks and getattr(block, "_compiled_call_impl", None) is None:
+                block.compile()
         from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
         bridge = self.latent_sampler.bridge
