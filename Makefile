@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help install lock test test-heavy test-fast test-latest demo demo-real bench coverage lint format clean
+.PHONY: help install lock test test-heavy test-fast test-latest demo demo-real bench bench-gpu coverage lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ demo-real: install  ## stages 1 and 3 on real images (emoji icons), held-out rec
 
 bench: install  ## speed table vs plain PyTorch in the same run (ARGS="--threads 1 --json bench.json", "--device cuda")
 	$(PY) -m benchmarks.run $(ARGS)
+
+# One H100 / H200, offline (random weights at the family configs' geometry), <= 8 minutes; --dry-run: tiny, on the CPU.
+bench-gpu: install  ## GPU table: matmul peak, decoder/sampler MFU, generation, memory (ARGS="--dry-run", "--json gpu.json")
+	$(PY) -m benchmarks.gpu $(ARGS)
 
 coverage: install  ## vugen check on a tiny checkpoint of every image-text-to-text architecture -> docs/coverage.md
 	$(PY) -m tools.coverage_matrix $(ARGS)

@@ -48,6 +48,7 @@ __all__ = [
     "intervals_after",
     "lightning_steps",
     "matmul_flops_per_second",
+    "median_iqr",
     "plain_steps",
     "print_report",
     "progress",
@@ -152,11 +153,12 @@ class Row:
         cls, name: str, unit: str, measured: Sequence[float], reference: Sequence[float], **kwargs: Any
     ) -> Row:
         """A row from raw samples of both sides (medians and interquartile ranges); ``kwargs`` as for the class."""
-        (m_median, m_iqr), (r_median, r_iqr) = _median_iqr(measured), _median_iqr(reference)
+        (m_median, m_iqr), (r_median, r_iqr) = median_iqr(measured), median_iqr(reference)
         return cls(name, unit, m_median, m_iqr, r_median, r_iqr, **kwargs)
 
 
-def _median_iqr(samples: Sequence[float]) -> tuple[float, float]:
+def median_iqr(samples: Sequence[float]) -> tuple[float, float]:
+    """The median and interquartile range of ``samples`` (what a :class:`Row` shows of each side)."""
     q1, median, q3 = np.percentile(np.asarray(samples, dtype=np.float64), [25, 50, 75])
     return float(median), float(q3 - q1)
 
