@@ -155,6 +155,7 @@ def test_export_bundles_a_student_in_place_of_the_teacher(pretrained, decoder_ex
 
     pipe = VugenPipeline.from_pretrained(bundle)
     assert pipe.decoder_sampling.steps == 1 and pipe.decoder_sampling.solver == "euler"
+    assert "| pixel decoder | 1 euler step |" in (bundle / "README.md").read_text()  # the model card says so
     assert torch.equal(pipe.decoder.latent_proj.weight, student.decoder.latent_proj.weight)
 
     other = make_decoder_export(LlavaAdapter(str(pretrained)), tmp_path / "other")

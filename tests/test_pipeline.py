@@ -149,6 +149,8 @@ def test_vugen_json_and_model_card_record_the_base_vlm_and_settings(stage, bundl
     assert card.data.base_model == str(pretrained)
     assert card.data.library_name == "vugen" and card.data.pipeline_tag == "text-to-image"
     assert {"vugen", "text-to-image"} <= set(card.data.tags)
+    sampling = stage.decoder_sampling
+    assert f"| pixel decoder | {sampling.steps} {sampling.solver} steps |" in card.text
     understanding = card.text[card.text.index("## Understanding") :]
     assert 'pipe.describe(images, "Describe the image.")' in understanding
     assert "exactly the base VLM's answers, token for token" in understanding and "lora/README.md" in understanding

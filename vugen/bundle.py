@@ -161,7 +161,7 @@ def save_bundle(
         files = sorted(path for path in staging.rglob("*") if path.is_file())
         record["sha256"] = {str(path.relative_to(staging)): sha256_of(path) for path in files}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _model_card(record).save(staging / "README.md")
+        _model_card(record, pipeline.decoder_sampling).save(staging / "README.md")
     return Path(directory)
 
 
@@ -448,7 +448,7 @@ def _load_lora(language_model: nn.Module, folder: Path) -> None:
     set_peft_model_state_dict(language_model, state, adapter_name=LORA_ADAPTER_NAME)
 
 
-def _model_card(record: Mapping[str, Any]) -> ModelCard:
+def _model_card(record: Mapping[str, Any], decoder_sampling: SamplingConfig) -> ModelCard:
     init_args = record["adapter"]["init_args"]
     data = ModelCardData(
         base_model=init_args.get("pretrained"),
@@ -458,6 +458,9 @@ def _model_card(record: Mapping[str, Any]) -> ModelCard:
     )
     settings = {**record["latent_sampler"], **record["sampling"]}
     settings = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    # how many network calls an image's pixels cost: 1 for a distilled one-step decoder (DecoderDistillStage)
+    steps = decoder_sampling.steps
+    settings += f"\n| pixel decoder | {steps} {decoder_sampling.solver} step{'s' * (steps != 1)} |"
     return ModelCard(
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# vugen text-to-image bundle\n\n"
