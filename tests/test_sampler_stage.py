@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from tests.fixtures_bundle import sampler_arguments
@@ -375,3 +376,10 @@ def test_compile_wraps_every_language_model_block_once(trained, tiny_llava, deco
         with torch.compiler.set_stance("force_eager"):
             losses.append(stage.loss(data, drop_prompts=False).detach())
     assert torch.equal(losses[0], losses[1])
+
+    predicting = make_stage(tiny_llava, decoder_export, compile=True)
+    trainer = Trainer(**QUIET)
+    trainer.state.fn = TrainerFn.PREDICTING
+    predicting.trainer = trainer
+    predicting.configure_model()  # generation runs the prompt's KV cache through the blocks: they stay eager
+    assert not [m for m in predicting.modules() if getattr(m, "_compiled_call_impl", None) is not None]

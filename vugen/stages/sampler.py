@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -63,7 +64,8 @@ class SamplerStage(AdapterStage):
             ``steps``, ``guidance_scale``, ``guidance_interval``, ``time_shift``.
         activation_checkpointing: Recompute the language model blocks' activations in the backward pass (LoRA
             gradients flow through every block): less memory for a little more compute.
-        compile: ``torch.compile`` each block of the language model (after activation checkpointing wraps it).
+        compile: ``torch.compile`` each block of the language model (after activation checkpointing wraps it) for
+            training; ``predict`` keeps them eager.
         optimizer: Builds the optimizer over the LoRA and bridge parameters.
         lr_scheduler: Optional scheduler on that optimizer, stepped after every optimizer step.
         allow_empty_captions: Train on empty (or whitespace-only) captions without a word, e.g. a deliberately
@@ -225,7 +227,7 @@ class SamplerStage(AdapterStage):
         for block in blocks:
             if self.activation_checkpointing and not hasattr(block, "_vugen_checkpointed"):
                 self._checkpoint(block)
-            if self.compile_blocks and getattr(block, "_compiled_call_impl", None) is None:
+            if self.compile_blocks and self._fitting() and getattr(block, "_compiled_call_impl", None) is None:
                 block.compile()
         from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
@@ -235,6 +237,11 @@ class SamplerStage(AdapterStage):
         if not sharded_before:  # registering twice would wrap the methods twice
             for method in ("embed", "begin_image", "velocity"):
                 register_fsdp_forward_method(bridge, method)  # a no-op unless the bridge is now sharded
+
+    def _fitting(self) -> bool:
+        """Whether blocks are configured for training: in a ``fit``, or outside a Trainer (predict and generation
+        run the prompt's KV cache through the blocks, shapes that change every call: they stay eager)."""
+        return self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING
 
     def _checkpoint(self, block: nn.Module) -> None:
         """Make ``block`` recompute its activations in the backward pass whenever gradients are on.
