@@ -1,7 +1,8 @@
 """`python -m benchmarks.run --quick`: it runs end to end, prints the environment and table, and writes rows whose
 numbers are positive and finite with each ratio equal to measured / reference; bad flags fail clearly; each benchmark's
 flags override its preset. The sampler benchmark's uncached reference generates the latents that
-`LatentSampler.generate` does."""
+`LatentSampler.generate` does, and its real-geometry rows (run on the tiny LLaVA by --quick) scale depth cuts
+linearly and say how close the caches come to their ideal."""
 
 from __future__ import annotations
 
@@ -18,12 +19,25 @@ import torch
 
 from benchmarks.common import Row, Settings, intervals_after, quiet_workspace
 from benchmarks.run import BENCHMARKS, build_parser, main
+from benchmarks.sampler import (
+    GEOMETRIES,
+    build_stage,
+    make_prompts,
+    per_layer_cost,
+    scale_to_depth,
+    uncached_latents,
+)
 from benchmarks.sampler import PRESETS as SAMPLER_PRESETS
-from benchmarks.sampler import build_stage, make_prompts, uncached_latents
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_SAMPLING = [f"decoder/sample/{solver}/{steps}" for solver in ("euler", "heun") for steps in (2, 4)]
 QUICK_SAMPLER = ["sampler/generate/euler/2", "sampler/generate/ideal", "sampler/train_step", "sampler/train_throughput"]
+QUICK_SAMPLER_REAL = [
+    "sampler/generate_real",
+    "sampler/generate_real/ideal",
+    "sampler/train_throughput_real",
+    "sampler/train_throughput_real/ideal",
+]
 
 
 def run_benchmarks(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -42,7 +56,12 @@ def test_quick_run_writes_consistent_rows(tmp_path):
     for value in (env["device"], f"torch: {env['torch']}", "threads: 1", "vugen benchmarks", "decoder/train_step"):
         assert value in result.stdout
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["decoder/train_step", "decoder/mfu", *QUICK_SAMPLING, *QUICK_SAMPLER]
+    names = list(rows)
+    # The decoder's rows first (these in this order, with any others of its own), then exactly the sampler's.
+    decoder = [name for name in names if name.startswith("decoder/")]
+    assert names == [*decoder, *QUICK_SAMPLER, *QUICK_SAMPLER_REAL]
+    expected = ["decoder/train_step", "decoder/mfu", *QUICK_SAMPLING]
+    assert [name for name in decoder if name in expected] == expected
     for row in rows.values():
         for key in ("measured", "reference", "ratio"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
@@ -62,6 +81,30 @@ def test_quick_run_writes_consistent_rows(tmp_path):
     assert (rows["sampler/train_step"]["unit"], rows["sampler/train_step"]["target"]) == ("ms/step", 1.05)
     throughput = rows["sampler/train_throughput"]
     assert throughput["unit"] == "samples/s" and throughput["compares"].startswith("latent cache / images")
+    check_real_rows(rows)
+
+
+def check_real_rows(rows):
+    """The real-geometry rows at --quick: the tiny LLaVA, scaled from its two depth cuts to its full depth of 2."""
+    generate, ideal = rows["sampler/generate_real"], rows["sampler/generate_real/ideal"]
+    assert generate["unit"] == "images/s" and "speedup" in generate["compares"]
+    assert "P=48+BOI N=64" in generate["detail"] and "generate timed at depth 1, + 1 layer(s)" in generate["detail"]
+    # T_img / T_full is below 1; the speedup's fraction of the ideal one is their product.
+    assert ideal["unit"] == "ms/forward" and 0 < ideal["ratio"] < 1
+    fraction = generate["ratio"] * ideal["ratio"]
+    assert (
+        f"speedup {generate['ratio']:.3f}x = {fraction:.2f} of the ideal {1 / ideal['ratio']:.3f}x"
+        in generate["detail"]
+    )
+    throughput, best = rows["sampler/train_throughput_real"], rows["sampler/train_throughput_real/ideal"]
+    assert throughput["unit"] == best["unit"] == "images/s"
+    assert throughput["compares"].startswith("latent cache / images")
+    # Both share the step on latents; the ideal adds the tower's forward to it, so it is a speedup above 1.
+    assert throughput["measured"] == best["measured"] and best["ratio"] > 1
+    share = throughput["ratio"] / best["ratio"]
+    assert f"= {share:.2f} of the ideal {best['ratio']:.3f}x" in throughput["detail"]
+    assert "B=2, P=48+BOI N=64" in throughput["detail"]
+    assert "GFLOP/image at full depth" in best["detail"] and "tower timed at depth 1, + 1 layer(s)" in best["detail"]
 
 
 @pytest.mark.parametrize(
@@ -76,6 +119,15 @@ def test_quick_run_writes_consistent_rows(tmp_path):
         (["--sampler-latent-dim", "32"], "--sampler-latent-dim (32) must be below --sampler-vision-width (32)"),
         (["--sampler-prompt-tokens", "0"], "--sampler-prompt-tokens must be >= 1, got 0"),
         (["--sampler-solver", "sde"], "argument --sampler-solver: invalid choice: 'sde'"),
+        (["--sampler-real-geometry", "huge"], "argument --sampler-real-geometry: invalid choice: 'huge'"),
+        (
+            ["--sampler-real-depths", "2", "1"],
+            "--sampler-real-depths must be two depths d1 < d2 <= 2 (the tiny LLaVA tower's and language model's "
+            "layers), got (2, 1)",
+        ),
+        (["--sampler-real-depths", "1", "3"], "must be two depths d1 < d2 <= 2"),
+        (["--sampler-real-depths", "1"], "must be two depths d1 < d2 <= 2"),
+        (["--sampler-real-depths", "0", "2"], "--sampler-real-depths must be >= 1, got (0, 2)"),
     ],
 )
 def test_bad_flags_fail_before_measuring_and_name_the_flag(args, message, capsys):
@@ -96,6 +148,25 @@ def test_each_benchmark_takes_its_preset_with_the_given_flags():
     args = parser.parse_args(["--decoder-sample-steps", "3", "5", "--sampler-solver", "heun", "--sampler-prompts", "2"])
     assert decoder.configure(quick, args) == dataclasses.replace(decoder.presets["quick"], sample_steps=(3, 5))
     assert sampler.configure(quick, args) == dataclasses.replace(sampler.presets["quick"], solver="heun", prompts=2)
+    # The real rows' cuts are checked against the preset's geometry: 27 tower and 28 LM layers on the CPU.
+    cpu = dataclasses.replace(quick, quick=False)
+    real = parser.parse_args(["--sampler-real-depths", "2", "27", "--sampler-real-sample-steps", "8"])
+    expected = dataclasses.replace(sampler.presets["cpu"], real_depths=(2, 27), real_sample_steps=8)
+    assert sampler.configure(cpu, real) == expected
+    assert GEOMETRIES[expected.real_geometry].vision_layers == 27
+
+
+def test_depth_cuts_give_per_layer_costs_that_scale_the_shallow_timings():
+    # Pairs timed one after the other at depths 1 and 3: differences 3, 3, 4, 2 and 90 (a burst over one sample), so
+    # 3 over 2 layers: 1.5 per layer. The medians of the cuts (10 and 14) would give 2.
+    cuts = {3: [13.0, 12.0, 14.0, 99.0, 32.0], 1: [10.0, 9.0, 10.0, 9.0, 30.0]}
+    assert per_layer_cost(cuts) == 1.5
+    assert per_layer_cost({1: [5.0, 5.0], 2: [4.0, 4.5]}) == 0.0  # a layer costs no less than nothing
+    with pytest.raises(ValueError):  # unpaired samples
+        per_layer_cost({1: [1.0], 2: [2.0, 3.0]})
+    # A step timed at the shallow cut, + 27 LM layers at 1.5 and 26 tower layers at 0.5; the spread stays its own.
+    assert scale_to_depth([10.0, 12.0], (27, 1.5), (26, 0.5)) == [10.0 + 40.5 + 13.0, 12.0 + 40.5 + 13.0]
+    assert scale_to_depth([10.0], (0, 1.5)) == [10.0]
 
 
 # Lightning's wording of the advice that does not apply to the benchmarks (lightning/pytorch/trainer/...).
