@@ -129,15 +129,10 @@ class DecoderStage(ReconstructingStage):
         )
         self.loss_space = loss_space
         self.sampling = sampling.with_overrides(time_shift=sampling.time_shift or time_shift)
-        self.sample_seed = sample_seed
-        self.metric_settings = {
-            "lpips_weights": lpips_weights,
-            "fid_weights": fid_weights,
-            "require_weights": require_metric_weights,
-        }
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
-        self.export_dir = export_dir
-        self.init_reconstruction_metrics()
+        self.init_reconstruction(
+            sample_seed, lpips_weights, fid_weights, require_metric_weights, activation_checkpointing, compile,
+            export_dir,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ training
     def shift_for(self, images: Tensor) -> float:

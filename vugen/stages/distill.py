@@ -97,15 +97,10 @@ class DecoderDistillStage(ReconstructingStage):
         self.sampling = _student_sampling(sampling, self.teacher_sampling)
         self.train_reducer = False
         self.loss_space = loss_space
-        self.sample_seed = sample_seed
-        self.metric_settings = {
-            "lpips_weights": lpips_weights,
-            "fid_weights": fid_weights,
-            "require_weights": require_metric_weights,
-        }
-        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
-        self.export_dir = export_dir
-        self.init_reconstruction_metrics()
+        self.init_reconstruction(
+            sample_seed, lpips_weights, fid_weights, require_metric_weights, activation_checkpointing, compile,
+            export_dir,
+        )  # fmt: skip
 
     def train(self, mode: bool = True) -> DecoderDistillStage:
         """Only the student trains: the teacher and the reducer stay in eval mode (clean latents, no dropout)."""

@@ -28,11 +28,9 @@ __all__ = ["ReconstructingStage", "mean_psnr"]
 class ReconstructingStage(AdapterStage):
     """Base of the stages that hold ``self.reducer`` and ``self.decoder`` and are judged by reconstruction.
 
-    A subclass's ``__init__`` sets, besides what :class:`AdapterStage` needs: ``reducer``, ``decoder``,
-    ``train_reducer`` (whether the reducer's gradients flow), ``sampling`` (how images are decoded and exported),
-    ``sample_seed``, ``metric_settings`` (``ReconstructionMetrics``' arguments), ``activation_checkpointing``,
-    ``compile_blocks`` and ``export_dir``, then calls :meth:`init_reconstruction_metrics`. It implements
-    ``training_step`` and :meth:`validation_loss`.
+    A subclass's ``__init__`` sets ``reducer``, ``decoder``, ``train_reducer`` (whether the reducer's gradients flow)
+    and ``sampling`` (how images are decoded and exported), calls :meth:`init_reconstruction` with the arguments they
+    share, and implements ``training_step`` and :meth:`validation_loss`.
     """
 
     reducer: DimensionReducer
@@ -45,8 +43,26 @@ class ReconstructingStage(AdapterStage):
     compile_blocks: bool
     export_dir: str | None
 
-    def init_reconstruction_metrics(self) -> None:
-        """No metrics until ``test`` starts (their backbones are only needed there)."""
+    def init_reconstruction(
+        self,
+        sample_seed: int,
+        lpips_weights: str | None,
+        fid_weights: str | None,
+        require_metric_weights: bool,
+        activation_checkpointing: bool,
+        compile: bool,
+        export_dir: str | None,
+    ) -> None:
+        """Keep the ``__init__`` arguments the reconstructing stages share (see :class:`DecoderStage` for each); no
+        metrics until ``test`` starts (their backbones are only needed there)."""
+        self.sample_seed = sample_seed
+        self.metric_settings = {
+            "lpips_weights": lpips_weights,
+            "fid_weights": fid_weights,
+            "require_weights": require_metric_weights,
+        }
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.export_dir = export_dir
         self.metrics: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ model
