@@ -132,6 +132,6 @@ def test_vugen_describe_names_a_missing_image_or_bundle(bundle, tmp_path, capsys
     expected = {
         "image": f"--image {image}: no such file",
         "not-an-image": f"--image {image}: not a readable image (cannot identify image file",
-        "bundle": f"{folder}/vugen.json is missing: {folder} is not a vugen bundle",
+        "bundle": f"bundle: no such folder '{folder}' (written as a path; a Hub id looks like 'org/name')",
     }[bad]
     assert line.startswith(f"vugen describe: error: {expected}")

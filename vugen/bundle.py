@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils.sha import sha_fileobj
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils import CONFIG_NAME as PEFT_CONFIG_NAME
@@ -79,9 +79,12 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG_FILE",
     "BundleError",
+    "BUNDLE_FILES",
     "bundle_record",
+    "check_bundle_files",
     "check_weights",
     "load_bundle",
+    "model_card",
     "read_config",
     "save_bundle",
     "sha256_of",
@@ -96,6 +99,8 @@ LORA_CONFIG = "scoped_lora_config.json"
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare model (PeftModel -> LoraModel -> model)
 _MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge": LatentBridge}
 _BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
+# What a bundle is made of, as glob patterns (a Hub download fetches these, not whatever else the repo holds)
+BUNDLE_FILES = (CONFIG_FILE, "README.md", SAMPLING_FILE, *(f"{folder}/*" for folder in (*_MODULE_FOLDERS, "lora")))
 # Versions 1 and 2 recorded one "sampler" object: the stage's arguments, the ODE choice as "sampler"
 _LEGACY_SAMPLING = {"sampler": "solver", "sample_steps": "steps", "guidance_scale": "guidance_scale"}
 _LEGACY_SAMPLING |= {"guidance_interval": "guidance_interval", "time_shift": "time_shift"}
@@ -161,7 +166,7 @@ def save_bundle(
         files = sorted(path for path in staging.rglob("*") if path.is_file())
         record["sha256"] = {str(path.relative_to(staging)): sha256_of(path) for path in files}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _model_card(record, pipeline.decoder_sampling).save(staging / "README.md")
+        model_card(record, pipeline.decoder_sampling).save(staging / "README.md")
     return Path(directory)
 
 
@@ -191,13 +196,7 @@ def load_bundle(
         FileNotFoundError: A missing ``vugen.json``, config or weight file.
     """
     directory = Path(directory)
-    record = read_config(directory)
-    missing = [name for name in _BUNDLE_ENTRIES if not (directory / name).exists()]
-    if missing:
-        raise BundleError(f"{directory} is an incomplete vugen bundle: missing {', '.join(missing)}")
-    _check_sha256(directory, record.get("sha256", {}))
-    for name, module_cls in _MODULE_FOLDERS.items():
-        check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
+    record = check_bundle_files(directory)
     shape, config = _latent_sampler_settings(record["latent_sampler"], f"{directory / CONFIG_FILE}: latent_sampler")
     try:
         sampling = SamplingConfig.from_dict(record["sampling"], f"{directory / CONFIG_FILE}: sampling")
@@ -217,6 +216,24 @@ def load_bundle(
         "sampling": sampling,
         "decoder_sampling": decoder_sampling,
     }
+
+
+def check_bundle_files(directory: Path) -> dict[str, Any]:
+    """The bundle's ``vugen.json`` record, after checking its files without loading anything: every part is there,
+    every recorded file has its recorded sha256, every weight file's tensor names and shapes match its config.
+
+    Raises:
+        BundleError: A missing part, a changed file or a mis-shaped tensor, named.
+        FileNotFoundError: A missing ``vugen.json``, config or weight file.
+    """
+    record = read_config(directory)
+    missing = [name for name in _BUNDLE_ENTRIES if not (directory / name).exists()]
+    if missing:
+        raise BundleError(f"{directory} is an incomplete vugen bundle: missing {', '.join(missing)}")
+    _check_sha256(directory, record.get("sha256", {}))
+    for name, module_cls in _MODULE_FOLDERS.items():
+        check_weights(directory / name / WEIGHTS_FILE, _expected_shapes(directory / name, module_cls))
+    return record
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -448,33 +465,70 @@ def _load_lora(language_model: nn.Module, folder: Path) -> None:
     set_peft_model_state_dict(language_model, state, adapter_name=LORA_ADAPTER_NAME)
 
 
-def _model_card(record: Mapping[str, Any], decoder_sampling: SamplingConfig) -> ModelCard:
+def model_card(
+    record: Mapping[str, Any],
+    decoder_sampling: SamplingConfig,
+    repo_id: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    metrics_dataset: str | None = None,
+) -> ModelCard:
+    """The bundle's model card (``README.md``): the Hub's metadata (``library_name: vugen``, the base VLM as
+    ``base_model``, ``model-index`` for ``metrics``), how to load it, the recipe and what it does to understanding.
+
+    Args:
+        record: The bundle's ``vugen.json`` record.
+        decoder_sampling: The pixel decoder's sampling settings (its step count: 1 for a distilled decoder).
+        repo_id: The Hub repo it is pushed to, for the loading snippet (``BUNDLE`` when None).
+        metrics: Scores the bundle was evaluated with, by name (e.g. ``{"shapeeval/accuracy": 0.93}``).
+        metrics_dataset: What ``metrics`` were measured on (required with them).
+    """
     init_args = record["adapter"]["init_args"]
+    if metrics and not metrics_dataset:
+        raise ValueError("metrics_dataset: name what the metrics were measured on (e.g. 'Shapes held-out')")
+    results = [
+        EvalResult("text-to-image", "custom", metrics_dataset, name, float(value), metric_name=name)
+        for name, value in (metrics or {}).items()
+    ]
     data = ModelCardData(
-        base_model=init_args.get("pretrained"),
+        base_model=_hub_id(init_args.get("pretrained"), record),
         library_name="vugen",
         pipeline_tag="text-to-image",
         tags=["vugen", "text-to-image", "image-generation", "lora"],
+        model_name=repo_id.split("/")[-1] if repo_id and results else None,
+        eval_results=results or None,
     )
     settings = {**record["latent_sampler"], **record["sampling"]}
     settings = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     # how many network calls an image's pixels cost: 1 for a distilled one-step decoder (DecoderDistillStage)
     steps = decoder_sampling.steps
     settings += f"\n| pixel decoder | {steps} {decoder_sampling.solver} step{'s' * (steps != 1)} |"
+    scores = "".join(f"| {name} | {float(value):.4g} |\n" for name, value in (metrics or {}).items())
+    evaluation = (
+        f"## Evaluation\n\nOn {metrics_dataset}:\n\n| metric | value |\n|---|---|\n{scores}\n" if scores else ""
+    )
+    source = repr(repo_id) if repo_id else "BUNDLE"
     return ModelCard(
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# vugen text-to-image bundle\n\n"
         f"Image generation for the VLM `{init_args.get('pretrained')}` (adapter `{record['adapter']['class_path']}`, "
         f"revision `{init_args.get('revision')}`), trained with [vugen](https://arxiv.org/abs/2510.06529): LoRA on "
         f"its language model samples reduced vision latents, a pixel diffusion decoder renders them.\n\n"
-        f"```python\nfrom vugen.pipeline import VugenPipeline\n\npipe = VugenPipeline.from_pretrained(BUNDLE)\n"
+        f"```python\nfrom vugen.pipeline import VugenPipeline\n\npipe = VugenPipeline.from_pretrained({source})\n"
         f'images = pipe("a large red circle on the left", seed=0)\n```\n\n'
-        f"| setting | value |\n|---|---|\n{settings}\n\n"
+        f"Or `vugen generate --bundle {repo_id or 'BUNDLE'} --prompt TEXT --out DIR`, `vugen serve --bundle "
+        f"{repo_id or 'BUNDLE'}` for a page in the browser.\n\n"
+        f"## Recipe\n\n| setting | value |\n|---|---|\n{settings}\n\n{evaluation}"
         f"## Understanding\n\n`describe` asks the bundle's VLM about images through its own processor, chat template "
         f"and greedy `generate`.\n\n```python\n{_DESCRIBE_CALL}\n```\n\n"
         f"{_UNDERSTANDING[record['latent_sampler']['lora_scope']]} Load the LoRA only through "
         "`VugenPipeline.from_pretrained` (`lora/README.md` says why).\n"
     )
+
+
+def _hub_id(pretrained: str | None, record: Mapping[str, Any]) -> str | None:
+    """``pretrained`` when it is a Hub id (the card's ``base_model`` links to it), else None: a local folder means
+    nothing on the Hub, and the Hub rejects a ``base_model`` that is no repo id."""
+    return pretrained if (record.get("vlm") or {}).get("kind") == "hub" else None
 
 
 _DESCRIBE_CALL = 'answers = pipe.describe(images, "Describe the image.")  # PIL images, or [3, H, W] in [0, 1]'

@@ -16,7 +16,7 @@ from vugen.generation import SamplingConfig
 from vugen.nn.pixel_decoder import PixelDecoder
 from vugen.nn.reducer import DimensionReducer
 
-__all__ = ["SAMPLING_FILE", "read_decoder_export", "write_decoder_export"]
+__all__ = ["SAMPLING_FILE", "read_decoder_export", "read_decoder_sampling", "write_decoder_export"]
 
 SAMPLING_FILE = "sampling.json"
 
@@ -49,11 +49,21 @@ def read_decoder_export(directory: str | Path) -> tuple[DimensionReducer, PixelD
         raise ValueError(
             f"{directory}: reducer latent_dim={reducer.latent_dim} but decoder latent_dim={decoder.latent_dim}"
         )
-    path = directory / SAMPLING_FILE
+    return reducer, decoder, read_decoder_sampling(directory)
+
+
+def read_decoder_sampling(directory: str | Path) -> SamplingConfig:
+    """The decoder's sampling settings of an export (its ``sampling.json``), without building the modules.
+
+    Raises:
+        FileNotFoundError: ``sampling.json`` is missing.
+        ValueError: It is not valid JSON or holds an unknown setting.
+    """
+    path = Path(directory) / SAMPLING_FILE
     try:
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     if isinstance(settings, dict) and "sampler" in settings and "solver" not in settings:
         settings = {("solver" if key == "sampler" else key): value for key, value in settings.items()}
-    return reducer, decoder, SamplingConfig.from_dict(settings, str(path))
+    return SamplingConfig.from_dict(settings, str(path))

@@ -61,7 +61,10 @@ def known_error_message(error: BaseException) -> str | None:
         One line (two at most) naming what was wrong, or None.
     """
     chain = _cause_chain(error)
-    for cause in reversed(chain):  # the root cause says most; wrappers repeat it with noise
+    for cause in chain:  # vugen's own wording first: it may translate a library's error (a Hub lookup, ...)
+        if isinstance(cause, VugenError):
+            return _message(cause)
+    for cause in reversed(chain):  # else the root cause says most; wrappers repeat it with noise
         if _is_known(cause):
             return _message(cause)
     if _is_argument_error(error):

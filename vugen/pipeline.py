@@ -5,7 +5,8 @@ Diffusers-style: the pipeline holds components, the VLM adapter (inside the late
 :class:`~vugen.generation.LatentSampler`, the frozen reducer and pixel decoder, and two
 :class:`~vugen.generation.SamplingConfig` (the latent sampler's, the decoder's); generation is plain module calls,
 no training code. Its bundle format is :mod:`vugen.bundle`. ``SamplerStage.pipeline()`` builds one over a stage's
-modules (shared, not copied); :meth:`VugenPipeline.from_pretrained` loads a bundle.
+modules (shared, not copied); :meth:`VugenPipeline.from_pretrained` loads a bundle, from a folder or the Hugging
+Face Hub, and :meth:`VugenPipeline.push_to_hub` shares one there (:mod:`vugen.bundle_hub`).
 
 One model, both directions: :meth:`VugenPipeline.describe` asks the same VLM about images through its own processor,
 chat template and ``generate`` (``VLMAdapter.answer``); with ``lora_scope="image_tokens"`` (the default) the LoRA is
@@ -19,6 +20,7 @@ rank count (:func:`vugen.data.prompts.image_seeds`).
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from vugen.adapter import VLMAdapter
 from vugen.bundle import bundle_record, load_bundle, save_bundle
+from vugen.bundle_hub import bundle_folder, push_bundle
 from vugen.data.image_io import to_pil
 from vugen.data.prompts import image_seeds
 from vugen.generation import LatentSampler, SamplingConfig, decode_latents
@@ -178,15 +181,60 @@ class VugenPipeline:
         """
         return save_bundle(self, directory, agree)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        metrics: Mapping[str, float] | None = None,
+        metrics_dataset: str | None = None,
+        allow_local_vlm: bool = False,
+    ) -> str | None:
+        """Save the bundle to a temporary folder and upload it to the Hugging Face Hub as one commit, with a model
+        card naming the base VLM, the recipe and ``metrics`` (:func:`vugen.bundle_hub.push_bundle`, whose arguments
+        these are). A pipeline whose VLM is a local folder is refused unless ``allow_local_vlm``.
+
+        Under FSDP2 call it on every rank, as :meth:`save_pretrained`; global rank 0 uploads.
+
+        Returns:
+            The URL of the commit (or of the pull request); None on the ranks that did not upload.
+        """
+        with tempfile.TemporaryDirectory(prefix="vugen-push-") as staging:
+            folder = self.save_pretrained(Path(staging) / "bundle")
+            if folder is None:  # a rank that did not write (FSDP2): global rank 0 uploads
+                return None
+            return push_bundle(
+                folder,
+                repo_id,
+                revision=revision,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                metrics=metrics,
+                metrics_dataset=metrics_dataset,
+                allow_local_vlm=allow_local_vlm,
+            )
+
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
+        bundle: str | Path,
         adapter_overrides: Mapping[str, Any] | None = None,
         trust_remote_code: bool = False,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
     ) -> VugenPipeline:
-        """Load a bundle written by :meth:`save_pretrained`; the VLM is rebuilt from its recorded ``pretrained`` (a
-        relative local folder is found relative to the bundle folder). Modules are frozen and in eval mode.
+        """Load a bundle written by :meth:`save_pretrained`, from a folder or from the Hugging Face Hub by repo id
+        (downloaded once into the local cache, read from there offline: :func:`vugen.bundle_hub.bundle_folder`).
+        The VLM is rebuilt from its recorded ``pretrained`` (a relative local folder is found relative to the bundle
+        folder). Modules are frozen and in eval mode.
 
         Before any weight is read, every bundle file's sha256 is checked against ``vugen.json``, every weight file's
         tensor names and shapes (its safetensors header) against its config, and the VLM's content fingerprint
@@ -194,13 +242,20 @@ class VugenPipeline:
         or the recorded and found VLM (see :func:`vugen.bundle.load_bundle`).
 
         Args:
-            directory: The bundle folder.
+            bundle: The bundle folder, or a Hub repo id (``org/name``).
             adapter_overrides: Replace recorded adapter arguments, e.g. ``{"pretrained": "/local/copy",
                 "dtype": "bfloat16"}``. A ``pretrained`` named here whose contents differ from the recorded VLM's
                 gives a warning, not an error.
             trust_remote_code: Let the VLM checkpoint run its own code. Never taken from the bundle.
+            revision: For a repo id: a branch, tag or commit sha (pin a commit for reproducible loads).
+            cache_dir: For a repo id: the Hugging Face cache (default: ``HF_HUB_CACHE``).
+            token: For a repo id: a Hub token (default: the logged-in one, or ``HF_TOKEN``).
+
+        Raises:
+            HubBundleError: No such repo or revision, or not in the cache while offline (one line naming it).
         """
-        return cls(**load_bundle(directory, adapter_overrides, trust_remote_code))
+        folder = bundle_folder(bundle, revision, cache_dir=cache_dir, token=token)
+        return cls(**load_bundle(folder, adapter_overrides, trust_remote_code))
 
 
 def _prompt_per_image(images: Images, prompts: str | Sequence[str]) -> list[str]:

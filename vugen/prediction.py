@@ -9,7 +9,6 @@ processes.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -17,8 +16,10 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from vugen.bundle import CONFIG_FILE, sha256_of
+from vugen.bundle_hub import bundle_folder
 from vugen.data.prompts import PromptBatch
 from vugen.diffusion import Method
+from vugen.hub import local_folder_or_hub_id
 from vugen.pipeline import VugenPipeline
 
 __all__ = ["ImageSampler", "PipelinePredictor", "predict_images"]
@@ -53,11 +54,13 @@ class PipelinePredictor(LightningModule):
     trainer's device.
 
     Args:
-        bundle: A bundle folder (``vugen export``, ``VugenPipeline.save_pretrained``).
+        bundle: A bundle folder (``vugen export``, ``VugenPipeline.save_pretrained``) or a Hub repo id
+            (``org/name``: downloaded into the local Hugging Face cache once, see :mod:`vugen.bundle_hub`).
         steps: Flow-matching steps (default: the bundle's).
         guidance_scale: Classifier-free guidance scale (default: the bundle's; 1 = none).
         solver: The ODE / SDE solver, ``euler``, ``heun`` or ``sde`` (default: the bundle's).
         trust_remote_code: Let the VLM checkpoint run its own modelling code. Never taken from the bundle.
+        revision: For a Hub repo id: a branch, tag or commit sha.
     """
 
     def __init__(
@@ -67,11 +70,16 @@ class PipelinePredictor(LightningModule):
         guidance_scale: float | None = None,
         solver: Method | None = None,
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> None:
         super().__init__()
-        self.bundle = Path(bundle)
-        self.bundle_sha256 = sha256_of(self.bundle / CONFIG_FILE)  # before loading: loading checks files against it
-        self.pipeline = VugenPipeline.from_pretrained(bundle, trust_remote_code=trust_remote_code)
+        hub = local_folder_or_hub_id(bundle, "bundle") is None
+        self.folder = bundle_folder(bundle, revision)  # a Hub id's snapshot in the local cache
+        # recorded: a Hub id as given with the commit it resolved to (the snapshot's name), a folder's absolute path
+        self.bundle = str(bundle) if hub else str(self.folder.resolve())
+        self.bundle_revision = self.folder.name if hub else None
+        self.bundle_sha256 = sha256_of(self.folder / CONFIG_FILE)  # before loading: loading checks files against it
+        self.pipeline = VugenPipeline.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         given = {"steps": steps, "guidance_scale": guidance_scale, "solver": solver}
         self.overrides = {key: value for key, value in given.items() if value is not None}
         self.sampling = self.pipeline.sampling.with_overrides(**self.overrides)  # a bad setting fails here, at once
@@ -92,7 +100,8 @@ class PipelinePredictor(LightningModule):
         """What the prediction writers record: the bundle (path, sha256 of its ``vugen.json``), image size, and the
         sampling settings used (the bundle's, with this module's overrides)."""
         return {
-            "bundle": str(self.bundle.resolve()),
+            "bundle": self.bundle,
+            **({"bundle_revision": self.bundle_revision} if self.bundle_revision else {}),
             "bundle_vugen_json_sha256": self.bundle_sha256,
             "image_size": self.pipeline.image_size,
             "sampling": self.sampling.to_dict(),

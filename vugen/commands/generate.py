@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vugen.callbacks.prediction_writers import ImageFolderWriter
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from vugen.callbacks.prediction_writers import SIDECAR_FILE, ImageFolderWriter
 from vugen.commands._predict import predict
 from vugen.data.prompts import PromptDataModule
 from vugen.diffusion import Method
@@ -35,6 +37,7 @@ def generate(
     num_nodes: int | None = None,
     strategy: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> list[Path]:
     """`vugen generate --bundle DIR --prompt TEXT | --prompts FILE --out DIR`: write PNGs of generated images.
 
@@ -43,7 +46,8 @@ def generate(
     ``OUT/vugen_sampling.json`` (the settings used).
 
     Args:
-        bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``).
+        bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``) or a Hub repo id (``org/name``,
+            downloaded into the local Hugging Face cache once; offline from there).
         out: Output folder (created).
         prompt: One prompt. Give this or ``prompts``.
         prompts: A prompt set: a text file with one prompt per line (blank lines skipped), a ``.jsonl`` file of
@@ -61,6 +65,7 @@ def generate(
         strategy: Lightning strategy (``auto``: DDP for several devices).
         trust_remote_code: Let the VLM checkpoint run its own modelling code (pin its revision). Never taken from the
             bundle.
+        revision: For a Hub repo id: a branch, tag or commit sha of the bundle.
 
     Returns:
         The PNG files of every prompt, grid last.
@@ -78,7 +83,17 @@ def generate(
     )
     writer = ImageFolderWriter(out)
     predictor = PipelinePredictor(
-        bundle, steps=steps, guidance_scale=cfg, solver=solver, trust_remote_code=trust_remote_code
+        bundle, steps=steps, guidance_scale=cfg, solver=solver, trust_remote_code=trust_remote_code, revision=revision
     )
     predict(predictor, data, writer, accelerator, devices, num_nodes, strategy)
-    return [*writer.image_paths(data), writer.out_dir / "grid.png"]
+    images = writer.image_paths(data)
+    _summary(len(images), len(images) // num_images_per_prompt, writer.out_dir)
+    return [*images, writer.out_dir / "grid.png"]
+
+
+@rank_zero_only  # one line, not one per process
+def _summary(images: int, prompts: int, out: Path) -> None:
+    print(
+        f"vugen generate: wrote {images} image{'s' * (images != 1)} of {prompts} prompt{'s' * (prompts != 1)} to "
+        f"{out}/ (grid.png, and the settings used in {SIDECAR_FILE})"
+    )
