@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help install lock test test-heavy test-fast test-latest demo demo-real bench bench-gpu coverage lint format clean
+.PHONY: help install install-browser lock test test-heavy test-fast test-latest demo demo-real bench bench-gpu coverage lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
+
+# Playwright drives the system's Chromium (its own browser download needs the internet); apt needs root.
+install-browser:  ## Debian's chromium for the browser tests of `vugen serve` (apt-get; they skip without it)
+	command -v chromium >/dev/null || apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 # A fresh throwaway venv, so the lock holds exactly what a new install resolves to today (no leftovers of .venv).
 lock:  ## rewrite requirements/lock.txt with the newest versions pyproject.toml allows (fresh temporary venv)
