@@ -30,9 +30,13 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("contract", "vugen vugen.adapter vugen.registry vugen.conformance vugen.testing"),
     ("models", "vugen.nn vugen.diffusion"),
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
-    ("inference", "vugen.generation vugen.decoder_export vugen.bundle vugen.pipeline vugen.prediction"),
-    ("training", "vugen.stages vugen.checkpoint"),
-    ("commands", "vugen.commands vugen.cli vugen.__main__ vugen.demo vugen.demo_real"),
+    (
+        "inference",
+        "vugen.generation vugen.decoder_export vugen.bundle vugen.bundle_hub vugen.pipeline vugen.prediction "
+        "vugen.serve",
+    ),
+    ("training", "vugen.stages vugen.checkpoint vugen.understanding_recipe"),
+    ("commands", "vugen.commands vugen.cli vugen.lightning_cli vugen.__main__ vugen.demo vugen.demo_real"),
     ("plug-ins", "vugen_adapters"),
 )
 # Narrower rules on top of the table:
@@ -44,7 +48,9 @@ NO_TRAINING_CODE = (
     "vugen.generation",
     "vugen.decoder_export",
     "vugen.bundle",
+    "vugen.bundle_hub",
     "vugen.pipeline",
+    "vugen.serve",
 )  # inference without Lightning
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
 PLUGIN_SEES = ("foundation", "contract")  # vugen_adapters imports only these layers of vugen

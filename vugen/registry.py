@@ -18,15 +18,18 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from vugen.adapter import VLMAdapter
 from vugen.errors import VugenError
+
+if TYPE_CHECKING:
+    # Imported where a class is checked, not here: listing adapters (`vugen adapters`) needs no torch.
+    from vugen.adapter import VLMAdapter
 
 ENTRY_POINT_GROUP = "vugen.adapters"
 _registered: dict[str, type[VLMAdapter]] = {}
 
-A = TypeVar("A", bound=type[VLMAdapter])
+A = TypeVar("A", bound="type[VLMAdapter]")
 
 
 class UnregisteredAdapterError(VugenError, ValueError):
@@ -165,6 +168,8 @@ def _import_class(class_path: str) -> Any:
 
 
 def _check_adapter_class(cls: Any, name: str) -> type[VLMAdapter]:
+    from vugen.adapter import VLMAdapter
+
     if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)):
         raise TypeError(f"adapter {name!r} resolves to {cls!r}, which is not a subclass of vugen's VLMAdapter")
     return cls

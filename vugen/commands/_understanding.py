@@ -1,7 +1,8 @@
 """`vugen tiny FAMILY DIR --understand shapes`: the tiny VLM trained to understand Shapes, then scored.
 
-The recipe (:class:`UnderstandingRecipe`) was chosen by the ablation in ``docs/understanding.md``: which parts of the
-VLM learn, and how many examples ask attribute questions instead of the caption. The run trains the
+The recipe (:class:`~vugen.understanding_recipe.UnderstandingRecipe`) was chosen by the ablation in
+``docs/understanding.md``: which parts of the VLM learn, and how many examples ask attribute questions instead of the
+caption. The run trains the
 :class:`~vugen.stages.understanding.UnderstandingStage` with a Lightning ``Trainer`` (CPU, 32-true), exports the VLM
 over ``DIR`` (``save_pretrained``: the same adapter loads it), reloads it from there and scores captions on the test
 and held-out splits (:func:`~vugen.eval.captioning.caption_accuracy`).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +24,15 @@ from vugen.adapter import VLMAdapter
 from vugen.commands._recipe_checks import _quiet as quiet_lightning
 from vugen.data.shapes_understanding import ShapesUnderstandingDataModule
 from vugen.eval.captioning import AnswerScore, caption_accuracy
-from vugen.stages.understanding import Part, UnderstandingStage
+from vugen.stages.understanding import UnderstandingStage
+from vugen.understanding_recipe import UnderstandingRecipe
 
-__all__ = ["TASKS", "UnderstandingRecipe", "check_task", "train_understanding", "understanding_table"]
+__all__ = ["TASKS", "check_task", "train_understanding", "understanding_table"]
 
 TASKS = ("shapes",)
 RECORD = "understanding.json"
 EVAL_SPLITS = ("test", "heldout")
 EVAL_IMAGES = 128  # per split: about 90 one-object and 40 two-object scenes
-
-
-@dataclass(frozen=True)
-class UnderstandingRecipe:
-    """How the tiny VLM learns Shapes.
-
-    Args:
-        trainable: The parts of the VLM that learn (``language_model``, ``projector``, ``vision_tower``); the default
-            keeps the vision tower, so its features for the generation stages, as they were.
-        question_ratio: Fraction of training examples that ask an attribute question instead of the caption.
-        batch_size: Examples per step.
-        lr: Peak learning rate of AdamW's one-cycle schedule.
-        warmup: Fraction of the steps that warm the learning rate up.
-        two_object_ratio: Fraction of two-object scenes among the training images.
-        heldout_ratio: Fraction of training images with a composition held out from generation (the demo's
-            held-out prompts): a VLM that has seen them, as real VLMs have seen far more than a generation set.
-        seed: Seed of the training images and their order.
-    """
-
-    trainable: tuple[Part, ...] = ("language_model", "projector")
-    question_ratio: float = 0.25
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup: float = 0.1
-    two_object_ratio: float = 0.5
-    heldout_ratio: float = 0.0
-    seed: int = 0
 
 
 def check_task(task: str) -> None:

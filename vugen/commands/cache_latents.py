@@ -62,7 +62,7 @@ def cache_latents(
     device = resolve_device(device)
     local_folder_or_hub_id(reducer_path, "--reducer_path")  # a mistyped folder fails at once, not on the network
     reducer = DimensionReducer.from_pretrained(reducer_path)
-    return write_latent_cache(
+    folder = write_latent_cache(
         data,
         adapter.to(device),
         reducer.to(device),
@@ -74,3 +74,6 @@ def cache_latents(
         world_size=world_size,
         progress=progress,
     )
+    part = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    print(f"vugen cache-latents: wrote the latents of the {split} split{part} to {folder}")
+    return folder

@@ -37,7 +37,7 @@ def describe(
     are exactly the base VLM's.
 
     Args:
-        bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``).
+        bundle: A bundle folder (``VugenPipeline.save_pretrained``, ``vugen export``) or a Hub repo id (``org/name``).
         image: An image file; give ``--image`` once per image.
         prompt: What to ask about each image, e.g. ``"Describe the image."``.
         max_new_tokens: Most tokens per answer.
@@ -58,7 +58,9 @@ def describe(
     with contextlib.redirect_stdout(sys.stderr):
         pipe = VugenPipeline.from_pretrained(bundle, trust_remote_code=trust_remote_code).to(device)
     answers = pipe.describe(images, prompt, max_new_tokens)
-    return "\n".join(f"{path}: {' '.join(answer.splitlines())}" for path, answer in zip(image, answers, strict=True))
+    lines = "\n".join(f"{path}: {' '.join(answer.splitlines())}" for path, answer in zip(image, answers, strict=True))
+    print(lines)
+    return lines
 
 
 def _read_image(path: str) -> Image.Image:

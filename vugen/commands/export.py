@@ -62,7 +62,10 @@ def export(
             raise ValueError(f"{checkpoint} holds no EMA averages: train with vugen.callbacks.EMA, or weights=training")
         source = "training weights" if updates is None else "EMA averages"
     require_finite(stage.state_dict().items(), f"refusing to export the {source} of {checkpoint}, nothing written")
-    return stage.pipeline().save_pretrained(out)
+    bundle = stage.pipeline().save_pretrained(out)
+    if bundle is not None:  # the rank that wrote it
+        print(f"vugen export: wrote the bundle {bundle} from the {source} of {checkpoint}")
+    return bundle
 
 
 def check_same_reducer(saved: dict[str, Any], checkpoint: str, decoder_export: str) -> None:

@@ -7,11 +7,8 @@ built from each family's own config class there.
 
 from __future__ import annotations
 
-from vugen.commands import _understanding
-from vugen.commands._understanding import UnderstandingRecipe
-from vugen.commands.check import default_adapter, read_config
 from vugen.errors import check_positive
-from vugen.registry import get_adapter_class
+from vugen.understanding_recipe import UnderstandingRecipe
 
 __all__ = ["tiny"]
 
@@ -39,15 +36,23 @@ def tiny(
         understand_steps: training steps of `--understand`.
         understand_recipe: what trains and on what (docs/understanding.md: the ablation behind the default).
     """
-    # Imported here: the recipes import every family's transformers classes (~0.6 s), which no other command needs.
+    # Imported here, not at the top, so that `vugen tiny --help` and parsing stay light: the recipes import every
+    # family's transformers classes (seconds with torch), which no other command needs.
+    from transformers.utils import logging as transformers_logging
+
     from vugen_adapters.tiny import build_tiny_vlm
 
     if understand is not None:
+        from vugen.commands import _understanding  # the training machinery: Lightning, the stage, the data
+        from vugen.commands.check import default_adapter, read_config
+        from vugen.registry import get_adapter_class
+
         _understanding.check_task(understand)
         check_positive("understand_steps", understand_steps)
+    transformers_logging.disable_progress_bar()  # a bar over the one shard of a tiny checkpoint says nothing
     path = build_tiny_vlm(family, directory, seed=seed)
     if understand is None:
-        print(path)
+        print(f"vugen tiny: a tiny random {family} VLM (seed {seed}) written to {path}")
         return
     adapter_name = default_adapter(read_config(str(path))[0].get("model_type"))
     adapter_class = get_adapter_class(adapter_name)

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,17 @@ class AdapterStage(LightningModule):
         with torch.no_grad():
             features = self.adapter.encode_images(images)
         return features.to(dtype)
+
+    def on_train_start(self) -> None:
+        """Say once which modules start training in eval mode: the VLM's, by design (the ``vugen`` command hides
+        Lightning's warning about them, see :mod:`vugen.lightning_cli`), and any other, by its top-level name."""
+        vlm = {id(module) for module in self.adapter.modules()}
+        in_eval = [(name, module) for name, module in self.named_modules() if name and not module.training]
+        others = Counter(name.partition(".")[0] for name, module in in_eval if id(module) not in vlm)
+        line = f"{type(self).__name__}: the VLM ({len(in_eval) - others.total()} modules) stays in eval mode by design"
+        if others:
+            line += "; also in eval mode: " + ", ".join(f"{name} ({count} modules)" for name, count in others.items())
+        rank_zero_info(line)
 
     # ------------------------------------------------------------------ PCA initialisation of a fresh reducer
     def enable_pca_init(self, enabled: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -31,11 +31,9 @@ from transformers import PreTrainedModel
 from vugen.adapter import VLMAdapter
 from vugen.distributed import is_global_zero
 from vugen.stages.base import AdapterStage
+from vugen.understanding_recipe import PARTS, Part
 
 __all__ = ["Part", "UnderstandingStage", "model_parts", "understanding_model"]
-
-Part = Literal["language_model", "projector", "vision_tower"]
-PARTS: tuple[Part, ...] = get_args(Part)
 
 
 def understanding_model(adapter: VLMAdapter) -> PreTrainedModel:
