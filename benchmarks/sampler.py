@@ -403,13 +403,13 @@ def uncached_latents(sampler: LatentSampler, prompts: list[str], seeds: list[int
     return sampler.integrate(velocity, seeds, sampling)
 
 
-def _generation_rows(
-    stage: SamplerStage, prompts: list[str], config: SamplerBenchConfig, settings: Settings
-) -> list[Row]:
-    stage.eval()
-    sampler, sampling = stage.latent_sampler, stage.sampling
+def generation_pair(
+    sampler: LatentSampler, prompts: list[str], sampling: SamplingConfig, settings: Settings
+) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """``(cached, uncached)``: the latents of ``prompts`` (seeds 0, 1, ...) by ``generate`` (the prompt's KV cache
+    reused at every flow step) and by :func:`uncached_latents` (the whole sequence every step), under the settings'
+    autocast, without gradients."""
     seeds = list(range(len(prompts)))
-    prompt_tokens = stage.adapter.tokenize(prompts)["input_ids"].shape[1]
 
     @torch.no_grad()
     def cached() -> Tensor:
@@ -420,6 +420,18 @@ def _generation_rows(
     def uncached() -> Tensor:
         with settings.autocast():
             return uncached_latents(sampler, prompts, seeds, sampling)
+
+    return cached, uncached
+
+
+def _generation_rows(
+    stage: SamplerStage, prompts: list[str], config: SamplerBenchConfig, settings: Settings
+) -> list[Row]:
+    stage.eval()
+    sampler, sampling = stage.latent_sampler, stage.sampling
+    seeds = list(range(len(prompts)))
+    prompt_tokens = stage.adapter.tokenize(prompts)["input_ids"].shape[1]
+    cached, uncached = generation_pair(sampler, prompts, sampling, settings)
 
     progress(f"sampler: generation with and without the prompt cache ({config.repeats} runs each)")
     with torch.no_grad():  # in full precision: bf16 rounds the cached and the full sequence differently
@@ -647,17 +659,7 @@ def _real_generation_rows(
     shallow = stages[depths[0]]
     prompts = make_prompts(shallow.adapter, config.prompts, config.real_prompt_tokens)
     seeds = list(range(len(prompts)))
-    sampler, sampling = shallow.latent_sampler, shallow.sampling
-
-    @torch.no_grad()
-    def cached() -> Tensor:
-        with settings.autocast():
-            return sampler.generate(prompts, seeds, sampling)
-
-    @torch.no_grad()
-    def uncached() -> Tensor:
-        with settings.autocast():
-            return uncached_latents(sampler, prompts, seeds, sampling)
+    cached, uncached = generation_pair(shallow.latent_sampler, prompts, shallow.sampling, settings)
 
     runs = {
         f"cached@{depths[0]}": _repeated(cached, 1, settings),

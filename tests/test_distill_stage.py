@@ -135,8 +135,13 @@ def test_a_student_sampling_it_cannot_train_for_is_refused(pretrained, decoder_e
 
 
 def test_a_missing_teacher_export_is_named(pretrained, tmp_path):
-    with pytest.raises(Exception, match="teacher_export"):
-        make_distill(pretrained, tmp_path / "nowhere")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as raised:
+        make_distill(pretrained, missing)
+    assert str(raised.value) == (
+        f"DecoderDistillStage teacher_export: no such folder '{missing}' (written as a path; a Hub id looks like "
+        "'org/name')"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- bundling
