@@ -32,8 +32,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
     (
         "inference",
-        "vugen.generation vugen.decoder_export vugen.bundle vugen.bundle_hub vugen.pipeline vugen.prediction "
-        "vugen.serve",
+        "vugen.generation vugen.decoder_export vugen.model_card vugen.bundle vugen.bundle_hub vugen.pipeline "
+        "vugen.prediction vugen.serve",
     ),
     ("training", "vugen.stages vugen.checkpoint vugen.understanding_recipe"),
     ("commands", "vugen.commands vugen.cli vugen.lightning_cli vugen.__main__ vugen.demo vugen.demo_real"),
@@ -47,6 +47,7 @@ BUILT_ON = {"vugen.generation": ("vugen.decoder_export", "vugen.bundle", "vugen.
 NO_TRAINING_CODE = (
     "vugen.generation",
     "vugen.decoder_export",
+    "vugen.model_card",
     "vugen.bundle",
     "vugen.bundle_hub",
     "vugen.pipeline",

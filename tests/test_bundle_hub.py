@@ -12,11 +12,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 
-from vugen.bundle import BundleError, model_card, read_config, sha256_of
+from vugen.bundle import BundleError, read_config, sha256_of
 from vugen.bundle_hub import HubBundleError, bundle_folder, push_bundle
 from vugen.cli import main
 from vugen.commands.push import read_metrics
 from vugen.decoder_export import read_decoder_sampling
+from vugen.model_card import model_card
 from vugen.pipeline import VugenPipeline
 
 REPO_ID = "vugen-tests/tiny-llava-vugen"

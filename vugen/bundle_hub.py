@@ -28,10 +28,11 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 import vugen
-from vugen.bundle import BUNDLE_FILES, CONFIG_FILE, BundleError, check_bundle_files, model_card
+from vugen.bundle import BUNDLE_FILES, CONFIG_FILE, BundleError, check_bundle_files
 from vugen.decoder_export import read_decoder_sampling
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
+from vugen.model_card import model_card
 
 __all__ = ["HubBundleError", "bundle_folder", "push_bundle"]
 
@@ -117,7 +118,7 @@ def push_bundle(
     allow_local_vlm: bool = False,
 ) -> str:
     """Upload a bundle folder to the Hub as one commit (the repo is created when missing), its ``README.md``
-    replaced by a model card for the repo (:func:`vugen.bundle.model_card`, with ``metrics``); the folder itself is
+    replaced by a model card for the repo (:func:`vugen.model_card.model_card`, with ``metrics``); the folder itself is
     not changed.
 
     The files are checked first, as loading checks them (a damaged bundle is never pushed). A bundle whose VLM is a
