@@ -25,7 +25,8 @@ SOURCES = {"vugen": ROOT / "vugen", "vugen_adapters": ROOT / "adapters"}  # impo
 LAYERS: tuple[tuple[str, str], ...] = (
     (
         "foundation",
-        "vugen.errors vugen.atomic vugen.hub vugen.fingerprint vugen.finite vugen.distributed vugen.applicability",
+        "vugen.errors vugen.atomic vugen.hub vugen.fingerprint vugen.finite vugen.distributed vugen.applicability "
+        "vugen.quiet",
     ),
     ("contract", "vugen vugen.adapter vugen.registry vugen.conformance vugen.testing"),
     ("models", "vugen.nn vugen.diffusion"),

@@ -22,7 +22,7 @@ import vugen
 from tests.cli_harness import ROOT, run_vugen
 from vugen.cli import LIGHTNING_SUBCOMMANDS, help_text, run
 from vugen.commands import COMMANDS, command
-from vugen.lightning_cli import expected_output_hidden
+from vugen.quiet import expected_output_hidden
 
 HEAVY = ("lightning", "peft", "torch", "transformers")
 

@@ -25,6 +25,7 @@ from jsonargparse import CLI
 
 from vugen.commands import COMMANDS, command
 from vugen.errors import TRACEBACK_ENV, known_error_message
+from vugen.quiet import expected_output_hidden
 
 DESCRIPTION = (
     "vugen: train the three VUGEN stages of any Hugging Face VLM (Lightning's subcommands: each stage is a "
@@ -85,14 +86,15 @@ def _run(argv: list[str], from_sys_argv: bool) -> Any:
     if not argv or argv[0] in _HELP:
         print(help_text())
         return None
-    if argv[0] in COMMANDS:
-        function = command(argv[0])
-        args = _appending_list_options(function, argv[1:])
-        # Each command prints its own summary; its return value is for Python callers (`run`).
-        return CLI(function, args=args, prog=f"vugen {argv[0]}", exit_on_error=False)
-    from vugen.lightning_cli import VugenCLI
+    with expected_output_hidden():  # Lightning's and its dependencies' expected noise, in every command
+        if argv[0] in COMMANDS:
+            function = command(argv[0])
+            args = _appending_list_options(function, argv[1:])
+            # Each command prints its own summary; its return value is for Python callers (`run`).
+            return CLI(function, args=args, prog=f"vugen {argv[0]}", exit_on_error=False)
+        from vugen.lightning_cli import VugenCLI
 
-    return VugenCLI(args=None if from_sys_argv else argv)
+        return VugenCLI(args=None if from_sys_argv else argv)
 
 
 def help_text(width: int | None = None) -> str:

@@ -6,38 +6,23 @@ vugen's own commands and ``vugen --help`` start without them.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from vugen.checkpoint import HYPERPARAMETERS, WRITER, check_writer, checked_hyperparameters, read_checkpoint
 from vugen.cli import DESCRIPTION
+from vugen.quiet import expected_output_hidden
 from vugen.registry import adapter_class_path, get_adapter_class, list_adapters
 
 __all__ = ["VugenCLI", "accept_registered_adapter_names", "import_registered_adapters"]
 
 _CKPT_PATH_KEYWORDS = ("best", "last", "hpc")  # Lightning resolves these itself
-
-# What a run prints that is expected, so not worth a user's lookup: (message regex, category, module that warns).
-_EXPECTED_WARNINGS = (
-    # The frozen VLM is in eval mode by design: AdapterStage.on_train_start says so in its own words, and names any
-    # other module in eval mode.
-    (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning, r"lightning\.pytorch\."),
-    # Lightning's own pytree helper builds torch's deprecated LeafSpec for every fit's data: nothing vugen or a user
-    # can change (Lightning's to fix).
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
-)
-# Lightning's info lines that advertise its cloud services ("💡 Tip: ... try installing litlogger"): not about the run.
-_TIP = "💡 Tip:"
 
 
 class VugenCLI(LightningCLI):
@@ -46,7 +31,7 @@ class VugenCLI(LightningCLI):
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
         import_registered_adapters()  # so YAML can name adapters by class name, not only by class path
         accept_registered_adapter_names()
-        with expected_output_hidden():
+        with expected_output_hidden():  # `vugen.cli` hides them too; a VugenCLI built in Python gets the same
             super().__init__(
                 LightningModule,
                 LightningDataModule,
@@ -101,25 +86,6 @@ class VugenCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
         return super().instantiate_trainer(**kwargs)
-
-
-@contextlib.contextmanager
-def expected_output_hidden() -> Iterator[None]:
-    """Hide what a vugen run prints that is expected (:data:`_EXPECTED_WARNINGS`, Lightning's tips); every other
-    warning shows as usual."""
-    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # where Lightning's rank_zero_info writes
-
-    def no_tip(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TIP)
-
-    tips.addFilter(no_tip)
-    try:
-        with warnings.catch_warnings():
-            for message, category, module in _EXPECTED_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category, module=module)
-            yield
-    finally:
-        tips.removeFilter(no_tip)
 
 
 def _import_class(class_path: str) -> type:
