@@ -63,7 +63,8 @@ class ServedBundle:
         self.pipeline: VugenPipeline | None = None
         self.source: str | None = None
         self._lock = threading.Lock()  # a load and a generation never overlap
-        self._out = Path(tempfile.mkdtemp(prefix="vugen-serve-"))
+        # the PNGs handed to the page (Gradio copies them into its cache); removed with this object or at exit
+        self._out = tempfile.TemporaryDirectory(prefix="vugen-serve-")
 
     def load(self, bundle: str, revision: str | None = None) -> str:
         """Load ``bundle`` (a folder or a Hub repo id) in place of the current one; returns a one-line summary.
@@ -106,7 +107,7 @@ class ServedBundle:
             pictures = pipeline(
                 prompt, seed=seed, num_images_per_prompt=images, steps=steps, guidance_scale=guidance_scale
             )
-        folder = Path(tempfile.mkdtemp(dir=self._out))  # one folder per request: names repeat across requests
+        folder = Path(tempfile.mkdtemp(dir=self._out.name))  # one folder per request: names repeat across requests
         paths = [folder / f"00000-{slug(prompt)}-{k}.png" for k in range(images)]
         for picture, path in zip(pictures, paths, strict=True):
             picture.save(path)
