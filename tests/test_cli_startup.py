@@ -119,3 +119,13 @@ def test_the_first_demo_stage_prints_no_warning_to_look_up(tiny_llava, tmp_path)
     assert [line for line in warned if "does not have many workers" not in line] == [], output[-3000:]
     assert "Tip:" not in output
     assert re.search(r"ReducerStage: the VLM \(\d+ modules\) stays in eval mode by design\n", output), output[-3000:]
+
+
+def test_the_demos_first_step_prints_no_warning_to_look_up(tmp_path):
+    """``vugen tiny llava DIR --understand shapes`` (the demo's first step: a Lightning fit outside LightningCLI) runs
+    inside the same filters: Lightning's pytree deprecation showed here once the filters were the LightningCLI's."""
+    result = run_vugen("tiny", "llava", "vlm", "--understand", "shapes", "--understand_steps", "2", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert [line for line in output.splitlines() if re.match(r"\S+\.py:\d+: ", line)] == [], output[-3000:]
+    assert "Tip:" not in output and "caption accuracy" in output

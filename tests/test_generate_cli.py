@@ -153,11 +153,15 @@ def test_export_takes_the_ema_averages_when_the_checkpoint_has_them(pretrained, 
 
 
 # ---------------------------------------------------------------------------------------------------- GenEval
-def test_geneval_export_writes_its_layout_file_by_file(bundle, pipe, tmp_path):
+def test_geneval_export_writes_its_layout_file_by_file(bundle, pipe, tmp_path, capsys):
     metadata = tmp_path / "evaluation_metadata.jsonl"
     metadata.write_text("\n".join(GENEVAL_LINES) + "\n")
 
     export_geneval(str(bundle), str(metadata), str(tmp_path / "out"), n=2, seed=100, steps=1)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"vugen export-geneval: wrote 6 images of 3 prompts to {tmp_path / 'out'}/ (GenEval's layout: "
+        "<index>/samples/<k>.png, <index>/grid.png; the settings used in vugen_sampling.json)"
+    )
 
     out = tmp_path / "out"
     expected_files = {"vugen_sampling.json"} | {
@@ -181,13 +185,17 @@ def test_geneval_export_writes_its_layout_file_by_file(bundle, pipe, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- DPG-Bench
-def test_dpg_export_writes_2x2_grids_named_like_the_prompts(bundle, pipe, tmp_path):
+def test_dpg_export_writes_2x2_grids_named_like_the_prompts(bundle, pipe, tmp_path, capsys):
     prompts_dir = tmp_path / "prompts"
     prompts_dir.mkdir()
     for name, prompt in DPG_PROMPTS.items():
         (prompts_dir / f"{name}.txt").write_text(prompt + "\n")
 
     export_dpg(str(bundle), str(prompts_dir), str(tmp_path / "one"), seed=9)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"vugen export-dpg: wrote 3 2x2 grids of 4 images to {tmp_path / 'one'}/ (DPG-Bench's layout: <id>.png; the "
+        "settings used in vugen_sampling.json)"
+    )
     CLI(export_dpg, args=[str(bundle), str(prompts_dir), str(tmp_path / "two"), "--seed", "9", "--accelerator", "cpu"])
 
     assert sorted(tree(tmp_path / "one")) == ["a3.png", "partiprompts12.png", "vugen_sampling.json", "whoops7.png"]

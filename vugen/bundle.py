@@ -80,6 +80,7 @@ __all__ = [
     "CONFIG_FILE",
     "BundleError",
     "BUNDLE_FILES",
+    "CARD_FILE",
     "bundle_record",
     "check_bundle_files",
     "check_weights",
@@ -90,6 +91,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "vugen.json"
+CARD_FILE = "README.md"  # the model card: not hashed, free to edit (the Hub's is written on push)
 FORMAT, FORMAT_VERSION = "vugen.pipeline", 4
 WEIGHTS_FILE = "model.safetensors"  # PyTorchModelHubMixin's file name
 LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name
@@ -99,7 +101,7 @@ PEFT_PREFIX = "base_model.model."  # peft's key prefix for an adapter on a bare 
 _MODULE_FOLDERS = {"reducer": DimensionReducer, "decoder": PixelDecoder, "bridge": LatentBridge}
 _BUNDLE_ENTRIES = (*_MODULE_FOLDERS, SAMPLING_FILE, "lora")
 # What a bundle is made of, as glob patterns (a Hub download fetches these, not whatever else the repo holds)
-BUNDLE_FILES = (CONFIG_FILE, "README.md", SAMPLING_FILE, *(f"{folder}/*" for folder in (*_MODULE_FOLDERS, "lora")))
+BUNDLE_FILES = (CONFIG_FILE, CARD_FILE, SAMPLING_FILE, *(f"{folder}/*" for folder in (*_MODULE_FOLDERS, "lora")))
 # Versions 1 and 2 recorded one "sampler" object: the stage's arguments, the ODE choice as "sampler"
 _LEGACY_SAMPLING = {"sampler": "solver", "sample_steps": "steps", "guidance_scale": "guidance_scale"}
 _LEGACY_SAMPLING |= {"guidance_interval": "guidance_interval", "time_shift": "time_shift"}
@@ -165,7 +167,7 @@ def save_bundle(
         files = sorted(path for path in staging.rglob("*") if path.is_file())
         record["sha256"] = {str(path.relative_to(staging)): sha256_of(path) for path in files}
         (staging / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        model_card(record, pipeline.decoder_sampling).save(staging / "README.md")
+        model_card(record, pipeline.decoder_sampling).save(staging / CARD_FILE)
     return Path(directory)
 
 

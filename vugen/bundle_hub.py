@@ -28,15 +28,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 
 import vugen
-from vugen.bundle import BUNDLE_FILES, CONFIG_FILE, BundleError, check_bundle_files
+from vugen.bundle import BUNDLE_FILES, CARD_FILE, CONFIG_FILE, BundleError, check_bundle_files
 from vugen.decoder_export import read_decoder_sampling
 from vugen.errors import VugenError
 from vugen.hub import local_folder_or_hub_id
 from vugen.model_card import model_card
 
 __all__ = ["HubBundleError", "bundle_folder", "push_bundle"]
-
-CARD_FILE = "README.md"
 
 
 class HubBundleError(VugenError, LookupError):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from vugen.callbacks.prediction_writers import slug
 from vugen.errors import VugenError, known_error_message
+from vugen.generation import SamplingConfig
 from vugen.pipeline import VugenPipeline
 
 if TYPE_CHECKING:
@@ -149,7 +150,8 @@ def build_app(served: ServedBundle, bundle: str | None = None) -> gradio.Blocks:
         bundle: Shown in the bundle box (what ``served`` loaded, if anything).
     """
     gr = import_gradio()
-    sampling = served.pipeline.sampling if served.pipeline is not None else None
+    # the loaded bundle's defaults; SamplingConfig's own before one is loaded
+    sampling = served.pipeline.sampling if served.pipeline is not None else SamplingConfig()
     with gr.Blocks(title="vugen") as app:
         gr.Markdown("# vugen\nText to image with a VLM's own vision latents; the same VLM describes images.")
         with gr.Row():
@@ -160,8 +162,8 @@ def build_app(served: ServedBundle, bundle: str | None = None) -> gradio.Blocks:
             prompt = gr.Textbox(label="Prompt", placeholder="a large red circle on the left", elem_id="prompt")
             with gr.Row():
                 images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                steps = gr.Slider(1, MAX_STEPS, value=sampling.steps if sampling else 25, step=1, label="Steps")
-                guidance = gr.Slider(1.0, 10.0, value=sampling.guidance_scale if sampling else 3.0, label="Guidance")
+                steps = gr.Slider(1, MAX_STEPS, value=sampling.steps, step=1, label="Steps")
+                guidance = gr.Slider(1.0, 10.0, value=sampling.guidance_scale, label="Guidance")
                 seed = gr.Number(value=0, precision=0, label="Seed")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from vugen.callbacks.prediction_writers import SIDECAR_FILE
 from vugen.data.prompts import PromptDataModule
 from vugen.prediction import PipelinePredictor
 
@@ -49,3 +51,9 @@ def _torchrun_processes() -> tuple[int, int]:
         return 1, 1
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+
+
+@rank_zero_only  # one line, not one per process
+def say_written(command: str, written: str, out: str | os.PathLike[str], layout: str) -> None:
+    """The command's last line: what it wrote, where, in which layout, and where the settings are recorded."""
+    print(f"vugen {command}: wrote {written} to {out}/ ({layout}; the settings used in {SIDECAR_FILE})")

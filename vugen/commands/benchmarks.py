@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-from vugen.callbacks.prediction_writers import DPG_IMAGES, SIDECAR_FILE, DPGBenchWriter, GenEvalWriter
-from vugen.commands._predict import predict
+from vugen.callbacks.prediction_writers import DPG_IMAGES, DPGBenchWriter, GenEvalWriter
+from vugen.commands._predict import predict, say_written
 from vugen.data.prompts import PromptDataModule
 from vugen.diffusion import Method
 from vugen.prediction import PipelinePredictor
@@ -65,7 +63,7 @@ def export_geneval(
     predict(predictor, data, GenEvalWriter(out, grid=grid), accelerator, devices, num_nodes, strategy)
     prompts = len(data.prompts)
     layout = "<index>/samples/<k>.png" + (", <index>/grid.png" if grid else "")
-    _summary("export-geneval", f"{prompts * n} images of {prompts} prompts", out, f"GenEval's layout: {layout}")
+    say_written("export-geneval", f"{prompts * n} images of {prompts} prompts", out, f"GenEval's layout: {layout}")
 
 
 def export_dpg(
@@ -105,9 +103,4 @@ def export_dpg(
     predictor = PipelinePredictor(bundle, steps=steps, guidance_scale=cfg, solver=solver)
     predict(predictor, data, DPGBenchWriter(out), accelerator, devices, num_nodes, strategy)
     prompts = len(data.prompts)
-    _summary("export-dpg", f"{prompts} 2x2 grids of {DPG_IMAGES} images", out, "DPG-Bench's layout: <id>.png")
-
-
-@rank_zero_only  # one line, not one per process
-def _summary(command: str, written: str, out: str, layout: str) -> None:
-    print(f"vugen {command}: wrote {written} to {out}/ ({layout}; the settings used in {SIDECAR_FILE})")
+    say_written("export-dpg", f"{prompts} 2x2 grids of {DPG_IMAGES} images", out, "DPG-Bench's layout: <id>.png")

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-from vugen.callbacks.prediction_writers import SIDECAR_FILE, ImageFolderWriter
-from vugen.commands._predict import predict
+from vugen.callbacks.prediction_writers import ImageFolderWriter
+from vugen.commands._predict import predict, say_written
 from vugen.data.prompts import PromptDataModule
 from vugen.diffusion import Method
 from vugen.prediction import PipelinePredictor
@@ -87,13 +85,7 @@ def generate(
     )
     predict(predictor, data, writer, accelerator, devices, num_nodes, strategy)
     images = writer.image_paths(data)
-    _summary(len(images), len(images) // num_images_per_prompt, writer.out_dir)
+    count, prompts = len(images), len(images) // num_images_per_prompt
+    written = f"{count} image{'s' * (count != 1)} of {prompts} prompt{'s' * (prompts != 1)}"
+    say_written("generate", written, writer.out_dir, "<index>-<slug>-<k>.png, grid.png")
     return [*images, writer.out_dir / "grid.png"]
-
-
-@rank_zero_only  # one line, not one per process
-def _summary(images: int, prompts: int, out: Path) -> None:
-    print(
-        f"vugen generate: wrote {images} image{'s' * (images != 1)} of {prompts} prompt{'s' * (prompts != 1)} to "
-        f"{out}/ (grid.png, and the settings used in {SIDECAR_FILE})"
-    )
