@@ -24,13 +24,13 @@ from torch import nn
 from tests.test_configs import ROOT
 from tools.coverage_matrix import first_failure
 from vugen.adapter import positions_from_mask
+from vugen.check_runner import CheckSkipped
 from vugen.cli import run
 from vugen.commands._recipe_checks import check_understanding_preserved
 from vugen.commands.check import check_checkpoint, smallest_image_size
 from vugen.conformance import (
     BRIGHT,
     PROMPTS,
-    CheckSkipped,
     check_kv_cache,
     check_latent_attention,
     check_lora_targets,

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
         "vugen.errors vugen.atomic vugen.hub vugen.fingerprint vugen.finite vugen.distributed vugen.applicability "
         "vugen.quiet",
     ),
-    ("contract", "vugen vugen.adapter vugen.registry vugen.conformance vugen.testing"),
+    ("contract", "vugen vugen.adapter vugen.registry vugen.check_runner vugen.conformance vugen.testing"),
     ("models", "vugen.nn vugen.diffusion"),
     ("data/eval", "vugen.data vugen.eval vugen.callbacks"),
     (

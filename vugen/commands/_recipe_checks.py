@@ -2,8 +2,8 @@
 LoRA in place, and a few-step smoke of every stage of the recipe on tiny modules.
 
 They need the inference and training layers (:class:`~vugen.generation.LatentSampler`, the stages, the commands), so
-they live here rather than in :mod:`vugen.conformance`; they are :class:`~vugen.conformance.Check` records all the
-same, run by :func:`vugen.conformance.run_checks`.
+they live here rather than in :mod:`vugen.conformance`; they are :class:`~vugen.check_runner.Check` records all the
+same, run by :func:`vugen.check_runner.run_checks`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from PIL import Image
 from torch import nn
 
 from vugen.adapter import VLMAdapter
+from vugen.check_runner import Check, expect
 from vugen.commands.cache_latents import cache_latents
 from vugen.commands.export import export
 from vugen.commands.generate import generate
-from vugen.conformance import PROMPTS, Check, expect, random_images
+from vugen.conformance import PROMPTS, random_images
 from vugen.data.image_io import to_pil
 from vugen.data.latent_cache import LatentCacheDataModule, LatentCacheDataset
 from vugen.data.shapes_datamodule import ShapesDataModule
@@ -99,7 +100,7 @@ def check_understanding_preserved(adapter: VLMAdapter, image_size: int) -> None:
 
 
 UNDERSTANDING = Check("understanding", check_understanding_preserved, "lora_target_modules", needs=("embeddings",))
-"""The understanding check as a :class:`~vugen.conformance.Check`."""
+"""The understanding check as a :class:`~vugen.check_runner.Check`."""
 
 
 def _understanding_inputs(adapter: VLMAdapter, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -125,7 +126,7 @@ def _hidden(adapter: VLMAdapter, embeds: torch.Tensor, mask: torch.Tensor) -> to
 class RecipeSmoke:
     """A few optimizer steps of each stage of the recipe on tiny modules and Shapes images, then a bundle and one
     generated image: the decoder stage (reducer + pixel decoder, exported), the latent cache, the sampler stage (a
-    checkpoint), ``vugen export`` and ``vugen generate``. Each step is a :class:`~vugen.conformance.Check` that needs
+    checkpoint), ``vugen export`` and ``vugen generate``. Each step is a :class:`~vugen.check_runner.Check` that needs
     the one before it.
 
     Args:

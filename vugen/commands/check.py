@@ -29,8 +29,9 @@ from transformers.utils import logging as transformers_logging
 from vugen import __version__
 from vugen.adapter import DType, FeatureSource, VLMAdapter
 from vugen.applicability import NotApplicableError, check_recipe_applies
+from vugen.check_runner import CheckResult, failure_reason, run_checks
 from vugen.commands._recipe_checks import UNDERSTANDING, RecipeSmoke
-from vugen.conformance import ADAPTER_CHECKS, CheckResult, failure_reason, run_checks
+from vugen.conformance import ADAPTER_CHECKS
 from vugen.errors import TRACEBACK_ENV, VugenError
 from vugen.hub import local_folder_or_hub_id
 from vugen.registry import get_adapter_class, list_adapters, registered_while
