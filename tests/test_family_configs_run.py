@@ -36,7 +36,8 @@ from tests.test_family_configs import FAMILIES, WIDTHS
 from tests.test_image_text_data import write_shards
 from vugen.callbacks import EMA
 from vugen.cli import run
-from vugen_adapters.tiny.released import RELEASED, build_released_geometry, released_config
+from vugen_adapters.tiny.released import build_released_geometry, released_config
+from vugen_adapters.tiny.released_checkpoints import RELEASED
 
 # Feature tokens per side at each family's encoder input, as the decoder configs' headers state them.
 TOKEN_GRID = {
